@@ -1,0 +1,239 @@
+"""Upstream proxy definitions and settings, read from ``[tool.pytest-upstream]``.
+
+Precedence, highest first: command-line flags, environment variables
+(``UPSTREAM_PROXY_CACHE``, ``UPSTREAM_PROXY_MODE``), pytest ini options, the
+pyproject table, built-in defaults.  Callers apply the first three with
+``Settings.with_overrides``; this module reads the table and the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .auth import AuthSpec
+from .keys import key_error
+from .sources import BUILTIN_SOURCES, FORMATS, SOURCES
+
+MODES = ("record", "replay", "refresh")
+TABLE = "pytest-upstream"
+DEFAULT_METADATA_TTL = 600.0
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_LOCK_TIMEOUT = 300.0
+
+_PROXY_FIELDS = {
+    "key", "source", "format", "url", "auth", "username_env", "password_env",
+    "token_env", "metadata_ttl", "timeout", "mutable_paths",
+}
+_TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "proxy"}
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the file and the entry."""
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache: $XDG_CACHE_HOME/pytest-upstream, else the platform's cache dir."""
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "pytest-upstream"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "pytest-upstream"
+    if sys.platform == "win32" and (local := os.environ.get("LOCALAPPDATA")):
+        return Path(local) / "pytest-upstream" / "Cache"
+    return Path.home() / ".cache" / "pytest-upstream"
+
+
+@dataclass(frozen=True)
+class ProxyDefinition:
+    """One upstream proxy: a key, a source (format + URL) and an auth mode."""
+
+    key: str
+    source: str
+    format: str
+    url: str
+    auth: AuthSpec = field(default_factory=AuthSpec)
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    timeout: float = DEFAULT_TIMEOUT
+    mutable_paths: tuple[str, ...] = ()
+
+    def as_table(self) -> dict[str, Any]:
+        """The pyproject entry for this definition (only non-default fields)."""
+        table: dict[str, Any] = {"key": self.key, "source": self.source}
+        if self.source == "custom":
+            table["format"] = self.format
+            table["url"] = self.url
+        table["auth"] = self.auth.mode
+        for name in ("username_env", "password_env", "token_env"):
+            if value := getattr(self.auth, name):
+                table[name] = value
+        return table
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path
+    mode: str = "record"
+    proxies: tuple[ProxyDefinition, ...] = ()
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    config_file: Path | None = None
+
+    def proxy(self, key: str) -> ProxyDefinition | None:
+        for p in self.proxies:
+            if p.key == key:
+                return p
+        return None
+
+    def with_overrides(self, *, cache: str | Path | None = None, mode: str | None = None) -> Settings:
+        if mode is not None and mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        return replace(
+            self,
+            cache_dir=Path(cache).expanduser() if cache else self.cache_dir,
+            mode=mode or self.mode,
+        )
+
+
+def builtin_proxies(ttl: float = DEFAULT_METADATA_TTL, timeout: float = DEFAULT_TIMEOUT) -> tuple[ProxyDefinition, ...]:
+    return tuple(
+        ProxyDefinition(key=s.name, source=s.name, format=s.format, url=s.url, metadata_ttl=ttl, timeout=timeout)
+        for s in BUILTIN_SOURCES.values()
+    )
+
+
+def _number(value: Any, where: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{where}: {name} must be a non-negative number of seconds (got {value!r})")
+    return float(value)
+
+
+def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float) -> ProxyDefinition:
+    """Validate one ``[[tool.pytest-upstream.proxy]]`` entry."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = sorted(set(entry) - _PROXY_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if "key" not in entry:
+        raise ConfigError(f"{where}: missing 'key'")
+    key = entry["key"]
+    where = f"{where} (key {key!r})"
+    if rule := key_error(key):
+        raise ConfigError(f"{where}: invalid upstream proxy key {key!r}: {rule}")
+    source = entry.get("source", "custom")
+    if source not in SOURCES:
+        raise ConfigError(f"{where}: unknown source {source!r} (known: {', '.join(SOURCES)})")
+    if source == "custom":
+        fmt = entry.get("format")
+        if fmt is None:
+            raise ConfigError(f"{where}: a custom source needs 'format' (one of {', '.join(FORMATS)})")
+        if fmt not in FORMATS:
+            raise ConfigError(f"{where}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+        url = entry.get("url")
+        if not url:
+            raise ConfigError(f"{where}: a custom source needs 'url'")
+    else:
+        builtin = BUILTIN_SOURCES[source]
+        fmt = entry.get("format", builtin.format)
+        if fmt != builtin.format:
+            raise ConfigError(f"{where}: source {source!r} has format {builtin.format!r}, not {fmt!r}")
+        url = entry.get("url", builtin.url)
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: url must be a string")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{where}: url must be an absolute http(s) URL (got {url!r})")
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"{where}: url must not hold credentials; use auth with username_env/password_env"
+        )
+    auth = AuthSpec(
+        mode=entry.get("auth", "anonymous"),
+        username_env=entry.get("username_env"),
+        password_env=entry.get("password_env"),
+        token_env=entry.get("token_env"),
+    )
+    if problem := auth.problem():
+        raise ConfigError(f"{where}: {problem}")
+    mutable = entry.get("mutable_paths", [])
+    if not isinstance(mutable, list) or not all(isinstance(p, str) for p in mutable):
+        raise ConfigError(f"{where}: mutable_paths must be a list of glob patterns")
+    return ProxyDefinition(
+        key=key,
+        source=source,
+        format=fmt,
+        url=url,
+        auth=auth,
+        metadata_ttl=_number(entry.get("metadata_ttl", ttl), where, "metadata_ttl"),
+        timeout=_number(entry.get("timeout", timeout), where, "timeout"),
+        mutable_paths=tuple(mutable),
+    )
+
+
+def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settings:
+    """Validate a whole ``[tool.pytest-upstream]`` table read from ``origin``."""
+    unknown = sorted(set(table) - _TOP_FIELDS)
+    if unknown:
+        raise ConfigError(f"{origin}: [tool.{TABLE}]: unknown field(s) {', '.join(unknown)}")
+    where = f"{origin}: [tool.{TABLE}]"
+    mode = table.get("mode", "record")
+    if mode not in MODES:
+        raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)} (got {mode!r})")
+    ttl = _number(table.get("metadata_ttl", DEFAULT_METADATA_TTL), where, "metadata_ttl")
+    timeout = _number(table.get("timeout", DEFAULT_TIMEOUT), where, "timeout")
+    lock_timeout = _number(table.get("lock_timeout", DEFAULT_LOCK_TIMEOUT), where, "lock_timeout")
+    entries = table.get("proxy", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'proxy' must be an array of tables ([[tool.{TABLE}.proxy]])")
+    proxies: list[ProxyDefinition] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        proxy = parse_proxy(entry, f"{origin}: [[tool.{TABLE}.proxy]] entry {i + 1}", ttl, timeout)
+        if proxy.key in seen:
+            raise ConfigError(
+                f"{origin}: [[tool.{TABLE}.proxy]] entry {i + 1}: duplicate key {proxy.key!r} "
+                f"(first defined in entry {seen[proxy.key] + 1})"
+            )
+        seen[proxy.key] = i
+        proxies.append(proxy)
+    cache = table.get("cache")
+    if cache is not None and not isinstance(cache, str):
+        raise ConfigError(f"{where}: cache must be a path string")
+    cache_dir = (base_dir / Path(cache).expanduser()) if cache else default_cache_dir()
+    return Settings(
+        cache_dir=cache_dir,
+        mode=mode,
+        proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
+        lock_timeout=lock_timeout,
+    )
+
+
+def load_settings(config_file: str | Path | None = None, *, search_dir: Path | None = None) -> Settings:
+    """Read settings from ``config_file``, else ``<search_dir or cwd>/pyproject.toml`` if present.
+
+    With no file (or no table) the built-in sources are the proxies.
+    """
+    if config_file is None:
+        candidate = (search_dir or Path.cwd()) / "pyproject.toml"
+        if not candidate.is_file():
+            return Settings(cache_dir=default_cache_dir(), proxies=builtin_proxies())
+        path = candidate
+    else:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    table = data.get("tool", {}).get(TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [tool.{TABLE}] must be a table")
+    settings = parse_table(table, str(path), path.parent.resolve())
+    return replace(settings, config_file=path)

@@ -1,0 +1,409 @@
+"""The proxy engine: cache look-up, modes, TTLs, locking, upstream fetches.
+
+It knows nothing of HTTP servers or pytest: it turns a ProxyRequest into a
+Reply, asking the proxy's format module what the request means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from .auth import CredentialsError
+from .cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
+from .config import ProxyDefinition, Settings
+from .formats import get_format
+from .formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
+from .http import ProxyRequest, Reply
+from .served import ServedLog, ServedRecord
+from .upstream import UpstreamClient, UpstreamError, iter_body
+
+log = logging.getLogger("pytest_upstream")
+
+CACHE_HEADER = "X-Upstream-Cache"
+# Artifacts whose digest the upstream publishes are downloaded whole and
+# verified before the first byte is sent when they are at most this big, so
+# a mismatch is a clean 502.  Larger ones stream to the client while they
+# are written; on a mismatch the connection is cut (the client sees a
+# truncated body) and nothing is stored.
+VERIFY_BEFORE_SERVE_LIMIT = 8 * 1024 * 1024
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_RENDER_MEMO_SIZE = 256
+
+
+class ReplayMiss(Exception):
+    pass
+
+
+class UpstreamFailed(Exception):
+    """No usable answer from the upstream; carries what the client should read."""
+
+
+@dataclass
+class Obtained:
+    entry: Entry
+    cache: str  # hit | miss | stale
+    note: str = ""  # why a stale copy was served
+
+
+class _Context:
+    """The FormatContext a format sees while resolving one request."""
+
+    def __init__(self, engine: Engine, proxy: ProxyDefinition, fmt: Format) -> None:
+        self.engine = engine
+        self.proxy = proxy
+        self.fmt = fmt
+
+    def cached(self, path: str, variant: str = "") -> Entry | None:
+        entry = self.engine.cache.lookup(self.proxy.key, path, variant)
+        if entry is None or self.engine.cache.verified_blob(entry) is None:
+            return None
+        return entry
+
+    def metadata(self, resource: Resource) -> tuple[Entry, bytes]:
+        obtained = self.engine.obtain(self.proxy, self.fmt, resource)
+        path = self.engine.cache.verified_blob(obtained.entry)
+        if path is None:
+            raise UpstreamFailed(f"cached copy of {resource.upstream_url} vanished; retry")
+        return obtained.entry, path.read_bytes()
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, log_: ServedLog | None = None) -> None:
+        self.settings = settings
+        self.cache = Cache(settings.cache_dir)
+        self.client = UpstreamClient()
+        self.served = log_ or ServedLog()
+        self._refreshed: set[tuple[str, str, str]] = set()
+        self._refreshed_lock = threading.Lock()
+        self._render_memo: OrderedDict[tuple[str, str, str, str], tuple[bytes, str, str]] = OrderedDict()
+        self._render_lock = threading.Lock()
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- request handling --------------------------------------------------
+    def handle(self, req: ProxyRequest) -> Reply:
+        proxy = self.settings.proxy(req.key)
+        if proxy is None:
+            known = ", ".join(p.key for p in self.settings.proxies) or "none"
+            return Reply.text(404, f"no upstream proxy with key {req.key!r} (configured: {known})")
+        fmt = get_format(proxy.format)
+        if fmt is None:
+            return Reply.text(
+                501, f"format {proxy.format!r} (proxy {proxy.key!r}) is not supported yet by this version"
+            )
+        if req.method not in ("GET", "HEAD"):
+            reply = fmt.error(405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy")
+            reply.headers["Allow"] = "GET, HEAD"
+            return reply
+        ctx = _Context(self, proxy, fmt)
+        resource: Resource | None = None
+        try:
+            target = fmt.resolve(req, ctx)
+            if isinstance(target, Reply):
+                return target
+            resource = target
+            return self._serve(req, proxy, fmt, resource)
+        except FormatError as exc:
+            return self._fail(req, fmt, resource, exc.status, str(exc))
+        except ReplayMiss as exc:
+            return self._fail(req, fmt, resource, 504, str(exc), cache="miss")
+        except (UpstreamFailed, MalformedUpstream, DigestMismatch, CredentialsError) as exc:
+            return self._fail(req, fmt, resource, 502, str(exc))
+        except LockTimeout as exc:
+            return self._fail(req, fmt, resource, 504, str(exc))
+        except CacheError as exc:
+            log.exception("cache failure")
+            return self._fail(req, fmt, resource, 500, f"cache error: {exc}")
+
+    def _fail(
+        self, req: ProxyRequest, fmt: Format, res: Resource | None, status: int, msg: str, cache: str = "error"
+    ) -> Reply:
+        self.served.add(
+            ServedRecord(
+                key=req.key, path=req.path, cache=cache, status=status, size=0, method=req.method,
+                upstream_url=res.upstream_url if res else "", kind=res.kind.value if res else "",
+                error=msg, test=self.served.current_test,
+            )
+        )
+        return fmt.error(status, msg)
+
+    def _serve(self, req: ProxyRequest, proxy: ProxyDefinition, fmt: Format, res: Resource) -> Reply:
+        streamed = self._try_stream(req, proxy, fmt, res)
+        if isinstance(streamed, Reply):
+            return streamed
+        obtained = streamed or self.obtain(proxy, fmt, res)
+        entry = obtained.entry
+        blob = self.cache.verified_blob(entry)
+        if blob is None:  # corrupt on disk and removed: fetch again once
+            obtained = self.obtain(proxy, fmt, res)
+            entry = obtained.entry
+            blob = self.cache.verified_blob(entry)
+            if blob is None:
+                raise UpstreamFailed(f"cached copy of {res.upstream_url} is corrupt and could not be refetched")
+        headers = {CACHE_HEADER: obtained.cache}
+        if obtained.cache == "stale":
+            headers["X-Upstream-Error"] = obtained.note
+            headers["Warning"] = '110 - "Response is Stale"'
+        if entry.last_modified:
+            headers["Last-Modified"] = entry.last_modified
+        rendered = self._render(proxy, fmt, res, entry, blob) if entry.is_metadata else None
+        if rendered is not None:
+            body, ctype, etag = rendered
+            headers.update({"Content-Type": ctype, "ETag": etag, "Vary": "Accept"})
+            reply = Reply(200, headers, body=body)
+            size = len(body)
+        else:
+            headers.update(
+                {
+                    "Content-Type": entry.content_type or res.content_type or "application/octet-stream",
+                    "ETag": f'"sha256-{entry.sha256}"',
+                    "Accept-Ranges": "bytes",
+                }
+            )
+            headers.update(entry.headers)
+            reply = Reply(200, headers, file=blob, length=entry.size)
+            size = entry.size
+        self._record(req, res, obtained.cache, 200, size, entry.sha256)
+        return reply
+
+    def _record(self, req: ProxyRequest, res: Resource, cache: str, status: int, size: int, sha: str) -> None:
+        self.served.add(
+            ServedRecord(
+                key=req.key, path=res.path, cache=cache, status=status,
+                size=0 if req.method == "HEAD" else size, method=req.method,
+                upstream_url=res.upstream_url, sha256=sha, kind=res.kind.value, test=self.served.current_test,
+            )
+        )
+
+    def _render(
+        self, proxy: ProxyDefinition, fmt: Format, res: Resource, entry: Entry, blob: object
+    ) -> tuple[bytes, str, str] | None:
+        memo_key = (proxy.key, res.path, res.render_as, entry.sha256)
+        with self._render_lock:
+            if memo_key in self._render_memo:
+                self._render_memo.move_to_end(memo_key)
+                return self._render_memo[memo_key]
+        body = self.cache.blob_path(entry.sha256).read_bytes()
+        out = fmt.render(res, body)
+        if out is None:
+            return None
+        data, ctype = out
+        result = (data, ctype, f'"sha256-{hashlib.sha256(data).hexdigest()}"')
+        with self._render_lock:
+            self._render_memo[memo_key] = result
+            while len(self._render_memo) > _RENDER_MEMO_SIZE:
+                self._render_memo.popitem(last=False)
+        return result
+
+    # -- cache policy ------------------------------------------------------
+    def _fresh(self, proxy: ProxyDefinition, res: Resource, entry: Entry) -> bool:
+        if not entry.is_metadata:
+            return True
+        if self.mode == "refresh":
+            with self._refreshed_lock:
+                return (proxy.key, res.path, res.variant) in self._refreshed
+        return entry.age() < proxy.metadata_ttl
+
+    def _usable(self, proxy: ProxyDefinition, res: Resource) -> Entry | None:
+        entry = self.cache.lookup(proxy.key, res.path, res.variant)
+        if entry is not None and self.cache.verified_blob(entry) is None:
+            return None
+        return entry
+
+    def _upstream_headers(self, proxy: ProxyDefinition, res: Resource, stale: Entry | None) -> dict[str, str]:
+        headers = {"User-Agent": "pytest-upstream", **res.request_headers, **proxy.auth.headers()}
+        if stale is not None and stale.is_metadata:
+            if stale.etag:
+                headers["If-None-Match"] = stale.etag
+            if stale.last_modified:
+                headers["If-Modified-Since"] = stale.last_modified
+        return headers
+
+    def obtain(self, proxy: ProxyDefinition, fmt: Format, res: Resource) -> Obtained:
+        """Get a resource into the cache (or find it there) without streaming."""
+        entry = self._usable(proxy, res)
+        if entry is not None and (self.mode == "replay" or self._fresh(proxy, res, entry)):
+            return Obtained(entry, "hit")
+        if self.mode == "replay":
+            raise ReplayMiss(self._replay_message(proxy, res))
+        with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
+            entry = self._usable(proxy, res)
+            if entry is not None and self._fresh(proxy, res, entry):
+                return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
+            return self._fetch_whole(proxy, fmt, res, entry)
+
+    def _replay_message(self, proxy: ProxyDefinition, res: Resource) -> str:
+        return (
+            f"replay mode: {res.upstream_url} was not recorded for upstream proxy {proxy.key!r} "
+            f"(cache {self.settings.cache_dir}); run in record mode to fetch it"
+        )
+
+    def _fetch_whole(self, proxy: ProxyDefinition, fmt: Format, res: Resource, stale: Entry | None) -> Obtained:
+        """Download, verify and store; on upstream failure fall back to ``stale``."""
+        self.served.upstream_fetch(res.upstream_url)
+        try:
+            with self.client.stream(
+                res.upstream_url, headers=self._upstream_headers(proxy, res, stale), timeout=proxy.timeout
+            ) as resp:
+                if resp.status_code == 304 and stale is not None:
+                    self._mark_refreshed(proxy, res)
+                    return Obtained(self.cache.touch(stale), "hit")
+                self._check_status(proxy, res, resp)
+                return self._store_response(proxy, fmt, res, resp)
+        except (UpstreamError, UpstreamFailed) as exc:
+            if stale is not None:
+                self._mark_refreshed(proxy, res)
+                return Obtained(stale, "stale", f"{proxy.key}: upstream {res.upstream_url}: {exc}")
+            if isinstance(exc, UpstreamFailed):
+                raise
+            raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r}: {exc}") from exc
+
+    def _store_response(self, proxy: ProxyDefinition, fmt: Format, res: Resource, resp: httpx.Response) -> Obtained:
+        """Read a 200 answer whole, check and verify it, then store blob and entry."""
+        writer = self.cache.writer(tuple(res.expected))
+        try:
+            body = bytearray() if res.kind is Kind.METADATA else None
+            for chunk in iter_body(resp):
+                writer.write(chunk)
+                if body is not None:
+                    body += chunk
+            if body is not None:
+                fmt.check(res, bytes(body))
+            sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
+        finally:
+            writer.discard()
+        entry = self._index(proxy, res, resp, sha, size)
+        self._mark_refreshed(proxy, res)
+        return Obtained(entry, "miss")
+
+    def _mark_refreshed(self, proxy: ProxyDefinition, res: Resource) -> None:
+        if self.mode == "refresh":
+            with self._refreshed_lock:
+                self._refreshed.add((proxy.key, res.path, res.variant))
+
+    def _check_status(self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response) -> None:
+        status = resp.status_code
+        if status == 200:
+            return
+        if status in _RETRYABLE_STATUS or status >= 500:
+            what = "rate limited" if status == 429 else f"answered {status}"
+            raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r} {what}")
+        resp.read()
+        if status in (404, 410):
+            raise FormatError(404, f"not found upstream: {res.upstream_url} answered {status}")
+        if status in (401, 403):
+            raise FormatError(
+                502,
+                f"upstream {res.upstream_url} refused access ({status}); check the auth "
+                f"settings of proxy {proxy.key!r}",
+            )
+        raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
+
+    def _index(self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response, sha: str, size: int) -> Entry:
+        return self.cache.store_entry(
+            Entry(
+                key=proxy.key, path=res.path, variant=res.variant, upstream_url=res.upstream_url,
+                sha256=sha, size=size, kind=res.kind.value, fetched_at=time.time(),
+                content_type=resp.headers.get("content-type") or res.content_type,
+                etag=resp.headers.get("etag"), last_modified=resp.headers.get("last-modified"),
+            )
+        )
+
+    # -- streaming misses --------------------------------------------------
+    def _try_stream(
+        self, req: ProxyRequest, proxy: ProxyDefinition, fmt: Format, res: Resource
+    ) -> Reply | Obtained | None:
+        """For an artifact miss: a Reply whose body streams while it is stored.
+
+        Returns the stored entry instead for a small artifact with a published
+        digest (verified before serving), and None when ``obtain`` should
+        serve it (a hit, metadata, a HEAD, replay mode, or another process
+        fetched it while we waited for the lock).
+        """
+        if res.kind is not Kind.ARTIFACT or req.method != "GET" or self.mode == "replay":
+            return None
+        if self._usable(proxy, res) is not None:
+            return None
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout))
+            if self._usable(proxy, res) is not None:
+                stack.close()
+                return None
+            self.served.upstream_fetch(res.upstream_url)
+            resp = stack.enter_context(
+                self.client.stream(res.upstream_url, headers=self._upstream_headers(proxy, res, None),
+                                   timeout=proxy.timeout)
+            )
+            self._check_status(proxy, res, resp)
+            length = _declared_length(resp)
+            if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
+                with stack:  # small and published digest: verify before the first byte is sent
+                    return self._store_response(proxy, fmt, res, resp)
+        except UpstreamError as exc:
+            stack.close()
+            raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r}: {exc}") from exc
+        except BaseException:
+            stack.close()
+            raise
+        headers = {
+            CACHE_HEADER: "miss",
+            "Content-Type": resp.headers.get("content-type") or res.content_type or "application/octet-stream",
+        }
+        return Reply(200, headers, stream=self._tee(req, proxy, res, resp, stack), length=length)
+
+    def _tee(
+        self, req: ProxyRequest, proxy: ProxyDefinition, res: Resource, resp: httpx.Response,
+        stack: contextlib.ExitStack,
+    ) -> Iterator[bytes]:
+        """Yield upstream chunks while writing them to the cache; commit at the end.
+
+        Raises (so the server cuts the connection) on a truncated body or a
+        digest mismatch; nothing is stored then.
+        """
+        with stack:
+            writer = self.cache.writer(tuple(res.expected))
+            try:
+                for chunk in iter_body(resp):
+                    writer.write(chunk)
+                    yield chunk
+                sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
+            except Exception as exc:
+                self._record_error(req, res, str(exc))
+                raise
+            finally:
+                writer.discard()
+            self._index(proxy, res, resp, sha, size)
+        self._record(req, res, "miss", 200, size, sha)
+
+    def _record_error(self, req: ProxyRequest, res: Resource, msg: str) -> None:
+        self.served.add(
+            ServedRecord(
+                key=req.key, path=res.path, cache="error", status=502, size=0, method=req.method,
+                upstream_url=res.upstream_url, kind=res.kind.value, error=msg, test=self.served.current_test,
+            )
+        )
+
+
+def _declared_length(resp: httpx.Response) -> int | None:
+    """Content-Length, when it describes the bytes we will relay (no content coding)."""
+    if resp.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return None
+    try:
+        return int(resp.headers["content-length"])
+    except (KeyError, ValueError):
+        return None

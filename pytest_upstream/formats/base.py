@@ -1,0 +1,91 @@
+"""The seam every registry format plugs into.
+
+A format module knows its URL layout (which upstream URL a proxy path maps
+to), which responses are mutable metadata and which immutable content, how to
+rewrite metadata so that links lead back through the proxy, and which digests
+the upstream publishes.  The engine does HTTP, caching, locking and streaming
+once for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from ..cache import Entry
+from ..config import ProxyDefinition
+from ..http import ProxyRequest, Reply
+
+
+class Kind(str, Enum):
+    METADATA = "metadata"  # mutable: refetched after the proxy's metadata_ttl
+    ARTIFACT = "artifact"  # immutable: fetched once, never refetched
+
+
+class FormatError(Exception):
+    """A request the format cannot serve: carries the status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MalformedUpstream(Exception):
+    """The upstream answered 200 with bytes this format cannot use."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One upstream object, as the cache and the engine see it."""
+
+    path: str  # the cache's name for it within the proxy key
+    upstream_url: str
+    kind: Kind
+    variant: str = ""  # negotiated representation, part of the cache identity
+    request_headers: dict[str, str] = field(default_factory=dict)
+    expected: dict[str, str] = field(default_factory=dict)  # algorithm -> hex digest
+    content_type: str | None = None  # default when the upstream sends none
+    render_as: str = ""  # representation chosen for the client (e.g. HTML or JSON)
+
+
+class FormatContext(Protocol):
+    """What a format may ask of the engine while resolving a request."""
+
+    proxy: ProxyDefinition
+
+    def cached(self, path: str, variant: str = "") -> Entry | None:
+        """The cache entry for a path of this proxy, if one is stored and intact."""
+        ...
+
+    def metadata(self, resource: Resource) -> tuple[Entry, bytes]:
+        """Obtain a metadata resource through the cache (honouring the mode)."""
+        ...
+
+
+class Format(Protocol):
+    name: str
+
+    def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
+        """Map a proxy request to an upstream resource, or answer it directly."""
+        ...
+
+    def check(self, resource: Resource, body: bytes) -> None:
+        """Raise MalformedUpstream if metadata bytes are unusable (nothing is then stored)."""
+        ...
+
+    def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
+        """Metadata as the client gets it (links rewritten), or None to serve the bytes as stored.
+
+        Must depend only on ``resource.path``, ``resource.render_as`` and ``body``:
+        the engine memoises the result by those.
+        """
+        ...
+
+    def error(self, status: int, message: str) -> Reply:
+        """An error in the shape this format's clients print usefully."""
+        ...
+
+
+FormatFactory = Callable[[], Format]

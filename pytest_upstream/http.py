@@ -1,0 +1,95 @@
+"""Plain data that crosses the seam between the HTTP server, the engine and
+the format modules: a parsed request and the reply to send."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+
+class BadPath(ValueError):
+    """A request path that could escape its proxy or the cache."""
+
+
+def split_proxy_path(raw_path: str) -> tuple[str, str]:
+    """Split ``/<key>/<rest>`` into (key, rest), decoding and refusing traversal.
+
+    Refused: NUL and other control characters, backslashes, encoded slashes
+    (``%2f``), empty or dot segments (``//``, ``.``, ``..``, also when
+    percent-encoded).  ``rest`` keeps a trailing slash when the URL had one.
+    """
+    if not raw_path.startswith("/"):
+        raise BadPath("the request path must be absolute")
+    lowered = raw_path.lower()
+    if "%2f" in lowered or "%5c" in lowered:
+        raise BadPath("encoded slashes are not allowed in paths")
+    path = unquote(raw_path, errors="strict")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise BadPath("control characters (such as NUL) are not allowed in paths")
+    if "\\" in path:
+        raise BadPath("backslashes are not allowed in paths")
+    segments = path[1:].split("/")
+    trailing = len(segments) > 1 and segments[-1] == ""
+    if trailing:
+        segments = segments[:-1]
+    for seg in segments:
+        if seg in ("", ".", ".."):
+            raise BadPath("empty, '.' and '..' path segments are not allowed")
+    key, rest = segments[0], "/".join(segments[1:])
+    if trailing and rest:
+        rest += "/"
+    return key, rest
+
+
+class Headers:
+    """Case-insensitive request headers; repeated headers joined with ', '."""
+
+    def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._items: dict[str, str] = {}
+        for name, value in items or []:
+            low = name.lower()
+            self._items[low] = f"{self._items[low]}, {value}" if low in self._items else value
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._items.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+
+@dataclass
+class ProxyRequest:
+    method: str
+    key: str
+    path: str
+    query: str
+    headers: Headers
+    base_url: str  # scheme://host:port of the proxy, as the client addressed it
+
+    @property
+    def proxy_url(self) -> str:
+        return f"{self.base_url}/{self.key}"
+
+
+@dataclass
+class Reply:
+    """What to send: exactly one of ``body``, ``file`` or ``stream``."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    file: Path | None = None
+    stream: Iterator[bytes] | None = None
+    length: int | None = None  # for file/stream bodies when known
+
+    @classmethod
+    def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> Reply:
+        h = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+        return cls(status, h, body=(message.rstrip("\n") + "\n").encode())
+
+    @classmethod
+    def json(cls, status: int, data: object, content_type: str = "application/json") -> Reply:
+        return cls(status, {"Content-Type": content_type}, body=json.dumps(data, indent=1).encode())

@@ -1,0 +1,267 @@
+"""The HTTP face of the engine: a threaded HTTP/1.1 server on loopback.
+
+One thread per connection (keep-alive), so a client waiting on a slow
+upstream or on another process's download never blocks the others.  Cached
+files go out with ``socket.sendfile`` (constant memory, zero copy); misses
+stream to the client while the engine writes them to the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .engine import Engine
+from .http import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
+from .served import ServedLog
+
+log = logging.getLogger("pytest_upstream.server")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pytest-upstream"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and a sendfile body are two writes: without NODELAY, Nagle
+        # plus delayed ACKs would stall every keep-alive response by ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        raw_path, _, query = self.path.partition("?")
+        if raw_path.startswith(("http://", "https://")):
+            self._send(Reply.text(400, "this is not a forward proxy: request /<key>/<path>"))
+            return
+        self._discard_request_body()
+        if raw_path in ("/", ""):
+            self._send(Reply.json(200, self.server.index()))
+            return
+        try:
+            key, rest = split_proxy_path(raw_path)
+        except (BadPath, UnicodeDecodeError) as exc:
+            self._send(Reply.text(400, f"bad request path: {exc}"))
+            return
+        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
+        request = ProxyRequest(
+            method=self.command, key=key, path=rest, query=query,
+            headers=Headers(list(self.headers.items())), base_url=f"http://{host}",
+        )
+        try:
+            reply = self.server.engine.handle(request)
+        except Exception as exc:  # a bug: answer 500 instead of dropping the connection
+            log.exception("error handling %s %s", self.command, self.path)
+            reply = Reply.text(500, f"internal error in pytest-upstream: {type(exc).__name__}: {exc}")
+        self._send(reply)
+
+    def _discard_request_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                break
+            length -= len(chunk)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+
+    # -- writing replies ---------------------------------------------------
+    def _start(self, status: int, headers: dict[str, str], length: int | None) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        elif self.command != "HEAD":
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            if reply.file is not None:
+                self._send_file(reply, reply.file)
+            elif reply.stream is not None:
+                self._send_stream(reply)
+            else:
+                self._send_body(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _not_modified(self, reply: Reply) -> bool:
+        etag = reply.headers.get("ETag")
+        inm = self.headers.get("If-None-Match")
+        if reply.status == 200 and etag and inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+            self._start(304, {k: v for k, v in reply.headers.items() if k in ("ETag", "X-Upstream-Cache", "Vary")}, 0)
+            return True
+        return False
+
+    def _send_body(self, reply: Reply) -> None:
+        if self._not_modified(reply):
+            return
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()  # flushes headers; body follows in the same burst thanks to NODELAY
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    def _send_file(self, reply: Reply, path: Path) -> None:
+        if self._not_modified(reply):
+            return
+        with open(path, "rb") as f:
+            size = reply.length if reply.length is not None else f.seek(0, 2)
+            offset, count, status, headers = 0, size, reply.status, dict(reply.headers)
+            wanted = self.headers.get("Range")
+            if wanted and status == 200 and not self._range_stale(headers):
+                parsed = _parse_range(wanted, size)
+                if parsed is None:
+                    self._send_body(Reply(416, {"Content-Range": f"bytes */{size}"}))
+                    return
+                offset, count = parsed
+                status = 206
+                headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+            self._start(status, headers, count)
+            if self.command != "HEAD" and count:
+                self.connection.sendfile(f, offset, count)
+
+    def _range_stale(self, headers: dict[str, str]) -> bool:
+        if_range = self.headers.get("If-Range")
+        return bool(if_range) and if_range != headers.get("ETag")
+
+    def _send_stream(self, reply: Reply) -> None:
+        assert reply.stream is not None
+        self._start(reply.status, reply.headers, reply.length)
+        chunked = reply.length is None
+        client_ok = True
+        try:
+            for chunk in reply.stream:
+                if not client_ok or not chunk:
+                    continue  # keep storing for the others even if this client left
+                try:
+                    if chunked:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    else:
+                        self.wfile.write(chunk)
+                except OSError:
+                    client_ok = False
+                    self.close_connection = True
+        except Exception as exc:
+            # Truncated upstream or a digest mismatch: cut the connection so the
+            # client cannot take a partial body for a whole one.
+            log.warning("aborted %s: %s", self.path, exc)
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if chunked and client_ok:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """(offset, count) for one satisfiable byte range, else None."""
+    m = _RANGE.match(value.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):  # suffix range: the last N bytes
+        n = min(int(m.group(2)), size)
+        return (size - n, n) if n > 0 else None
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if start >= size or end < start:
+        return None
+    end = min(end, size - 1)
+    return start, end - start + 1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    engine: Engine
+
+    def index(self) -> dict[str, Any]:
+        host, port = self.server_address[:2]
+        return {
+            "service": "pytest-upstream",
+            "mode": self.engine.mode,
+            "proxies": {
+                p.key: {"format": p.format, "source": p.source, "url": f"http://{host}:{port}/{p.key}/"}
+                for p in self.engine.settings.proxies
+            },
+        }
+
+
+class ProxyServer:
+    """The proxy on ``host:port`` (port 0 picks a free one), in a background thread."""
+
+    def __init__(self, settings: Settings, *, host: str = "127.0.0.1", port: int = 0,
+                 served: ServedLog | None = None) -> None:
+        self.engine = Engine(settings, log_=served)
+        self._server = _Server((host, port), _Handler)
+        self._server.engine = self.engine
+        self._thread: threading.Thread | None = None
+
+    @property
+    def served(self) -> ServedLog:
+        return self.engine.served
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+    def url(self, key: str) -> str:
+        return f"{self.base_url}/{key}/"
+
+    def start(self) -> ProxyServer:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pytest-upstream", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+        self._server.server_close()
+        self.engine.close()
+
+    def __enter__(self) -> ProxyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

@@ -1,0 +1,32 @@
+"""Built-in upstream sources.
+
+This table is the one place in the project that names public registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMATS = ("pypi", "npm", "docker", "maven", "generic")
+# Formats whose module has landed; the others answer "format not supported yet".
+SUPPORTED_FORMATS = frozenset({"pypi", "generic"})
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    name: str
+    format: str
+    url: str
+
+
+BUILTIN_SOURCES: dict[str, BuiltinSource] = {
+    s.name: s
+    for s in (
+        BuiltinSource("pypi", "pypi", "https://pypi.org/simple/"),
+        BuiltinSource("npm", "npm", "https://registry.npmjs.org/"),
+        BuiltinSource("dockerhub", "docker", "https://registry-1.docker.io/"),
+        BuiltinSource("maven-central", "maven", "https://repo.maven.apache.org/maven2/"),
+    )
+}
+
+SOURCES = (*BUILTIN_SOURCES, "custom")

@@ -1,0 +1,119 @@
+"""The proxy's own upstream HTTP client, built on httpx.
+
+Test-time mocking libraries patch httpx and httpcore *classes* process-wide:
+respx patches ``httpx.Client._transport_for_url`` and the ``handle_request``
+methods of httpcore's connection pool and connections; pytest-httpx and vcrpy
+patch ``httpx.HTTPTransport.handle_request``.  A proxy running inside the
+test process must not have its upstream traffic captured by them, so this
+module takes the original methods when it is imported (at plugin load, before
+any test starts a mock) and pins them on private subclasses.  Mocks started
+later patch the base classes and never reach these.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import httpcore
+import httpx
+
+
+def _original(cls: type, name: str) -> Callable[..., Any]:
+    method = cls.__dict__[name]
+    if isinstance(method, mock.Base):  # pragma: no cover - imported under an active mock
+        raise RuntimeError(f"{cls.__name__}.{name} is already mocked; import pytest_upstream earlier")
+    return method  # type: ignore[no-any-return]
+
+
+class _Connection(httpcore.HTTPConnection):
+    handle_request = _original(httpcore.HTTPConnection, "handle_request")
+
+
+class _Pool(httpcore.ConnectionPool):
+    handle_request = _original(httpcore.ConnectionPool, "handle_request")
+
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.ConnectionInterface:
+        return _Connection(
+            origin=origin,
+            ssl_context=self._ssl_context,
+            keepalive_expiry=self._keepalive_expiry,
+            http1=self._http1,
+            http2=self._http2,
+            retries=self._retries,
+            local_address=self._local_address,
+            uds=self._uds,
+            network_backend=self._network_backend,
+            socket_options=self._socket_options,
+        )
+
+
+class _Transport(httpx.HTTPTransport):
+    handle_request = _original(httpx.HTTPTransport, "handle_request")
+
+    def __init__(self, ssl_context: ssl.SSLContext, max_connections: int) -> None:
+        super().__init__(verify=ssl_context)
+        self._pool = _Pool(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        )
+
+
+class _Client(httpx.Client):
+    _transport_for_url = _original(httpx.Client, "_transport_for_url")
+
+
+class UpstreamError(Exception):
+    """The upstream could not give an answer: refused, timed out, broke the protocol."""
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection failed: {exc or 'refused'}"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"protocol error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class UpstreamClient:
+    """Shared by all proxies of a server; thread-safe (httpx clients are)."""
+
+    def __init__(self, *, max_connections: int = 64) -> None:
+        # Upstream requests ignore HTTP(S)_PROXY on purpose: the plugin may
+        # point those variables at this very proxy for its clients.
+        ctx = ssl.create_default_context()
+        self._client = _Client(
+            transport=_Transport(ctx, max_connections),
+            follow_redirects=True,  # httpx drops Authorization on a cross-origin redirect
+            trust_env=False,
+        )
+
+    @contextmanager
+    def stream(
+        self, url: str, *, headers: Mapping[str, str], timeout: float, method: str = "GET"
+    ) -> Iterator[httpx.Response]:
+        try:
+            with self._client.stream(
+                method, url, headers=dict(headers), timeout=httpx.Timeout(timeout)
+            ) as response:
+                yield response
+        except httpx.HTTPError as exc:
+            raise UpstreamError(_describe(exc)) from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def iter_body(response: httpx.Response, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
+    """The raw body (no decoding), turning transport errors into UpstreamError."""
+    try:
+        yield from response.iter_raw(chunk_size)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(_describe(exc)) from exc

@@ -1,0 +1,187 @@
+"""The object tests get from the ``upstream_proxy`` fixture.
+
+It wraps one ProxyServer for the session: URLs per key, the environment it
+exports for subprocess clients, what it served (for the session and for the
+running test) and assertions over that.  It holds no pytest state itself, so
+it works the same from a plain script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings
+from .served import ServedRecord, Stats
+from .server import ProxyServer
+
+
+def settings_for(
+    *, config_file: str | None, search_dir: Path, cache: str | None, mode: str | None, base_dir: Path
+) -> Settings:
+    settings = load_settings(config_file, search_dir=search_dir)
+    if cache and not Path(cache).expanduser().is_absolute():
+        cache = str(base_dir / cache)
+    return settings.with_overrides(cache=cache, mode=mode)
+
+
+def exported_env(server: ProxyServer) -> dict[str, str]:
+    """Variables that point subprocess clients at the proxy (docs/pytest-plugin.md)."""
+    env = {"UPSTREAM_PROXY_URL": server.base_url}
+    pypi = next((p for p in server.engine.settings.proxies if p.format == "pypi"), None)
+    if pypi is not None:
+        index = server.url(pypi.key) + "simple/"
+        env.update({"PIP_INDEX_URL": index, "UV_DEFAULT_INDEX": index, "UV_INDEX_URL": index})
+    return env
+
+
+class UpstreamProxy:
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self._env = exported_env(server)
+        self._saved_env: dict[str, str | None] = {}
+        self._test_mark = server.served.mark()
+
+    @classmethod
+    def start(cls, settings: Settings) -> UpstreamProxy:
+        proxy = cls(ProxyServer(settings).start())
+        proxy._apply_env()
+        return proxy
+
+    def stop(self) -> None:
+        self._restore_env()
+        self.server.stop()
+
+    # -- where it is -------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def mode(self) -> str:
+        return self.server.engine.mode
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.server.engine.settings.cache_dir
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.server.engine.settings.proxies]
+
+    def url(self, key: str) -> str:
+        """Base URL of the proxy ``key`` (ends with a slash)."""
+        if key not in self.keys:
+            raise KeyError(f"no upstream proxy with key {key!r} (configured: {', '.join(self.keys)})")
+        return self.server.url(key)
+
+    def env(self) -> dict[str, str]:
+        """The variables exported to the session's environment, as a new dict."""
+        return dict(self._env)
+
+    def _apply_env(self) -> None:
+        for name, value in self._env.items():
+            self._saved_env[name] = os.environ.get(name)
+            os.environ[name] = value
+
+    def _restore_env(self) -> None:
+        for name, old in self._saved_env.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        self._saved_env.clear()
+
+    # -- what it served ----------------------------------------------------
+    def begin_test(self, nodeid: str) -> None:
+        self.server.served.current_test = nodeid
+        self._test_mark = self.server.served.mark()
+
+    def end_test(self) -> None:
+        self.server.served.current_test = ""
+
+    @property
+    def served(self) -> list[ServedRecord]:
+        """Everything served this session, in order."""
+        return self.server.served.records
+
+    @property
+    def test_served(self) -> list[ServedRecord]:
+        """What was served since the running test started."""
+        return self.server.served.since(self._test_mark)[0]
+
+    def stats(self) -> Stats:
+        return self.server.served.stats()
+
+    def assert_hits(self, *patterns: str, key: str | None = None, records: Iterable[ServedRecord] | None = None) -> None:
+        """Assert each pattern (a path or glob over record paths) was served, every time from the cache.
+
+        Looks at the running test's records unless ``records`` is given.
+        """
+        pool = [r for r in (self.test_served if records is None else records) if key in (None, r.key)]
+        problems = []
+        for pattern in patterns:
+            matching = [r for r in pool if r.path == pattern or fnmatchcase(r.path, pattern)]
+            if not matching:
+                problems.append(f"{pattern!r} was not served")
+            elif bad := [r for r in matching if r.cache != "hit"]:
+                problems.append(f"{pattern!r}: " + ", ".join(f"{r.path} was a {r.cache} ({r.status})" for r in bad))
+        if problems:
+            raise AssertionError("expected cache hits:\n  " + "\n  ".join(problems))
+
+    @contextlib.contextmanager
+    def no_upstream_requests(self) -> Iterator[None]:
+        """Fail if the block makes the proxy contact any upstream."""
+        mark = self.server.served.mark()
+        yield
+        records, fetches = self.server.served.since(mark)
+        if fetches:
+            raise AssertionError("upstream requests were made: " + ", ".join(fetches))
+
+    def report(self) -> dict[str, Any]:
+        """A plain-data summary, sent from xdist workers to the controller."""
+        records = self.served
+        return {
+            "base_url": self.base_url,
+            "mode": self.mode,
+            "cache_dir": str(self.cache_dir),
+            "stats": self.stats().as_dict(),
+            "replay_misses": [
+                {"test": r.test, "key": r.key, "path": r.path, "upstream_url": r.upstream_url}
+                for r in records
+                if self.mode == "replay" and r.cache == "miss"
+            ],
+        }
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
+    total = Stats()
+    for report in reports:
+        total.add(Stats(**report["stats"]))
+    first = reports[0]
+    workers = f" across {len(reports)} workers" if len(reports) > 1 else ""
+    lines = [
+        f"upstream proxy ({first['mode']}, cache {first['cache_dir']}){workers}: "
+        f"{total.requests} requests, {total.hits} hits, {total.misses} misses, {total.stale} stale, "
+        f"{_size(total.bytes_upstream)} from upstream, {_size(total.bytes_cache)} from cache, "
+        f"{total.errors} errors"
+    ]
+    misses = [m for r in reports for m in r["replay_misses"]]
+    if misses:
+        lines.append(f"replay misses ({len(misses)}): these were not recorded, so the run fails:")
+        for m in misses:
+            lines.append(f"  {m['test'] or '(outside a test)'}: {m['key']} {m['upstream_url'] or m['path']}")
+    return lines

@@ -1,0 +1,158 @@
+"""The pytest face of pytest-upstream: options, the session proxy, the
+``upstream_proxy`` fixture and the summary line.
+
+Without ``--upstream-proxy`` (or ini ``upstream_proxy = true``) nothing here
+starts or imports the server; the only cost is registering the options.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .config import MODES
+
+if TYPE_CHECKING:
+    from .harness import UpstreamProxy
+
+_STASH: pytest.StashKey[UpstreamProxy] = pytest.StashKey()
+_WORKER_STATS: pytest.StashKey[list[dict[str, Any]]] = pytest.StashKey()
+_OUTPUT_KEY = "pytest_upstream"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("upstream", "upstream proxy (pytest-upstream)")
+    group.addoption("--upstream-proxy", action="store_true", default=None, dest="upstream_proxy",
+                    help="start the upstream proxy for the session and point clients at it")
+    group.addoption("--upstream-cache", metavar="DIR", dest="upstream_cache",
+                    help="shared cache directory (env UPSTREAM_PROXY_CACHE; ini upstream_cache)")
+    group.addoption("--upstream-mode", choices=MODES, dest="upstream_mode",
+                    help="record (default), replay (offline) or refresh (env UPSTREAM_PROXY_MODE)")
+    group.addoption("--upstream-config", metavar="FILE", dest="upstream_config",
+                    help="file holding [tool.pytest-upstream] (default: <rootdir>/pyproject.toml)")
+    parser.addini("upstream_proxy", "start the upstream proxy for the session", type="bool", default=False)
+    parser.addini("upstream_cache", "shared cache directory", default=None)
+    parser.addini("upstream_mode", "record, replay or refresh", default=None)
+    parser.addini("upstream_config", "file holding [tool.pytest-upstream]", default=None)
+
+
+def _enabled(config: pytest.Config) -> bool:
+    flag = config.getoption("upstream_proxy")
+    return bool(flag) if flag is not None else bool(config.getini("upstream_proxy"))
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return config.pluginmanager.hasplugin("dsession") and not hasattr(config, "workerinput")
+
+
+def _session_proxy(config: pytest.Config) -> UpstreamProxy:
+    """The session's proxy, started on first use (and at session start with the flag)."""
+    proxy = config.stash.get(_STASH, None)
+    if proxy is None:
+        from .harness import UpstreamProxy, settings_for
+
+        ini_cache = config.getini("upstream_cache")
+        if ini_cache:
+            ini_cache = str(config.rootpath / ini_cache)
+        ini_mode = config.getini("upstream_mode")
+        config_file = config.getoption("upstream_config") or config.getini("upstream_config")
+        if config_file:
+            config_file = str(config.rootpath / config_file)
+        settings = settings_for(
+            config_file=config_file,
+            search_dir=config.rootpath,
+            cache=config.getoption("upstream_cache") or os.environ.get("UPSTREAM_PROXY_CACHE") or ini_cache,
+            mode=config.getoption("upstream_mode") or os.environ.get("UPSTREAM_PROXY_MODE") or ini_mode,
+            base_dir=config.rootpath,
+        )
+        proxy = UpstreamProxy.start(settings)
+        config.stash[_STASH] = proxy
+    return proxy
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if not _enabled(config):
+        return
+    if _is_xdist_controller(config):
+        config.stash[_WORKER_STATS] = []
+        return
+    from .config import ConfigError
+
+    try:
+        _session_proxy(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"pytest-upstream: {exc}") from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proxy = config.stash.get(_STASH, None)
+    if proxy is not None:
+        proxy.stop()
+        del config.stash[_STASH]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    proxy = item.config.stash.get(_STASH, None)
+    if proxy is None:
+        return (yield)
+    proxy.begin_test(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        proxy.end_test()
+
+
+@pytest.fixture(scope="session")
+def upstream_proxy(pytestconfig: pytest.Config) -> UpstreamProxy:
+    """The session's upstream proxy: URLs, exported environment, what it served.
+
+    Started on first use when ``--upstream-proxy`` was not given.
+    """
+    return _session_proxy(pytestconfig)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    proxy = config.stash.get(_STASH, None)
+    if proxy is not None and hasattr(config, "workeroutput"):
+        config.workeroutput[_OUTPUT_KEY] = proxy.report()
+    reports = _all_reports(config)
+    if reports and any(r["replay_misses"] for r in reports) and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    stats = node.config.stash.get(_WORKER_STATS, None)
+    output = getattr(node, "workeroutput", {}).get(_OUTPUT_KEY)
+    if stats is not None and output:
+        stats.append(output)
+
+
+def _all_reports(config: pytest.Config) -> list[dict[str, Any]]:
+    if (workers := config.stash.get(_WORKER_STATS, None)) is not None:
+        return workers
+    proxy = config.stash.get(_STASH, None)
+    return [proxy.report()] if proxy is not None else []
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    reports = _all_reports(config)
+    if not reports or hasattr(config, "workerinput"):
+        return
+    from .harness import summary_lines
+
+    for line in summary_lines(reports):
+        terminalreporter.write_line(line)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    proxy = config.stash.get(_STASH, None)
+    if proxy is None:
+        return None
+    return f"upstream proxy: {proxy.base_url} (mode {proxy.mode}, cache {Path(proxy.cache_dir)})"

@@ -1,0 +1,95 @@
+"""Real upstream servers and clients, started on loopback by the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:g}s") from None
+            time.sleep(0.1)
+
+
+def pypiserver_command() -> list[str]:
+    exe = shutil.which("pypi-server", path=str(Path(sys.executable).parent)) or shutil.which("pypi-server")
+    return [exe] if exe else [sys.executable, "-m", "pypiserver"]
+
+
+@contextmanager
+def pypiserver(packages: Path) -> Iterator[str]:
+    """pypiserver over ``packages``; yields its /simple/ URL.  No fallback to the public index."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*pypiserver_command(), "run", "-p", str(port), "-i", "127.0.0.1", "--disable-fallback", str(packages)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/simple/"
+        wait_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def pip_env(index_url: str | None = None) -> dict[str, str]:
+    """An environment in which pip sees only the index we give it.
+
+    This machine's pip reads extra local wheel folders from PIP_FIND_LINKS
+    and a global config; either would let pip bypass the proxy.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_CACHE_DIR"] = "1"
+    if index_url:
+        env["PIP_INDEX_URL"] = index_url
+    return env
+
+
+def pip_install(target: Path, *requirements: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-compile", "--target", str(target), *requirements],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+
+
+@contextmanager
+def serve_process(config: Path, *args: str) -> Iterator[str]:
+    """``upstream-proxy --config FILE serve ARGS``; yields the base URL it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.startswith("http://"):
+            proc.kill()
+            raise RuntimeError(f"serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        yield line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

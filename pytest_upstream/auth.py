@@ -50,8 +50,7 @@ class AuthSpec:
         missing = [name for name in self.required_env() if not env.get(name)]
         if missing:
             raise CredentialsError(
-                f"{self.mode} auth needs the environment variable(s) {', '.join(missing)}, "
-                "which are not set"
+                f"{self.mode} auth needs the environment variable(s) {', '.join(missing)}, which are not set"
             )
         if self.mode == "basic":
             assert self.username_env and self.password_env

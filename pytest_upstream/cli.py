@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .auth import AUTH_MODES
-from .config import MODES, ConfigError, ProxyDefinition, Settings, load_settings, parse_proxy
+from .config import MODES, ConfigError, Settings, load_settings, parse_proxy
 from .keys import InvalidKeyError, validate_key
 from .sources import FORMATS, SOURCES
 
@@ -32,8 +32,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import ProxyServer
 
     settings = resolve_settings(args.config, args.cache, args.mode)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     server = ProxyServer(settings, host=args.host, port=args.port)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
@@ -88,7 +90,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upstream-proxy", description="A pull-through cache for registries.")
+    parser = argparse.ArgumentParser(
+        prog="upstream-proxy", description="A pull-through cache for registries."
+    )
     parser.add_argument("--config", metavar="FILE", help="pyproject.toml to read (default: ./pyproject.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
 

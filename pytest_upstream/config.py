@@ -28,8 +28,17 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
 
 _PROXY_FIELDS = {
-    "key", "source", "format", "url", "auth", "username_env", "password_env",
-    "token_env", "metadata_ttl", "timeout", "mutable_paths",
+    "key",
+    "source",
+    "format",
+    "url",
+    "auth",
+    "username_env",
+    "password_env",
+    "token_env",
+    "metadata_ttl",
+    "timeout",
+    "mutable_paths",
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "proxy"}
 
@@ -68,10 +77,16 @@ class ProxyDefinition:
         if self.source == "custom":
             table["format"] = self.format
             table["url"] = self.url
+        elif (builtin := BUILTIN_SOURCES.get(self.source)) is None or self.url != builtin.url:
+            # A built-in source pointed at a mirror: dropping the url would silently
+            # send traffic to the public registry instead.
+            table["url"] = self.url
         table["auth"] = self.auth.mode
         for name in ("username_env", "password_env", "token_env"):
             if value := getattr(self.auth, name):
                 table[name] = value
+        if self.mutable_paths:
+            table["mutable_paths"] = list(self.mutable_paths)
         return table
 
 
@@ -99,9 +114,13 @@ class Settings:
         )
 
 
-def builtin_proxies(ttl: float = DEFAULT_METADATA_TTL, timeout: float = DEFAULT_TIMEOUT) -> tuple[ProxyDefinition, ...]:
+def builtin_proxies(
+    ttl: float = DEFAULT_METADATA_TTL, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[ProxyDefinition, ...]:
     return tuple(
-        ProxyDefinition(key=s.name, source=s.name, format=s.format, url=s.url, metadata_ttl=ttl, timeout=timeout)
+        ProxyDefinition(
+            key=s.name, source=s.name, format=s.format, url=s.url, metadata_ttl=ttl, timeout=timeout
+        )
         for s in BUILTIN_SOURCES.values()
     )
 
@@ -146,12 +165,12 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
     if not isinstance(url, str):
         raise ConfigError(f"{where}: url must be a string")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{where}: url must be an absolute http(s) URL (got {url!r})")
     if parts.username or parts.password:
-        raise ConfigError(
-            f"{where}: url must not hold credentials; use auth with username_env/password_env"
-        )
+        raise ConfigError(f"{where}: url must not hold credentials; use auth with username_env/password_env")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        # Never echo a URL that may carry a secret ("user:token@host" parses as a scheme).
+        shown = "a URL containing '@' (not shown)" if "@" in url else repr(url)
+        raise ConfigError(f"{where}: url must be an absolute http(s) URL (got {shown})")
     auth = AuthSpec(
         mode=entry.get("auth", "anonymous"),
         username_env=entry.get("username_env"),

@@ -106,7 +106,9 @@ class Engine:
                 501, f"format {proxy.format!r} (proxy {proxy.key!r}) is not supported yet by this version"
             )
         if req.method not in ("GET", "HEAD"):
-            reply = fmt.error(405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy")
+            reply = fmt.error(
+                405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy"
+            )
             reply.headers["Allow"] = "GET, HEAD"
             return reply
         ctx = _Context(self, proxy, fmt)
@@ -130,13 +132,26 @@ class Engine:
             return self._fail(req, fmt, resource, 500, f"cache error: {exc}")
 
     def _fail(
-        self, req: ProxyRequest, fmt: Format, res: Resource | None, status: int, msg: str, cache: str = "error"
+        self,
+        req: ProxyRequest,
+        fmt: Format,
+        res: Resource | None,
+        status: int,
+        msg: str,
+        cache: str = "error",
     ) -> Reply:
         self.served.add(
             ServedRecord(
-                key=req.key, path=req.path, cache=cache, status=status, size=0, method=req.method,
-                upstream_url=res.upstream_url if res else "", kind=res.kind.value if res else "",
-                error=msg, test=self.served.current_test,
+                key=req.key,
+                path=req.path,
+                cache=cache,
+                status=status,
+                size=0,
+                method=req.method,
+                upstream_url=res.upstream_url if res else "",
+                kind=res.kind.value if res else "",
+                error=msg,
+                test=self.served.current_test,
             )
         )
         return fmt.error(status, msg)
@@ -153,7 +168,9 @@ class Engine:
             entry = obtained.entry
             blob = self.cache.verified_blob(entry)
             if blob is None:
-                raise UpstreamFailed(f"cached copy of {res.upstream_url} is corrupt and could not be refetched")
+                raise UpstreamFailed(
+                    f"cached copy of {res.upstream_url} is corrupt and could not be refetched"
+                )
         headers = {CACHE_HEADER: obtained.cache}
         if obtained.cache == "stale":
             headers["X-Upstream-Error"] = obtained.note
@@ -183,9 +200,16 @@ class Engine:
     def _record(self, req: ProxyRequest, res: Resource, cache: str, status: int, size: int, sha: str) -> None:
         self.served.add(
             ServedRecord(
-                key=req.key, path=res.path, cache=cache, status=status,
-                size=0 if req.method == "HEAD" else size, method=req.method,
-                upstream_url=res.upstream_url, sha256=sha, kind=res.kind.value, test=self.served.current_test,
+                key=req.key,
+                path=res.path,
+                cache=cache,
+                status=status,
+                size=0 if req.method == "HEAD" else size,
+                method=req.method,
+                upstream_url=res.upstream_url,
+                sha256=sha,
+                kind=res.kind.value,
+                test=self.served.current_test,
             )
         )
 
@@ -252,7 +276,9 @@ class Engine:
             f"(cache {self.settings.cache_dir}); run in record mode to fetch it"
         )
 
-    def _fetch_whole(self, proxy: ProxyDefinition, fmt: Format, res: Resource, stale: Entry | None) -> Obtained:
+    def _fetch_whole(
+        self, proxy: ProxyDefinition, fmt: Format, res: Resource, stale: Entry | None
+    ) -> Obtained:
         """Download, verify and store; on upstream failure fall back to ``stale``."""
         self.served.upstream_fetch(res.upstream_url)
         try:
@@ -272,7 +298,9 @@ class Engine:
                 raise
             raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r}: {exc}") from exc
 
-    def _store_response(self, proxy: ProxyDefinition, fmt: Format, res: Resource, resp: httpx.Response) -> Obtained:
+    def _store_response(
+        self, proxy: ProxyDefinition, fmt: Format, res: Resource, resp: httpx.Response
+    ) -> Obtained:
         """Read a 200 answer whole, check and verify it, then store blob and entry."""
         writer = self.cache.writer(tuple(res.expected))
         try:
@@ -313,13 +341,22 @@ class Engine:
             )
         raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
 
-    def _index(self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response, sha: str, size: int) -> Entry:
+    def _index(
+        self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response, sha: str, size: int
+    ) -> Entry:
         return self.cache.store_entry(
             Entry(
-                key=proxy.key, path=res.path, variant=res.variant, upstream_url=res.upstream_url,
-                sha256=sha, size=size, kind=res.kind.value, fetched_at=time.time(),
+                key=proxy.key,
+                path=res.path,
+                variant=res.variant,
+                upstream_url=res.upstream_url,
+                sha256=sha,
+                size=size,
+                kind=res.kind.value,
+                fetched_at=time.time(),
                 content_type=resp.headers.get("content-type") or res.content_type,
-                etag=resp.headers.get("etag"), last_modified=resp.headers.get("last-modified"),
+                etag=resp.headers.get("etag"),
+                last_modified=resp.headers.get("last-modified"),
             )
         )
 
@@ -340,14 +377,17 @@ class Engine:
             return None
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout))
+            stack.enter_context(
+                self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout)
+            )
             if self._usable(proxy, res) is not None:
                 stack.close()
                 return None
             self.served.upstream_fetch(res.upstream_url)
             resp = stack.enter_context(
-                self.client.stream(res.upstream_url, headers=self._upstream_headers(proxy, res, None),
-                                   timeout=proxy.timeout)
+                self.client.stream(
+                    res.upstream_url, headers=self._upstream_headers(proxy, res, None), timeout=proxy.timeout
+                )
             )
             self._check_status(proxy, res, resp)
             length = _declared_length(resp)
@@ -362,12 +402,18 @@ class Engine:
             raise
         headers = {
             CACHE_HEADER: "miss",
-            "Content-Type": resp.headers.get("content-type") or res.content_type or "application/octet-stream",
+            "Content-Type": resp.headers.get("content-type")
+            or res.content_type
+            or "application/octet-stream",
         }
         return Reply(200, headers, stream=self._tee(req, proxy, res, resp, stack), length=length)
 
     def _tee(
-        self, req: ProxyRequest, proxy: ProxyDefinition, res: Resource, resp: httpx.Response,
+        self,
+        req: ProxyRequest,
+        proxy: ProxyDefinition,
+        res: Resource,
+        resp: httpx.Response,
         stack: contextlib.ExitStack,
     ) -> Iterator[bytes]:
         """Yield upstream chunks while writing them to the cache; commit at the end.
@@ -393,8 +439,16 @@ class Engine:
     def _record_error(self, req: ProxyRequest, res: Resource, msg: str) -> None:
         self.served.add(
             ServedRecord(
-                key=req.key, path=res.path, cache="error", status=502, size=0, method=req.method,
-                upstream_url=res.upstream_url, kind=res.kind.value, error=msg, test=self.served.current_test,
+                key=req.key,
+                path=res.path,
+                cache="error",
+                status=502,
+                size=0,
+                method=req.method,
+                upstream_url=res.upstream_url,
+                kind=res.kind.value,
+                error=msg,
+                test=self.served.current_test,
             )
         )
 

@@ -117,7 +117,9 @@ class UpstreamProxy:
     def stats(self) -> Stats:
         return self.server.served.stats()
 
-    def assert_hits(self, *patterns: str, key: str | None = None, records: Iterable[ServedRecord] | None = None) -> None:
+    def assert_hits(
+        self, *patterns: str, key: str | None = None, records: Iterable[ServedRecord] | None = None
+    ) -> None:
         """Assert each pattern (a path or glob over record paths) was served, every time from the cache.
 
         Looks at the running test's records unless ``records`` is given.
@@ -129,7 +131,9 @@ class UpstreamProxy:
             if not matching:
                 problems.append(f"{pattern!r} was not served")
             elif bad := [r for r in matching if r.cache != "hit"]:
-                problems.append(f"{pattern!r}: " + ", ".join(f"{r.path} was a {r.cache} ({r.status})" for r in bad))
+                problems.append(
+                    f"{pattern!r}: " + ", ".join(f"{r.path} was a {r.cache} ({r.status})" for r in bad)
+                )
         if problems:
             raise AssertionError("expected cache hits:\n  " + "\n  ".join(problems))
 
@@ -138,7 +142,7 @@ class UpstreamProxy:
         """Fail if the block makes the proxy contact any upstream."""
         mark = self.server.served.mark()
         yield
-        records, fetches = self.server.served.since(mark)
+        _, fetches = self.server.served.since(mark)
         if fetches:
             raise AssertionError("upstream requests were made: " + ", ".join(fetches))
 

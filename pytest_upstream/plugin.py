@@ -26,14 +26,31 @@ _OUTPUT_KEY = "pytest_upstream"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("upstream", "upstream proxy (pytest-upstream)")
-    group.addoption("--upstream-proxy", action="store_true", default=None, dest="upstream_proxy",
-                    help="start the upstream proxy for the session and point clients at it")
-    group.addoption("--upstream-cache", metavar="DIR", dest="upstream_cache",
-                    help="shared cache directory (env UPSTREAM_PROXY_CACHE; ini upstream_cache)")
-    group.addoption("--upstream-mode", choices=MODES, dest="upstream_mode",
-                    help="record (default), replay (offline) or refresh (env UPSTREAM_PROXY_MODE)")
-    group.addoption("--upstream-config", metavar="FILE", dest="upstream_config",
-                    help="file holding [tool.pytest-upstream] (default: <rootdir>/pyproject.toml)")
+    group.addoption(
+        "--upstream-proxy",
+        action="store_true",
+        default=None,
+        dest="upstream_proxy",
+        help="start the upstream proxy for the session and point clients at it",
+    )
+    group.addoption(
+        "--upstream-cache",
+        metavar="DIR",
+        dest="upstream_cache",
+        help="shared cache directory (env UPSTREAM_PROXY_CACHE; ini upstream_cache)",
+    )
+    group.addoption(
+        "--upstream-mode",
+        choices=MODES,
+        dest="upstream_mode",
+        help="record (default), replay (offline) or refresh (env UPSTREAM_PROXY_MODE)",
+    )
+    group.addoption(
+        "--upstream-config",
+        metavar="FILE",
+        dest="upstream_config",
+        help="file holding [tool.pytest-upstream] (default: <rootdir>/pyproject.toml)",
+    )
     parser.addini("upstream_proxy", "start the upstream proxy for the session", type="bool", default=False)
     parser.addini("upstream_cache", "shared cache directory", default=None)
     parser.addini("upstream_mode", "record, replay or refresh", default=None)
@@ -97,7 +114,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
     proxy = item.config.stash.get(_STASH, None)
     if proxy is None:
         return (yield)

@@ -83,7 +83,7 @@ class ServedLog:
 
     def since(self, mark: tuple[int, int]) -> tuple[list[ServedRecord], list[str]]:
         with self._lock:
-            return self._records[mark[0]:], self._fetches[mark[1]:]
+            return self._records[mark[0] :], self._fetches[mark[1] :]
 
     def __iter__(self) -> Iterator[ServedRecord]:
         return iter(self.records)

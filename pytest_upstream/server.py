@@ -8,6 +8,7 @@ stream to the client while the engine writes them to the cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -73,8 +74,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
         request = ProxyRequest(
-            method=self.command, key=key, path=rest, query=query,
-            headers=Headers(list(self.headers.items())), base_url=f"http://{host}",
+            method=self.command,
+            key=key,
+            path=rest,
+            query=query,
+            headers=Headers(list(self.headers.items())),
+            base_url=f"http://{host}",
         )
         try:
             reply = self.server.engine.handle(request)
@@ -118,8 +123,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_modified(self, reply: Reply) -> bool:
         etag = reply.headers.get("ETag")
         inm = self.headers.get("If-None-Match")
-        if reply.status == 200 and etag and inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
-            self._start(304, {k: v for k, v in reply.headers.items() if k in ("ETag", "X-Upstream-Cache", "Vary")}, 0)
+        if (
+            reply.status == 200
+            and etag
+            and inm
+            and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")])
+        ):
+            self._start(
+                304, {k: v for k, v in reply.headers.items() if k in ("ETag", "X-Upstream-Cache", "Vary")}, 0
+            )
             return True
         return False
 
@@ -179,10 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
             # client cannot take a partial body for a whole one.
             log.warning("aborted %s: %s", self.path, exc)
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         if chunked and client_ok:
             self.wfile.write(b"0\r\n\r\n")
@@ -204,18 +214,24 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return start, end - start + 1
 
 
+def _base_url(server: ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    name = host.decode() if isinstance(host, bytes) else str(host)
+    return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     engine: Engine
 
     def index(self) -> dict[str, Any]:
-        host, port = self.server_address[:2]
+        base = _base_url(self)
         return {
             "service": "pytest-upstream",
             "mode": self.engine.mode,
             "proxies": {
-                p.key: {"format": p.format, "source": p.source, "url": f"http://{host}:{port}/{p.key}/"}
+                p.key: {"format": p.format, "source": p.source, "url": f"{base}/{p.key}/"}
                 for p in self.engine.settings.proxies
             },
         }
@@ -224,8 +240,9 @@ class _Server(ThreadingHTTPServer):
 class ProxyServer:
     """The proxy on ``host:port`` (port 0 picks a free one), in a background thread."""
 
-    def __init__(self, settings: Settings, *, host: str = "127.0.0.1", port: int = 0,
-                 served: ServedLog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, host: str = "127.0.0.1", port: int = 0, served: ServedLog | None = None
+    ) -> None:
         self.engine = Engine(settings, log_=served)
         self._server = _Server((host, port), _Handler)
         self._server.engine = self.engine
@@ -237,15 +254,15 @@ class ProxyServer:
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
-        return f"http://{host}:{port}"
+        return _base_url(self._server)
 
     def url(self, key: str) -> str:
         return f"{self.base_url}/{key}/"
 
     def start(self) -> ProxyServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pytest-upstream", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="pytest-upstream", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -264,4 +281,3 @@ class ProxyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

@@ -50,10 +50,15 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     """
     started: list[ProxyServer] = []
 
-    def make(*proxies: ProxyDefinition, mode: str = "record", cache: Path | None = None,
-             lock_timeout: float = 30.0) -> ProxyServer:
-        settings = Settings(cache_dir=cache or tmp_path / "cache", mode=mode, proxies=tuple(proxies),
-                            lock_timeout=lock_timeout)
+    def make(
+        *proxies: ProxyDefinition, mode: str = "record", cache: Path | None = None, lock_timeout: float = 30.0
+    ) -> ProxyServer:
+        settings = Settings(
+            cache_dir=cache or tmp_path / "cache",
+            mode=mode,
+            proxies=tuple(proxies),
+            lock_timeout=lock_timeout,
+        )
         server = ProxyServer(settings).start()
         started.append(server)
         return server

@@ -42,8 +42,18 @@ def pypiserver(packages: Path) -> Iterator[str]:
     """pypiserver over ``packages``; yields its /simple/ URL.  No fallback to the public index."""
     port = free_port()
     proc = subprocess.Popen(
-        [*pypiserver_command(), "run", "-p", str(port), "-i", "127.0.0.1", "--disable-fallback", str(packages)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            *pypiserver_command(),
+            "run",
+            "-p",
+            str(port),
+            "-i",
+            "127.0.0.1",
+            "--disable-fallback",
+            str(packages),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}/simple/"
@@ -72,7 +82,10 @@ def pip_env(index_url: str | None = None) -> dict[str, str]:
 def pip_install(target: Path, *requirements: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-compile", "--target", str(target), *requirements],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -81,7 +94,9 @@ def serve_process(config: Path, *args: str) -> Iterator[str]:
     """``upstream-proxy --config FILE serve ARGS``; yields the base URL it prints."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

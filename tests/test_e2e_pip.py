@@ -108,8 +108,12 @@ def test_pip_through_plugin_then_offline_replay(pytester: pytest.Pytester, packa
         _config(pytester.path / "pyproject.toml", index_url, cache)
         recorded = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
         recorded.assert_outcomes(passed=1)
-        recorded.stdout.re_match_lines([r"upstream proxy \(record, .*: \d+ requests, 0 hits, [1-9]\d* misses"])
-    replayed = pytester.runpytest_subprocess("--upstream-proxy", "--upstream-mode", "replay", "-p", "no:cacheprovider")
+        recorded.stdout.re_match_lines(
+            [r"upstream proxy \(record, .*: \d+ requests, 0 hits, [1-9]\d* misses"]
+        )
+    replayed = pytester.runpytest_subprocess(
+        "--upstream-proxy", "--upstream-mode", "replay", "-p", "no:cacheprovider"
+    )
     replayed.assert_outcomes(passed=1)
     replayed.stdout.re_match_lines([r"upstream proxy \(replay, .*: \d+ requests, \d+ hits, 0 misses"])
 
@@ -118,9 +122,13 @@ def test_pip_through_plugin_then_offline_replay(pytester: pytest.Pytester, packa
         test_inner=INNER_TEST.replace('"upstream-demo-a"]', '"upstream-demo-a", "never-recorded"]')
         .replace("assert result.returncode == 0, result.stderr", "pass")
         .replace('assert (target / "upstream_demo_b" / "__init__.py").is_file()', "")
-        .replace('upstream_proxy.assert_hits("files/upstream-demo-a/*.whl", "files/upstream-demo-b/*.whl")', "pass")
+        .replace(
+            'upstream_proxy.assert_hits("files/upstream-demo-a/*.whl", "files/upstream-demo-b/*.whl")', "pass"
+        )
     )
-    failed = pytester.runpytest_subprocess("--upstream-proxy", "--upstream-mode", "replay", "-p", "no:cacheprovider")
+    failed = pytester.runpytest_subprocess(
+        "--upstream-proxy", "--upstream-mode", "replay", "-p", "no:cacheprovider"
+    )
     assert failed.ret == pytest.ExitCode.TESTS_FAILED
     failed.stdout.fnmatch_lines(["replay misses*", "*test_inner.py::test_install: local *never-recorded*"])
 

@@ -70,7 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
         limit = fault.truncate_at if fault and fault.truncate_at is not None else len(body)
         step = 64 * 1024
         for start in range(0, limit, step):
-            self.wfile.write(body[start:min(start + step, limit)])
+            self.wfile.write(body[start : min(start + step, limit)])
             if fault and fault.chunk_delay:
                 time.sleep(fault.chunk_delay)
         if limit < len(body):

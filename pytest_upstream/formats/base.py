@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from ..cache import Entry
@@ -19,7 +19,7 @@ from ..config import ProxyDefinition
 from ..http import ProxyRequest, Reply
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     METADATA = "metadata"  # mutable: refetched after the proxy's metadata_ttl
     ARTIFACT = "artifact"  # immutable: fetched once, never refetched
 

@@ -20,7 +20,9 @@ class GenericFormat:
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         if not request.path or request.path.endswith("/"):
-            raise FormatError(404, f"a generic proxy serves files, not directories: /{request.key}/{request.path}")
+            raise FormatError(
+                404, f"a generic proxy serves files, not directories: /{request.key}/{request.path}"
+            )
         url = ctx.proxy.url.rstrip("/") + "/" + quote(request.path, safe="/@:+,;=!$&'()*~")
         name = request.path
         if request.query:

@@ -144,9 +144,13 @@ def _parse_html(text: str, page_url: str, *, root: bool) -> Page:
         gpg = attrs.get("data-gpg-sig")
         page.files.append(
             FileLink(
-                filename=filename, url=url, hashes=hashes,
-                requires_python=attrs.get("data-requires-python") or None, yanked=yanked,
-                core_metadata=core, gpg_sig=None if gpg is None else gpg == "true",
+                filename=filename,
+                url=url,
+                hashes=hashes,
+                requires_python=attrs.get("data-requires-python") or None,
+                yanked=yanked,
+                core_metadata=core,
+                gpg_sig=None if gpg is None else gpg == "true",
             )
         )
     return page
@@ -165,10 +169,15 @@ def _parse_json(data: dict[str, Any], page_url: str, *, root: bool) -> Page:
             raise MalformedUpstream(f"index page {page_url}: 'hashes' of {f['filename']!r} is not an object")
         page.files.append(
             FileLink(
-                filename=str(f["filename"]), url=urldefrag(urljoin(page_url, f["url"]))[0], hashes=dict(hashes),
-                requires_python=f.get("requires-python"), yanked=f.get("yanked", False),
+                filename=str(f["filename"]),
+                url=urldefrag(urljoin(page_url, f["url"]))[0],
+                hashes=dict(hashes),
+                requires_python=f.get("requires-python"),
+                yanked=f.get("yanked", False),
                 core_metadata=core if isinstance(core, (bool, dict)) else False,
-                gpg_sig=f.get("gpg-sig"), size=f.get("size"), upload_time=f.get("upload-time"),
+                gpg_sig=f.get("gpg-sig"),
+                size=f.get("size"),
+                upload_time=f.get("upload-time"),
             )
         )
     return page
@@ -294,31 +303,48 @@ class PyPIFormat:
     def _index(self, request: ProxyRequest, ctx: FormatContext, rest: list[str]) -> Resource | Reply:
         rep = choose_representation(request.headers.get("accept"))
         if rep is None:
-            raise FormatError(406, f"none of the media types in Accept is offered; try {JSON_V1} or text/html")
+            raise FormatError(
+                406, f"none of the media types in Accept is offered; try {JSON_V1} or text/html"
+            )
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
         if rest == [""]:  # /simple/
-            return Resource("simple/", base, Kind.METADATA, request_headers={"Accept": UPSTREAM_ACCEPT},
-                            render_as=rep)
+            return Resource(
+                "simple/", base, Kind.METADATA, request_headers={"Accept": UPSTREAM_ACCEPT}, render_as=rep
+            )
         if len(rest) == 1 or (len(rest) == 2 and rest[1] == ""):
             project = normalize(rest[0])
             if rest != [project, ""]:
                 location = f"/{request.key}/simple/{quote(project)}/"
-                return Reply(301, {"Location": location, "Content-Type": "text/plain"},
-                             body=f"see {location}\n".encode())
-            return Resource(f"simple/{project}/", urljoin(base, quote(project) + "/"), Kind.METADATA,
-                            request_headers={"Accept": UPSTREAM_ACCEPT}, render_as=rep)
+                return Reply(
+                    301,
+                    {"Location": location, "Content-Type": "text/plain"},
+                    body=f"see {location}\n".encode(),
+                )
+            return Resource(
+                f"simple/{project}/",
+                urljoin(base, quote(project) + "/"),
+                Kind.METADATA,
+                request_headers={"Accept": UPSTREAM_ACCEPT},
+                render_as=rep,
+            )
         raise FormatError(404, f"/{request.key}/{request.path}: no such index page")
 
     def _file(self, ctx: FormatContext, project: str, filename: str) -> Resource:
         if normalize(project) != project:
-            raise FormatError(404, f"files are served under the normalised project name {normalize(project)!r}")
+            raise FormatError(
+                404, f"files are served under the normalised project name {normalize(project)!r}"
+            )
         path = f"files/{project}/{filename}"
         cached = ctx.cached(path)
         if cached is not None:  # immutable: no need to consult the index again
             return Resource(path, cached.upstream_url, Kind.ARTIFACT)
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
-        index = Resource(f"simple/{project}/", urljoin(base, quote(project) + "/"), Kind.METADATA,
-                         request_headers={"Accept": UPSTREAM_ACCEPT})
+        index = Resource(
+            f"simple/{project}/",
+            urljoin(base, quote(project) + "/"),
+            Kind.METADATA,
+            request_headers={"Accept": UPSTREAM_ACCEPT},
+        )
         _, body = ctx.metadata(index)
         page = parse_page(body, index.upstream_url, root=False)
         wanted = filename[: -len(".metadata")] if filename.endswith(".metadata") else filename
@@ -329,8 +355,13 @@ class PyPIFormat:
             if link.core_metadata is False:
                 raise FormatError(404, f"the index publishes no metadata file for {wanted!r}")
             expected = _verifiable(link.core_metadata) if isinstance(link.core_metadata, dict) else {}
-            return Resource(path, link.url + ".metadata", Kind.ARTIFACT, expected=expected,
-                            content_type="text/plain; charset=utf-8")
+            return Resource(
+                path,
+                link.url + ".metadata",
+                Kind.ARTIFACT,
+                expected=expected,
+                content_type="text/plain; charset=utf-8",
+            )
         return Resource(path, link.url, Kind.ARTIFACT, expected=link.expected())
 
     def check(self, resource: Resource, body: bytes) -> None:

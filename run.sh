@@ -25,8 +25,8 @@ case "$cmd" in
     ;;
   test|fast)
     setup "[test]"
-    "$VENV/bin/ruff" check pytest_upstream tests fixtures benchmarks
-    "$VENV/bin/ruff" format --check pytest_upstream tests fixtures benchmarks
+    "$VENV/bin/ruff" check
+    "$VENV/bin/ruff" format --check
     "$VENV/bin/mypy"
     marker=()
     [ "$cmd" = fast ] && marker=(-m "not slow")

@@ -419,14 +419,20 @@ class Engine:
         """Yield upstream chunks while writing them to the cache; commit at the end.
 
         Raises (so the server cuts the connection) on a truncated body or a
-        digest mismatch; nothing is stored then.
+        digest mismatch; nothing is stored then.  The last chunk is held back
+        until the blob is verified and indexed, so a client never receives a
+        whole body that failed verification, and one that did receive a whole
+        body finds it in the cache.
         """
+        held = b""
         with stack:
             writer = self.cache.writer(tuple(res.expected))
             try:
                 for chunk in iter_body(resp):
                     writer.write(chunk)
-                    yield chunk
+                    if held:
+                        yield held
+                    held = chunk
                 sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
             except Exception as exc:
                 self._record_error(req, res, str(exc))
@@ -435,6 +441,8 @@ class Engine:
                 writer.discard()
             self._index(proxy, res, resp, sha, size)
         self._record(req, res, "miss", 200, size, sha)
+        if held:
+            yield held
 
     def _record_error(self, req: ProxyRequest, res: Resource, msg: str) -> None:
         self.served.add(

@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .auth import AUTH_MODES
-from .config import MODES, ConfigError, Settings, load_settings, parse_proxy
+from .config import (
+    DEFAULT_METADATA_TTL,
+    DEFAULT_TIMEOUT,
+    MODES,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_proxy,
+)
 from .keys import InvalidKeyError, validate_key
 from .sources import FORMATS, SOURCES
 
@@ -63,7 +71,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     for name in ("url", "format", "username_env", "password_env", "token_env"):
         if (value := getattr(args, name)) is not None:
             entry[name] = value
-    definition = parse_proxy(entry, f"{path}: new proxy", 0, 0)
+    definition = parse_proxy(entry, f"{path}: new proxy", DEFAULT_METADATA_TTL, DEFAULT_TIMEOUT)
     add_proxy(path, definition)
     print(f"created upstream proxy {definition.key!r} ({definition.format}, {definition.url}) in {path}")
     return 0

@@ -171,6 +171,9 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         # Never echo a URL that may carry a secret ("user:token@host" parses as a scheme).
         shown = "a URL containing '@' (not shown)" if "@" in url else repr(url)
         raise ConfigError(f"{where}: url must be an absolute http(s) URL (got {shown})")
+    for name in ("auth", "username_env", "password_env", "token_env"):
+        if name in entry and not isinstance(entry[name], str):
+            raise ConfigError(f"{where}: {name} must be a string (got {entry[name]!r})")
     auth = AuthSpec(
         mode=entry.get("auth", "anonymous"),
         username_env=entry.get("username_env"),
@@ -251,7 +254,8 @@ def load_settings(config_file: str | Path | None = None, *, search_dir: Path | N
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    table = data.get("tool", {}).get(TABLE, {})
+    tool = data.get("tool", {})
+    table = tool.get(TABLE, {}) if isinstance(tool, dict) else None
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [tool.{TABLE}] must be a table")
     settings = parse_table(table, str(path), path.parent.resolve())

@@ -36,7 +36,7 @@ _ALLOWED_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 class InvalidKeyError(ValueError):
     """A key broke one rule of the grammar; the message quotes key and rule."""
 
-    def __init__(self, key: str, rule: str) -> None:
+    def __init__(self, key: object, rule: str) -> None:
         self.key = key
         self.rule = rule
         super().__init__(f"invalid upstream proxy key {key!r}: {rule}")
@@ -72,6 +72,6 @@ def validate_key(key: object) -> str:
     """Return ``key`` if it is valid, else raise InvalidKeyError."""
     rule = key_error(key)
     if rule is not None:
-        raise InvalidKeyError(repr(key) if not isinstance(key, str) else key, rule)
+        raise InvalidKeyError(key, rule)
     assert isinstance(key, str)
     return key

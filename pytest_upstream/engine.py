@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -29,6 +30,10 @@ from .upstream import UpstreamClient, UpstreamError, iter_body
 log = logging.getLogger("pytest_upstream")
 
 CACHE_HEADER = "X-Upstream-Cache"
+USER_AGENT = "pytest-upstream"
+NOT_FOUND = "notfound"  # entry kind of a remembered upstream 404 (see Resource.negative_ttl)
+REGISTRY_PREFIX = "v2"  # /v2/<key>/... is the OCI distribution API
+REGISTRY_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 # Artifacts whose digest the upstream publishes are downloaded whole and
 # verified before the first byte is sent when they are at most this big, so
 # a mismatch is a clean 502.  Larger ones stream to the client while they
@@ -96,6 +101,8 @@ class Engine:
 
     # -- request handling --------------------------------------------------
     def handle(self, req: ProxyRequest) -> Reply:
+        if req.key == REGISTRY_PREFIX:
+            return self._handle_registry(req)
         proxy = self.settings.proxy(req.key)
         if proxy is None:
             known = ", ".join(p.key for p in self.settings.proxies) or "none"
@@ -105,6 +112,27 @@ class Engine:
             return Reply.text(
                 501, f"format {proxy.format!r} (proxy {proxy.key!r}) is not supported yet by this version"
             )
+        return self._handle_with(req, proxy, fmt)
+
+    def _handle_registry(self, req: ProxyRequest) -> Reply:
+        """The OCI distribution API lives at /v2/<key>/<name>/...: the key comes second."""
+        if req.path == "":
+            return Reply(200, {"Content-Type": "application/json", **REGISTRY_HEADERS}, body=b"{}")
+        key, _, rest = req.path.partition("/")
+        proxy = self.settings.proxy(key)
+        if proxy is None or proxy.format != "docker":
+            known = ", ".join(p.key for p in self.settings.proxies if p.format == "docker") or "none"
+            return _registry_error(
+                404, "NAME_UNKNOWN", f"no docker upstream proxy with key {key!r} (configured: {known})"
+            )
+        fmt = get_format(proxy.format)
+        if fmt is None:
+            return _registry_error(
+                501, "UNSUPPORTED", f"format 'docker' (proxy {key!r}) is not supported yet by this version"
+            )
+        return self._handle_with(replace(req, key=key, path=rest), proxy, fmt)
+
+    def _handle_with(self, req: ProxyRequest, proxy: ProxyDefinition, fmt: Format) -> Reply:
         if req.method not in ("GET", "HEAD"):
             reply = fmt.error(
                 405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy"
@@ -120,7 +148,7 @@ class Engine:
             resource = target
             return self._serve(req, proxy, fmt, resource)
         except FormatError as exc:
-            return self._fail(req, fmt, resource, exc.status, str(exc))
+            return self._fail(req, fmt, resource, exc.status, str(exc), cache=exc.cache, code=exc.code)
         except ReplayMiss as exc:
             return self._fail(req, fmt, resource, 504, str(exc), cache="miss")
         except (UpstreamFailed, MalformedUpstream, DigestMismatch, CredentialsError) as exc:
@@ -139,6 +167,7 @@ class Engine:
         status: int,
         msg: str,
         cache: str = "error",
+        code: str = "",
     ) -> Reply:
         self.served.add(
             ServedRecord(
@@ -154,7 +183,7 @@ class Engine:
                 test=self.served.current_test,
             )
         )
-        return fmt.error(status, msg)
+        return fmt.error(status, msg, code)
 
     def _serve(self, req: ProxyRequest, proxy: ProxyDefinition, fmt: Format, res: Resource) -> Reply:
         streamed = self._try_stream(req, proxy, fmt, res)
@@ -243,13 +272,29 @@ class Engine:
         return entry.age() < proxy.metadata_ttl
 
     def _usable(self, proxy: ProxyDefinition, res: Resource) -> Entry | None:
+        """The intact cached entry, or None; raises 404 for a remembered not-found answer."""
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
-        if entry is not None and self.cache.verified_blob(entry) is None:
+        if entry is None:
+            return None
+        if entry.kind == NOT_FOUND:
+            age = entry.age()
+            if self.mode == "replay" or (self._fresh_enough(res, age) and self.mode != "refresh"):
+                raise FormatError(
+                    404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
+                )
+            return None
+        if self.cache.verified_blob(entry) is None:
             return None
         return entry
 
-    def _upstream_headers(self, proxy: ProxyDefinition, res: Resource, stale: Entry | None) -> dict[str, str]:
-        headers = {"User-Agent": "pytest-upstream", **res.request_headers, **proxy.auth.headers()}
+    @staticmethod
+    def _fresh_enough(res: Resource, age: float) -> bool:
+        return res.negative_ttl is not None and age < res.negative_ttl
+
+    def _upstream_headers(
+        self, proxy: ProxyDefinition, fmt: Format, res: Resource, stale: Entry | None
+    ) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, **res.request_headers, **fmt.upstream_headers(proxy, res)}
         if stale is not None and stale.is_metadata:
             if stale.etag:
                 headers["If-None-Match"] = stale.etag
@@ -270,6 +315,30 @@ class Engine:
                 return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
             return self._fetch_whole(proxy, fmt, res, entry)
 
+    def _open_upstream(
+        self,
+        stack: contextlib.ExitStack,
+        proxy: ProxyDefinition,
+        fmt: Format,
+        res: Resource,
+        stale: Entry | None,
+    ) -> httpx.Response:
+        """Send the upstream request (retrying once after an auth challenge) inside ``stack``."""
+        self.served.upstream_fetch(res.upstream_url)
+        headers = self._upstream_headers(proxy, fmt, res, stale)
+        resp = stack.enter_context(
+            self.client.stream(res.upstream_url, headers=headers, timeout=proxy.timeout)
+        )
+        if resp.status_code == 401:
+            retry = fmt.reauthenticate(proxy, res, resp, self.client)
+            if retry is not None:
+                resp.close()
+                headers.update(retry)
+                resp = stack.enter_context(
+                    self.client.stream(res.upstream_url, headers=headers, timeout=proxy.timeout)
+                )
+        return resp
+
     def _replay_message(self, proxy: ProxyDefinition, res: Resource) -> str:
         return (
             f"replay mode: {res.upstream_url} was not recorded for upstream proxy {proxy.key!r} "
@@ -280,11 +349,9 @@ class Engine:
         self, proxy: ProxyDefinition, fmt: Format, res: Resource, stale: Entry | None
     ) -> Obtained:
         """Download, verify and store; on upstream failure fall back to ``stale``."""
-        self.served.upstream_fetch(res.upstream_url)
         try:
-            with self.client.stream(
-                res.upstream_url, headers=self._upstream_headers(proxy, res, stale), timeout=proxy.timeout
-            ) as resp:
+            with contextlib.ExitStack() as stack:
+                resp = self._open_upstream(stack, proxy, fmt, res, stale)
                 if resp.status_code == 304 and stale is not None:
                     self._mark_refreshed(proxy, res)
                     return Obtained(self.cache.touch(stale), "hit")
@@ -332,7 +399,20 @@ class Engine:
             raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r} {what}")
         resp.read()
         if status in (404, 410):
-            raise FormatError(404, f"not found upstream: {res.upstream_url} answered {status}")
+            if res.negative_ttl is not None and self.mode != "replay":
+                self.cache.store_entry(
+                    Entry(
+                        key=proxy.key,
+                        path=res.path,
+                        variant=res.variant,
+                        upstream_url=res.upstream_url,
+                        sha256=self.cache.store_bytes(b""),
+                        size=0,
+                        kind=NOT_FOUND,
+                        fetched_at=time.time(),
+                    )
+                )
+            raise FormatError(404, f"not found upstream: {res.upstream_url} answered {status}", cache="miss")
         if status in (401, 403):
             raise FormatError(
                 502,
@@ -357,6 +437,7 @@ class Engine:
                 content_type=resp.headers.get("content-type") or res.content_type,
                 etag=resp.headers.get("etag"),
                 last_modified=resp.headers.get("last-modified"),
+                headers=_kept_headers(res, resp),
             )
         )
 
@@ -383,12 +464,7 @@ class Engine:
             if self._usable(proxy, res) is not None:
                 stack.close()
                 return None
-            self.served.upstream_fetch(res.upstream_url)
-            resp = stack.enter_context(
-                self.client.stream(
-                    res.upstream_url, headers=self._upstream_headers(proxy, res, None), timeout=proxy.timeout
-                )
-            )
+            resp = self._open_upstream(stack, proxy, fmt, res, None)
             self._check_status(proxy, res, resp)
             length = _declared_length(resp)
             if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
@@ -405,6 +481,7 @@ class Engine:
             "Content-Type": resp.headers.get("content-type")
             or res.content_type
             or "application/octet-stream",
+            **_kept_headers(res, resp),
         }
         return Reply(200, headers, stream=self._tee(req, proxy, res, resp, stack), length=length)
 
@@ -459,6 +536,15 @@ class Engine:
                 test=self.served.current_test,
             )
         )
+
+
+def _kept_headers(res: Resource, resp: httpx.Response) -> dict[str, str]:
+    return {name: resp.headers[name] for name in res.keep_headers if name in resp.headers}
+
+
+def _registry_error(status: int, code: str, message: str) -> Reply:
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+    return Reply(status, {"Content-Type": "application/json", **REGISTRY_HEADERS}, body=body)
 
 
 def _declared_length(resp: httpx.Response) -> int | None:

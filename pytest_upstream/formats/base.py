@@ -5,18 +5,25 @@ to), which responses are mutable metadata and which immutable content, how to
 rewrite metadata so that links lead back through the proxy, and which digests
 the upstream publishes.  The engine does HTTP, caching, locking and streaming
 once for all of them.
+
+A format subclasses ``Format`` and overrides ``resolve`` (required) and any
+of the hooks whose default does not fit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..cache import Entry
 from ..config import ProxyDefinition
 from ..http import ProxyRequest, Reply
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ..upstream import UpstreamClient
 
 
 class Kind(StrEnum):
@@ -27,9 +34,11 @@ class Kind(StrEnum):
 class FormatError(Exception):
     """A request the format cannot serve: carries the status to answer."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str = "", cache: str = "error") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code  # a format-specific error code (e.g. the registry's MANIFEST_UNKNOWN)
+        self.cache = cache  # how the served record counts it: "error", or "hit"/"miss" for a 404
 
 
 class MalformedUpstream(Exception):
@@ -48,6 +57,8 @@ class Resource:
     expected: dict[str, str] = field(default_factory=dict)  # algorithm -> hex digest
     content_type: str | None = None  # default when the upstream sends none
     render_as: str = ""  # representation chosen for the client (e.g. HTML or JSON)
+    keep_headers: tuple[str, ...] = ()  # upstream response headers stored and replayed
+    negative_ttl: float | None = None  # cache an upstream 404 for this long (None: never)
 
 
 class FormatContext(Protocol):
@@ -64,16 +75,17 @@ class FormatContext(Protocol):
         ...
 
 
-class Format(Protocol):
-    name: str
+class Format:
+    """Defaults for every hook; a format overrides what differs."""
+
+    name = ""
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         """Map a proxy request to an upstream resource, or answer it directly."""
-        ...
+        raise NotImplementedError
 
     def check(self, resource: Resource, body: bytes) -> None:
         """Raise MalformedUpstream if metadata bytes are unusable (nothing is then stored)."""
-        ...
 
     def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
         """Metadata as the client gets it (links rewritten), or None to serve the bytes as stored.
@@ -81,11 +93,18 @@ class Format(Protocol):
         Must depend only on ``resource.path``, ``resource.render_as`` and ``body``:
         the engine memoises the result by those.
         """
-        ...
+        return None
 
-    def error(self, status: int, message: str) -> Reply:
+    def error(self, status: int, message: str, code: str = "") -> Reply:
         """An error in the shape this format's clients print usefully."""
-        ...
+        return Reply.text(status, message)
 
+    def upstream_headers(self, proxy: ProxyDefinition, resource: Resource) -> dict[str, str]:
+        """Credentials for an upstream request (default: the proxy's auth mode)."""
+        return proxy.auth.headers()
 
-FormatFactory = Callable[[], Format]
+    def reauthenticate(
+        self, proxy: ProxyDefinition, resource: Resource, challenge: httpx.Response, client: UpstreamClient
+    ) -> dict[str, str] | None:
+        """Headers to retry with after a 401 (e.g. a registry's token flow), or None to give up."""
+        return None

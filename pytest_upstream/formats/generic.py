@@ -12,10 +12,10 @@ from fnmatch import fnmatchcase
 from urllib.parse import quote
 
 from ..http import ProxyRequest, Reply
-from .base import FormatContext, FormatError, Kind, Resource
+from .base import Format, FormatContext, FormatError, Kind, Resource
 
 
-class GenericFormat:
+class GenericFormat(Format):
     name = "generic"
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
@@ -30,12 +30,3 @@ class GenericFormat:
             name += "?" + request.query
         mutable = any(fnmatchcase(request.path, pattern) for pattern in ctx.proxy.mutable_paths)
         return Resource(path=name, upstream_url=url, kind=Kind.METADATA if mutable else Kind.ARTIFACT)
-
-    def check(self, resource: Resource, body: bytes) -> None:
-        return None
-
-    def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
-        return None
-
-    def error(self, status: int, message: str) -> Reply:
-        return Reply.text(status, message)

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
 from ..http import ProxyRequest, Reply
-from .base import FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 HTML_V1 = "application/vnd.pypi.simple.v1+html"
@@ -285,7 +285,7 @@ def render_json(project: str, page: Page, *, root: bool) -> bytes:
     return json.dumps(data, sort_keys=True).encode()
 
 
-class PyPIFormat:
+class PyPIFormat(Format):
     name = "pypi"
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
@@ -375,6 +375,3 @@ class PyPIFormat:
             return render_json(project, page, root=root), JSON_V1
         ctype = HTML_V1 if resource.render_as == "html-v1" else "text/html; charset=utf-8"
         return render_html(project, page, root=root), ctype
-
-    def error(self, status: int, message: str) -> Reply:
-        return Reply.text(status, message)

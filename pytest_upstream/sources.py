@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORMATS = ("pypi", "npm", "docker", "maven", "generic")
-# Formats whose module has landed; the others answer "format not supported yet".
-SUPPORTED_FORMATS = frozenset({"pypi", "generic"})
 
 
 @dataclass(frozen=True)

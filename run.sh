@@ -25,6 +25,10 @@ case "$cmd" in
     ;;
   test|fast)
     setup "[test]"
+    # Real upstream servers and clients for the protocol tests (apt/npm; idempotent).
+    for peer in scripts/peers/*.sh; do
+      [ -e "$peer" ] && PATH="$PWD/$VENV/bin:$PATH" bash "$peer"
+    done
     "$VENV/bin/ruff" check
     "$VENV/bin/ruff" format --check
     "$VENV/bin/mypy"

@@ -108,3 +108,19 @@ def serve_process(config: Path, *args: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def require_peer(*commands: str, install: str) -> None:
+    """Skip (or, with UPSTREAM_REQUIRE_PEERS=1 as in CI, fail) when a real peer is not installed.
+
+    ``install`` names the script that installs it, e.g. ``scripts/peers/docker.sh``.
+    """
+    import pytest
+
+    missing = [c for c in commands if shutil.which(c) is None and not Path(c).exists()]
+    if not missing:
+        return
+    message = f"real peer(s) {', '.join(missing)} not installed: run {install} (./run.sh test does)"
+    if os.environ.get("UPSTREAM_REQUIRE_PEERS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)

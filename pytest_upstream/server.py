@@ -59,7 +59,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        raw_path, _, query = self.path.partition("?")
+        # The stdlib rewrites a leading '//' in self.path to '/'; judge the target as sent.
+        words = self.requestline.split()
+        raw_path, _, query = (words[1] if len(words) >= 2 else self.path).partition("?")
         if raw_path.startswith(("http://", "https://")):
             self._send(Reply.text(400, "this is not a forward proxy: request /<key>/<path>"))
             return

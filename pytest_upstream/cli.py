@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .auth import AUTH_MODES
+from .cache import CacheError
 from .config import (
     DEFAULT_METADATA_TTL,
     DEFAULT_TIMEOUT,
@@ -148,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"upstream-proxy: error: {exc}", file=sys.stderr)
         return 2
+    except CacheError as exc:
+        print(f"upstream-proxy: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"upstream-proxy: error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ TABLE = "pytest-upstream"
 DEFAULT_METADATA_TTL = 600.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
+DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven) trust one
 
 _PROXY_FIELDS = {
     "key",
@@ -39,6 +40,7 @@ _PROXY_FIELDS = {
     "metadata_ttl",
     "timeout",
     "mutable_paths",
+    "negative_ttl",
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "proxy"}
 
@@ -70,6 +72,7 @@ class ProxyDefinition:
     metadata_ttl: float = DEFAULT_METADATA_TTL
     timeout: float = DEFAULT_TIMEOUT
     mutable_paths: tuple[str, ...] = ()
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -123,6 +126,13 @@ def builtin_proxies(
         )
         for s in BUILTIN_SOURCES.values()
     )
+
+
+def _positive(value: Any, where: str, name: str) -> float:
+    seconds = _number(value, where, name)
+    if seconds == 0:
+        raise ConfigError(f"{where}: {name} must be more than 0 seconds")
+    return seconds
 
 
 def _number(value: Any, where: str, name: str) -> float:
@@ -192,8 +202,9 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         url=url,
         auth=auth,
         metadata_ttl=_number(entry.get("metadata_ttl", ttl), where, "metadata_ttl"),
-        timeout=_number(entry.get("timeout", timeout), where, "timeout"),
+        timeout=_positive(entry.get("timeout", timeout), where, "timeout"),
         mutable_paths=tuple(mutable),
+        negative_ttl=_number(entry.get("negative_ttl", DEFAULT_NEGATIVE_TTL), where, "negative_ttl"),
     )
 
 
@@ -207,8 +218,8 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
     if mode not in MODES:
         raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)} (got {mode!r})")
     ttl = _number(table.get("metadata_ttl", DEFAULT_METADATA_TTL), where, "metadata_ttl")
-    timeout = _number(table.get("timeout", DEFAULT_TIMEOUT), where, "timeout")
-    lock_timeout = _number(table.get("lock_timeout", DEFAULT_LOCK_TIMEOUT), where, "lock_timeout")
+    timeout = _positive(table.get("timeout", DEFAULT_TIMEOUT), where, "timeout")
+    lock_timeout = _positive(table.get("lock_timeout", DEFAULT_LOCK_TIMEOUT), where, "lock_timeout")
     entries = table.get("proxy", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: 'proxy' must be an array of tables ([[tool.{TABLE}.proxy]])")

@@ -98,11 +98,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if _is_xdist_controller(config):
         config.stash[_WORKER_STATS] = []
         return
+    from .cache import CacheError
     from .config import ConfigError
 
     try:
         _session_proxy(config)
-    except ConfigError as exc:
+    except (ConfigError, CacheError) as exc:
         raise pytest.UsageError(f"pytest-upstream: {exc}") from None
 
 

@@ -156,13 +156,15 @@ class _Handler(BaseHTTPRequestHandler):
             offset, count, status, headers = 0, size, reply.status, dict(reply.headers)
             wanted = self.headers.get("Range")
             if wanted and status == 200 and not self._range_stale(headers):
-                parsed = _parse_range(wanted, size)
-                if parsed is None:
+                try:
+                    parsed = _parse_range(wanted, size)
+                except _Unsatisfiable:
                     self._send_body(Reply(416, {"Content-Range": f"bytes */{size}"}))
                     return
-                offset, count = parsed
-                status = 206
-                headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+                if parsed is not None:  # else a form we do not serve (e.g. several ranges): send it all
+                    offset, count = parsed
+                    status = 206
+                    headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
             self._start(status, headers, count)
             if self.command != "HEAD" and count:
                 self.connection.sendfile(f, offset, count)
@@ -200,18 +202,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
 
+class _Unsatisfiable(Exception):
+    pass
+
+
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """(offset, count) for one satisfiable byte range, else None."""
+    """(offset, count) for one byte range; None for forms we ignore (RFC 9110 allows
+    answering 200); raises _Unsatisfiable for a range outside the file."""
     m = _RANGE.match(value.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return None
     if not m.group(1):  # suffix range: the last N bytes
         n = min(int(m.group(2)), size)
-        return (size - n, n) if n > 0 else None
+        if n <= 0:
+            raise _Unsatisfiable
+        return size - n, n
     start = int(m.group(1))
     end = int(m.group(2)) if m.group(2) else size - 1
-    if start >= size or end < start:
+    if end < start:
         return None
+    if start >= size:
+        raise _Unsatisfiable
     end = min(end, size - 1)
     return start, end - start + 1
 

@@ -6,8 +6,10 @@ methods of httpcore's connection pool and connections; pytest-httpx and vcrpy
 patch ``httpx.HTTPTransport.handle_request``.  A proxy running inside the
 test process must not have its upstream traffic captured by them, so this
 module takes the original methods when it is imported (at plugin load, before
-any test starts a mock) and pins them on private subclasses.  Mocks started
-later patch the base classes and never reach these.
+any test starts a mock: the plugin starts the proxy at configure time) and
+pins them on private subclasses.  Mocks started later patch the base
+classes and never reach these.  A mock already active at import is refused
+with a clear error rather than silently capturing the proxy's traffic.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ class UpstreamClient:
 
 
 def iter_body(response: httpx.Response, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
-    """The raw body (no decoding), turning transport errors into UpstreamError."""
+    """The body with any Content-Encoding undone, turning transport errors into UpstreamError.
+
+    The cache stores and verifies the content itself, never a transfer compression of it.
+    """
     try:
-        yield from response.iter_raw(chunk_size)
+        yield from response.iter_bytes(chunk_size)
     except httpx.HTTPError as exc:
         raise UpstreamError(_describe(exc)) from exc

@@ -15,15 +15,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from ..cache import Entry
 from ..config import ProxyDefinition
 from ..http import ProxyRequest, Reply
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import httpx
 
     from ..upstream import UpstreamClient
+
+
+def same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
 
 class Kind(StrEnum):
@@ -87,6 +95,12 @@ class Format:
     def check(self, resource: Resource, body: bytes) -> None:
         """Raise MalformedUpstream if metadata bytes are unusable (nothing is then stored)."""
 
+    def published_digests(self, resource: Resource, headers: Mapping[str, str]) -> dict[str, str]:
+        """Digests {algo: hex} that the upstream's response headers vouch for (e.g. a
+        registry's Docker-Content-Digest), verified like ``Resource.expected``: on a
+        mismatch nothing is stored.  Called for responses read whole (not streamed)."""
+        return {}
+
     def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
         """Metadata as the client gets it (links rewritten), or None to serve the bytes as stored.
 
@@ -100,7 +114,11 @@ class Format:
         return Reply.text(status, message)
 
     def upstream_headers(self, proxy: ProxyDefinition, resource: Resource) -> dict[str, str]:
-        """Credentials for an upstream request (default: the proxy's auth mode)."""
+        """Credentials for an upstream request: the proxy's auth mode, sent only to the
+        configured URL's origin (an index may link files on other hosts, which must
+        not see the credentials)."""
+        if not same_origin(resource.upstream_url, proxy.url):
+            return {}
         return proxy.auth.headers()
 
     def reauthenticate(

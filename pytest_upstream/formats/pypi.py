@@ -307,6 +307,11 @@ class PyPIFormat(Format):
                 406, f"none of the media types in Accept is offered; try {JSON_V1} or text/html"
             )
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
+        if not rest:  # /simple without its slash
+            location = f"/{request.key}/simple/"
+            return Reply(
+                301, {"Location": location, "Content-Type": "text/plain"}, body=f"see {location}\n".encode()
+            )
         if rest == [""]:  # /simple/
             return Resource(
                 "simple/", base, Kind.METADATA, request_headers={"Accept": UPSTREAM_ACCEPT}, render_as=rep

@@ -128,6 +128,14 @@ def pytest_runtest_protocol(
         proxy.end_test()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # A proxy started lazily by the fixture did not exist when the test began.
+    proxy = item.config.stash.get(_STASH, None)
+    if proxy is not None and not proxy.server.served.current_test:
+        proxy.server.served.current_test = item.nodeid
+
+
 @pytest.fixture(scope="session")
 def upstream_proxy(pytestconfig: pytest.Config) -> UpstreamProxy:
     """The session's upstream proxy: URLs, exported environment, what it served.
@@ -148,10 +156,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    stats = node.config.stash.get(_WORKER_STATS, None)
     output = getattr(node, "workeroutput", {}).get(_OUTPUT_KEY)
-    if stats is not None and output:
-        stats.append(output)
+    if output:  # also when a worker started its proxy lazily, without the flag
+        node.config.stash.setdefault(_WORKER_STATS, []).append(output)
 
 
 def _all_reports(config: pytest.Config) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ def _pyproject(path: Path, upstream_url: str, extra: str = "") -> None:
     )
 
 
-INNER = '''
+INNER = """
 import urllib.request, pytest
 
 def get(upstream_proxy, name):
@@ -40,7 +40,7 @@ def test_fetch(upstream_proxy, n):
     assert get(upstream_proxy, "a.bin") == b"A" * 1000
     assert get(upstream_proxy, f"f{n}.bin") == b"%d" % n * 100
     assert [r.path for r in upstream_proxy.test_served] == ["a.bin", f"f{n}.bin"]
-'''
+"""
 
 
 @pytest.fixture
@@ -60,7 +60,9 @@ def test_xdist_workers_share_the_cache_and_the_summary_adds_up(
     result = pytester.runpytest_subprocess("--upstream-proxy", "-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     # 8 requests in all; a.bin was fetched from the upstream exactly once across both workers
-    result.stdout.re_match_lines([r"upstream proxy \(record, .*\) across 2 workers: 8 requests, 3 hits, 5 misses"])
+    result.stdout.re_match_lines(
+        [r"upstream proxy \(record, .*\) across 2 workers: 8 requests, 3 hits, 5 misses"]
+    )
     assert files_upstream.hits["/files/a.bin"] == 1
     assert all(files_upstream.hits[f"/files/f{n}.bin"] == 1 for n in range(4))
     # a second run is all hits, and the upstream is not contacted again
@@ -75,13 +77,15 @@ def test_replay_offline_after_record(pytester: pytest.Pytester, files_upstream: 
     pytester.makepyfile(test_inner=INNER)
     pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider").assert_outcomes(passed=4)
     files_upstream.stop()
-    replay = pytester.runpytest_subprocess("--upstream-proxy", "--upstream-mode=replay", "-p", "no:cacheprovider")
+    replay = pytester.runpytest_subprocess(
+        "--upstream-proxy", "--upstream-mode=replay", "-p", "no:cacheprovider"
+    )
     replay.assert_outcomes(passed=4)
     assert replay.ret == 0
     replay.stdout.re_match_lines([r"upstream proxy \(replay, .*: 8 requests, 8 hits, 0 misses, 0 stale"])
 
 
-HELPERS = '''
+HELPERS = """
 import urllib.request, urllib.error, pytest
 
 def get(upstream_proxy, name):
@@ -123,7 +127,7 @@ def test_unknown_key_is_404(upstream_proxy):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(upstream_proxy.base_url + "/nope/x")
     assert info.value.code == 404
-'''
+"""
 
 
 def test_fixture_helpers(pytester: pytest.Pytester, files_upstream: Upstream) -> None:
@@ -133,7 +137,9 @@ def test_fixture_helpers(pytester: pytest.Pytester, files_upstream: Upstream) ->
     result.assert_outcomes(passed=4)
 
 
-def test_cli_flags_override_ini_and_env_overrides_ini(pytester: pytest.Pytester, files_upstream: Upstream) -> None:
+def test_cli_flags_override_ini_and_env_overrides_ini(
+    pytester: pytest.Pytester, files_upstream: Upstream
+) -> None:
     _pyproject(pytester.path / "pyproject.toml", files_upstream.url)
     pytester.makeini("[pytest]\nupstream_proxy = true\nupstream_cache = ini-cache\nupstream_mode = replay\n")
     pytester.makepyfile(
@@ -145,7 +151,13 @@ def test_cli_flags_override_ini_and_env_overrides_ini(pytester: pytest.Pytester,
     ini = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
     ini.stdout.fnmatch_lines(["*MODE replay CACHE ini-cache*"])
     cli = pytester.runpytest_subprocess(
-        "-s", "-p", "no:cacheprovider", "--upstream-mode", "refresh", "--upstream-cache", str(pytester.path / "cli")
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "--upstream-mode",
+        "refresh",
+        "--upstream-cache",
+        str(pytester.path / "cli"),
     )
     cli.stdout.fnmatch_lines(["*MODE refresh CACHE cli*"])
 
@@ -174,3 +186,21 @@ def test_bad_config_is_a_usage_error(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*pyproject.toml*entry 1*invalid upstream proxy key 'Bad Key'*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_lazy_start_without_the_flag_under_xdist(pytester: pytest.Pytester, files_upstream: Upstream) -> None:
+    """The fixture starts the proxy on first use; records carry the test, the summary adds up workers."""
+    _pyproject(pytester.path / "pyproject.toml", files_upstream.url)
+    pytester.makepyfile(
+        test_lazy="""
+        import urllib.request, pytest
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_lazy(upstream_proxy, n):
+            urllib.request.urlopen(upstream_proxy.url("g") + "a.bin").read()
+            assert upstream_proxy.served[-1].test.endswith(f"test_lazy[{n}]")
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.re_match_lines([r"upstream proxy \(record, .*\)( across 2 workers)?: 2 requests"])

@@ -35,6 +35,7 @@ import filelock
 LAYOUT_VERSION = "1"
 _CHUNK = 1024 * 1024
 _STALE_TMP_SECONDS = 24 * 3600
+_ENTRY_MEMO_SIZE = 10_000
 
 
 class CacheError(RuntimeError):
@@ -135,30 +136,51 @@ class Cache:
             self._write_atomic(version, LAYOUT_VERSION.encode())
         elif (found := version.read_text().strip()) != LAYOUT_VERSION:
             raise CacheError(f"{self.root}: cache layout version {found!r}, expected {LAYOUT_VERSION!r}")
-        self._verified: set[tuple[str, int, int, int]] = set()
+        self._blobs_str = str(self.blobs)
+        self._entries_str = str(self.entries)
+        self._entry_memo: dict[str, tuple[tuple[int, int, int], Entry]] = {}
+        self._verified: dict[tuple[str, int, int, int], Path] = {}  # stamp -> blob path
         self._verified_lock = threading.Lock()
         self._remove_stale_tmp()
 
     # -- paths -------------------------------------------------------------
+    # Plain string joins: these run on every cache hit, where pathlib's
+    # parsing was the largest single cost.
     def blob_path(self, sha256: str) -> Path:
-        return self.blobs / sha256[:2] / sha256
+        return Path(f"{self._blobs_str}/{sha256[:2]}/{sha256}")
 
     def _entry_path(self, key: str, eid: str) -> Path:
-        return self.entries / key / eid[:2] / f"{eid}.json"
+        return Path(self._entry_str(key, eid))
+
+    def _entry_str(self, key: str, eid: str) -> str:
+        return f"{self._entries_str}/{key}/{eid[:2]}/{eid}.json"
 
     # -- index -------------------------------------------------------------
     def lookup(self, key: str, path: str, variant: str = "") -> Entry | None:
         """The entry for a request, or None; unreadable entries count as absent."""
-        return self._read_entry(self._entry_path(key, entry_id(key, path, variant)))
+        return self._read_entry(self._entry_str(key, entry_id(key, path, variant)))
 
-    def _read_entry(self, file: Path) -> Entry | None:
+    def _read_entry(self, file: str | Path) -> Entry | None:
+        """Parse an entry file, memoised by its (inode, size, mtime): entries are
+        replaced by rename, so any change shows up as a new signature."""
+        name = str(file)
         try:
-            data = json.loads(file.read_bytes())
-            return Entry(**data)
-        except FileNotFoundError:
+            st = os.stat(name)
+        except OSError:
             return None
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        memo = self._entry_memo.get(name)
+        if memo is not None and memo[0] == signature:
+            return memo[1]
+        try:
+            with open(name, "rb") as f:
+                entry = Entry(**json.loads(f.read()))
         except (ValueError, TypeError, OSError):
             return None
+        if len(self._entry_memo) >= _ENTRY_MEMO_SIZE:
+            self._entry_memo.clear()
+        self._entry_memo[name] = (signature, entry)
+        return entry
 
     def iter_entries(self, key: str | None = None) -> Iterator[Entry]:
         base = self.entries / key if key else self.entries
@@ -216,29 +238,30 @@ class Cache:
         A corrupt blob is deleted (with its entry) so it is never served.
         The hash is recomputed once per process per (inode, size, mtime).
         """
-        path = self.blob_path(entry.sha256)
         try:
-            st = path.stat()
+            st = os.stat(f"{self._blobs_str}/{entry.sha256[:2]}/{entry.sha256}")
         except FileNotFoundError:
             self.remove_entry(entry)
             return None
         stamp = (entry.sha256, st.st_ino, st.st_size, st.st_mtime_ns)
         with self._verified_lock:
-            if stamp in self._verified:
-                return path
+            known = self._verified.get(stamp)
+        if known is not None and st.st_size == entry.size:
+            return known
+        path = self.blob_path(entry.sha256)
         if st.st_size != entry.size or _sha256_file(path) != entry.sha256:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self.remove_entry(entry)
             return None
         with self._verified_lock:
-            self._verified.add(stamp)
+            self._verified[stamp] = path
         return path
 
     def _mark_verified(self, path: Path, sha: str) -> None:
         st = path.stat()
         with self._verified_lock:
-            self._verified.add((sha, st.st_ino, st.st_size, st.st_mtime_ns))
+            self._verified[(sha, st.st_ino, st.st_size, st.st_mtime_ns)] = path
 
     # -- locks -------------------------------------------------------------
     @contextlib.contextmanager

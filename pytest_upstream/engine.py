@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import httpx
 
@@ -57,6 +58,7 @@ class Obtained:
     entry: Entry
     cache: str  # hit | miss | stale
     note: str = ""  # why a stale copy was served
+    blob: Path | None = None  # the verified blob, when already checked
 
 
 class _Context:
@@ -191,7 +193,7 @@ class Engine:
             return streamed
         obtained = streamed or self.obtain(proxy, fmt, res)
         entry = obtained.entry
-        blob = self.cache.verified_blob(entry)
+        blob = obtained.blob or self.cache.verified_blob(entry)
         if blob is None:  # corrupt on disk and removed: fetch again once
             obtained = self.obtain(proxy, fmt, res)
             entry = obtained.entry
@@ -273,6 +275,10 @@ class Engine:
 
     def _usable(self, proxy: ProxyDefinition, res: Resource) -> Entry | None:
         """The intact cached entry, or None; raises 404 for a remembered not-found answer."""
+        found = self._usable_blob(proxy, res)
+        return found[0] if found else None
+
+    def _usable_blob(self, proxy: ProxyDefinition, res: Resource) -> tuple[Entry, Path] | None:
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
         if entry is None:
             return None
@@ -283,9 +289,8 @@ class Engine:
                     404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
                 )
             return None
-        if self.cache.verified_blob(entry) is None:
-            return None
-        return entry
+        blob = self.cache.verified_blob(entry)
+        return None if blob is None else (entry, blob)
 
     @staticmethod
     def _fresh_enough(res: Resource, age: float) -> bool:
@@ -304,9 +309,9 @@ class Engine:
 
     def obtain(self, proxy: ProxyDefinition, fmt: Format, res: Resource) -> Obtained:
         """Get a resource into the cache (or find it there) without streaming."""
-        entry = self._usable(proxy, res)
-        if entry is not None and (self.mode == "replay" or self._fresh(proxy, res, entry)):
-            return Obtained(entry, "hit")
+        found = self._usable_blob(proxy, res)
+        if found is not None and (self.mode == "replay" or self._fresh(proxy, res, found[0])):
+            return Obtained(found[0], "hit", blob=found[1])
         if self.mode == "replay":
             raise ReplayMiss(self._replay_message(proxy, res))
         with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
@@ -369,7 +374,8 @@ class Engine:
         self, proxy: ProxyDefinition, fmt: Format, res: Resource, resp: httpx.Response
     ) -> Obtained:
         """Read a 200 answer whole, check and verify it, then store blob and entry."""
-        writer = self.cache.writer(tuple(res.expected))
+        expected = {**fmt.published_digests(res, resp.headers), **res.expected}
+        writer = self.cache.writer(tuple(expected))
         try:
             body = bytearray() if res.kind is Kind.METADATA else None
             for chunk in iter_body(resp):
@@ -378,7 +384,7 @@ class Engine:
                     body += chunk
             if body is not None:
                 fmt.check(res, bytes(body))
-            sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
+            sha, size = self.cache.commit_blob(writer, expected, res.upstream_url)
         finally:
             writer.discard()
         entry = self._index(proxy, res, resp, sha, size)

@@ -20,12 +20,22 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
     Refused: NUL and other control characters, backslashes, encoded slashes
     (``%2f``), empty or dot segments (``//``, ``.``, ``..``, also when
     percent-encoded).  ``rest`` keeps a trailing slash when the URL had one.
+
+    One exception: npm sends a scoped package name as one segment,
+    ``@scope%2fname``.  A segment below the key that starts with a literal
+    ``@`` may hold one ``%2f``; it decodes to a plain slash (``@scope/name``),
+    and both halves then pass the same checks as every other segment.
     """
     if not raw_path.startswith("/"):
         raise BadPath("the request path must be absolute")
-    lowered = raw_path.lower()
-    if "%2f" in lowered or "%5c" in lowered:
-        raise BadPath("encoded slashes are not allowed in paths")
+    for index, raw_segment in enumerate(raw_path.split("/")):
+        lowered = raw_segment.lower()
+        if "%5c" in lowered:
+            raise BadPath("encoded slashes are not allowed in paths")
+        scope, _, name = lowered.partition("%2f")
+        npm_scope = index >= 2 and len(scope) > 1 and scope[0] == "@" and bool(name) and "%2f" not in name
+        if "%2f" in lowered and not npm_scope:
+            raise BadPath("encoded slashes are not allowed in paths (except one in an npm @scope%2fname)")
     path = unquote(raw_path, errors="strict")
     if any(ord(c) < 0x20 or c == "\x7f" for c in path):
         raise BadPath("control characters (such as NUL) are not allowed in paths")
@@ -48,8 +58,9 @@ class Headers:
     """Case-insensitive request headers; repeated headers joined with ', '."""
 
     def __init__(self, items: list[tuple[str, str]] | None = None) -> None:
+        self._raw = list(items or [])
         self._items: dict[str, str] = {}
-        for name, value in items or []:
+        for name, value in self._raw:
             low = name.lower()
             self._items[low] = f"{self._items[low]}, {value}" if low in self._items else value
 
@@ -58,6 +69,10 @@ class Headers:
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._items
+
+    def items(self) -> list[tuple[str, str]]:
+        """As received: original names, repeated headers separate."""
+        return list(self._raw)
 
 
 @dataclass

@@ -327,7 +327,9 @@ class PyPIFormat(Format):
                 )
             return Resource(
                 f"simple/{project}/",
-                urljoin(base, quote(project) + "/"),
+                base
+                + quote(project, safe="")
+                + "/",  # base ends with "/"; a normalised name has no dot segments
                 Kind.METADATA,
                 request_headers={"Accept": UPSTREAM_ACCEPT},
                 render_as=rep,
@@ -346,7 +348,7 @@ class PyPIFormat(Format):
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
         index = Resource(
             f"simple/{project}/",
-            urljoin(base, quote(project) + "/"),
+            base + quote(project, safe="") + "/",  # base ends with "/"; a normalised name has no dot segments
             Kind.METADATA,
             request_headers={"Accept": UPSTREAM_ACCEPT},
         )

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .config import Settings, load_settings
+from .config import ProxyDefinition, Settings, load_settings
+from .containers_conf import registries_conf_text
+from .maven_settings import settings_xml
 from .served import ServedRecord, Stats
 from .server import ProxyServer
 
@@ -36,6 +40,12 @@ def exported_env(server: ProxyServer) -> dict[str, str]:
     if pypi is not None:
         index = server.url(pypi.key) + "simple/"
         env.update({"PIP_INDEX_URL": index, "UV_DEFAULT_INDEX": index, "UV_INDEX_URL": index})
+    npm = next((p for p in server.engine.settings.proxies if p.format == "npm"), None)
+    if npm is not None:  # npm, pnpm (<11 reads npm_config_*, 11+ pnpm_config_*), yarn 1 and yarn 2+
+        registry = server.url(npm.key)
+        for name in ("npm_config_registry", "NPM_CONFIG_REGISTRY", "pnpm_config_registry"):
+            env[name] = registry
+        env.update({"YARN_REGISTRY": registry, "YARN_NPM_REGISTRY_SERVER": registry})
     return env
 
 
@@ -45,6 +55,7 @@ class UpstreamProxy:
         self._env = exported_env(server)
         self._saved_env: dict[str, str | None] = {}
         self._test_mark = server.served.mark()
+        self._temp_dirs: list[Path] = []  # written by maven_settings, removed by stop
 
     @classmethod
     def start(cls, settings: Settings) -> UpstreamProxy:
@@ -55,6 +66,8 @@ class UpstreamProxy:
     def stop(self) -> None:
         self._restore_env()
         self.server.stop()
+        for directory in self._temp_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
     # -- where it is -------------------------------------------------------
     @property
@@ -95,6 +108,67 @@ class UpstreamProxy:
             else:
                 os.environ[name] = old
         self._saved_env.clear()
+
+    # -- Maven (docs/maven.md) ---------------------------------------------
+    def maven_mirror_url(self, key: str | None = None) -> str:
+        """URL of the maven proxy ``key`` (default: the first one configured), for a ``<mirror>``."""
+        return self.url(self._maven_key(key))
+
+    def maven_settings(
+        self, key: str | None = None, local_repo: str | Path | None = None, *, extra_keys: Iterable[str] = ()
+    ) -> Path:
+        """Write a settings.xml whose mirror (``mirrorOf *``) is the maven proxy ``key``; use ``mvn -s PATH``.
+
+        ``local_repo`` sets ``<localRepository>``; each of ``extra_keys`` (other maven
+        proxies, e.g. one for SNAPSHOTs) becomes a repository of its own, with id = key.
+        The file lives in a temp dir removed when the proxy stops.
+        """
+        mirror = self.maven_mirror_url(key)
+        extra = {k: self.maven_mirror_url(k) for k in extra_keys}
+        directory = Path(tempfile.mkdtemp(prefix="pytest-upstream-maven-"))
+        self._temp_dirs.append(directory)
+        path = directory / "settings.xml"
+        local = Path(local_repo).expanduser().absolute() if local_repo is not None else None
+        path.write_text(settings_xml(mirror, local, extra), encoding="utf-8")
+        return path
+
+    def _maven_key(self, key: str | None) -> str:
+        proxies = self.server.engine.settings.proxies
+        if key is None:
+            key = next((p.key for p in proxies if p.format == "maven"), None)
+            if key is None:
+                raise KeyError(f"no maven upstream proxy is configured (keys: {', '.join(self.keys)})")
+        proxy = self.server.engine.settings.proxy(key)
+        if proxy is not None and proxy.format != "maven":
+            raise ValueError(f"upstream proxy {key!r} has format {proxy.format!r}, not 'maven'")
+        return key
+
+    # -- Docker / OCI (docs/docker.md) ---------------------------------------
+    def image(self, key: str, ref: str) -> str:
+        """``127.0.0.1:PORT/<key>/<ref>`` for a docker proxy, e.g. ``image("hub", "alpine:3")``."""
+        self._docker_proxy(key)
+        return f"{self.base_url.split('://', 1)[1]}/{key}/{ref}"
+
+    def registries_conf(self, key: str) -> Path:
+        """Write a containers registries.conf whose mirror for the upstream of ``key`` is this proxy.
+
+        For podman/skopeo/buildah: ``CONTAINERS_REGISTRIES_CONF=PATH``.  Lives in a
+        temp dir removed when the proxy stops.
+        """
+        proxy = self._docker_proxy(key)
+        directory = Path(tempfile.mkdtemp(prefix="pytest-upstream-containers-"))
+        self._temp_dirs.append(directory)
+        path = directory / "registries.conf"
+        path.write_text(registries_conf_text(proxy, self.base_url.split("://", 1)[1]), encoding="utf-8")
+        return path
+
+    def _docker_proxy(self, key: str) -> ProxyDefinition:
+        proxy = self.server.engine.settings.proxy(key)
+        if proxy is None:
+            raise KeyError(f"no upstream proxy with key {key!r} (configured: {', '.join(self.keys)})")
+        if proxy.format != "docker":
+            raise ValueError(f"upstream proxy {key!r} has format {proxy.format!r}, not 'docker'")
+        return proxy
 
     # -- what it served ----------------------------------------------------
     def begin_test(self, nodeid: str) -> None:

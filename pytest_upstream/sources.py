@@ -28,3 +28,7 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
 }
 
 SOURCES = (*BUILTIN_SOURCES, "custom")
+
+# The domain that container tools (podman, skopeo, containerd) use in image names
+# for a built-in registry, when it differs from the host of its URL.
+IMAGE_DOMAINS = {"dockerhub": "docker.io"}

@@ -1,0 +1,399 @@
+"""The pull side of the OCI distribution API (registry API v2), for Docker Hub and any OCI registry.
+
+Proxy layout under ``/v2/<key>/`` (the engine routes ``/v2/<key>/<rest>`` here
+with ``request.path = <rest>``); ``<name>`` is the repository name as the
+client spells it, mapped to ``library/<name>`` for official Docker Hub images:
+
+* ``<name>/manifests/<tag>``: metadata (refetched after the proxy's TTL),
+  cached once per *negotiated media type*: the variant is the client's
+  ``Accept`` header, merged over repeated lines and normalised (media types
+  lower-cased, parameters kept, duplicates dropped, sorted).  The variant is
+  chosen before the upstream answers, so it cannot be the returned
+  ``Content-Type``; two clients that accept the same set of types share an
+  entry, and a client that accepts only single-platform manifests never gets
+  a cached index (registries answer differently per Accept: distribution
+  converts a manifest list to schema 1 or 404s an OCI index without it).
+  The bytes are passed through unchanged, with ``Content-Type`` and
+  ``Docker-Content-Digest`` replayed; a body whose digest does not match the
+  upstream's ``Docker-Content-Digest`` is refused and nothing is stored.
+* ``<name>/manifests/<digest>`` and ``<name>/blobs/<digest>``: immutable
+  artifacts, verified against the digest in the URL (``sha256`` or
+  ``sha512``).  Manifests by digest are asked for with every manifest type in
+  ``Accept`` so the registry returns the stored bytes, whatever the client sent.
+* ``<name>/tags/list``: metadata (``n`` and ``last`` are passed on).
+
+Everything else is refused with the registry's JSON errors; pushes get
+``405 UNSUPPORTED``.  Upstream auth: ``bearer`` sends a static token; ``basic``
+sends the credentials directly (htpasswd registries) and to the token realm;
+any mode follows a ``WWW-Authenticate: Bearer`` challenge by fetching a token
+from the realm, cached per (proxy, repository scope) until it expires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from ..auth import AuthSpec
+from ..config import ProxyDefinition
+from ..http import ProxyRequest, Reply
+from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import httpx
+
+    from ..upstream import UpstreamClient
+
+log = logging.getLogger("pytest_upstream.docker")
+
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MANIFEST_TYPES = (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    DOCKER_SCHEMA1_SIGNED,
+    DOCKER_SCHEMA1,
+)
+# Asked for when the bytes are pinned by a digest: the registry must not convert.
+ALL_MANIFESTS_ACCEPT = ", ".join(MANIFEST_TYPES)
+DIGEST_HEADER = "Docker-Content-Digest"
+
+MAX_NAME = 255  # <key>/<name>, as the client sees the repository
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST_ANY = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+DIGEST_HEX = {"sha256": 64, "sha512": 128}
+_TOKEN_MARGIN = 10.0  # seconds before a token's expiry at which it is no longer sent
+_DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
+
+
+# -- validation --------------------------------------------------------------------------
+def name_problem(key: str, name: str) -> str | None:
+    """Why ``name`` is not a valid repository name behind proxy ``key``, or None."""
+    if not name:
+        return "the repository name is empty"
+    if len(key) + 1 + len(name) > MAX_NAME:
+        return (
+            f"the repository name {key}/{name[:40]}... is {len(key) + 1 + len(name)} characters long "
+            f"(at most {MAX_NAME}, counting the proxy key)"
+        )
+    if NAME_RE.fullmatch(name) is None:
+        return (
+            f"invalid repository name {name!r}: path components are lower-case letters and digits, "
+            "separated by '.', '_', '__' or dashes"
+        )
+    return None
+
+
+def parse_digest(value: str) -> tuple[str, str]:
+    """(algorithm, hex) of a supported digest; FormatError (400) otherwise."""
+    algo, sep, encoded = value.partition(":")
+    if sep and algo in DIGEST_HEX:
+        if len(encoded) == DIGEST_HEX[algo] and re.fullmatch(r"[0-9a-f]+", encoded):
+            return algo, encoded
+        raise FormatError(
+            400,
+            f"invalid digest {value!r}: {algo} digests are {DIGEST_HEX[algo]} lower-case hex digits",
+            code="DIGEST_INVALID",
+        )
+    if _DIGEST_ANY.fullmatch(value):
+        raise FormatError(
+            400, f"unsupported digest algorithm {algo!r} in {value!r} (sha256 or sha512)", code="UNSUPPORTED"
+        )
+    raise FormatError(400, f"invalid digest {value!r}: expected sha256:<64 hex>", code="DIGEST_INVALID")
+
+
+def normalize_accept(value: str | None) -> str:
+    """The client's Accept (repeated lines already joined by ', ') as one canonical line."""
+    if not value:
+        return ""
+    seen: set[str] = set()
+    for part in value.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if not media:
+            continue
+        item = ";".join([media.lower(), *(p.replace(" ", "") for p in params if p)])
+        seen.add(item)
+    return ", ".join(sorted(seen))
+
+
+def _base_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+# -- bearer tokens -----------------------------------------------------------------------
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="…",service="…"`` -> ("bearer", {"realm": …, "service": …})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    for match in re.finditer(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))', rest):
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+    return scheme.lower(), params
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the request being resolved on this thread is about (for error messages)."""
+
+    what: str  # "manifest" | "blob" | "tags"
+    image: str  # <key>/<name> as the client spells it
+    reference: str
+
+
+class DockerFormat(Format):
+    name = "docker"
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, str, AuthSpec, str], _Token] = {}
+        self._tokens_lock = threading.Lock()
+        self._current = threading.local()
+
+    # -- resolve ---------------------------------------------------------------------
+    def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
+        self._current.target = None
+        key, path = request.key, request.path
+        if path in ("", "/"):  # /v2/<key>/: the API version check, scoped to one proxy
+            return Reply(200, {"Content-Type": "application/json", **API_HEADERS}, body=b"{}")
+        parts = path.rstrip("/").split("/")
+        if ["blobs", "uploads"] in (parts[-2:], parts[-3:-1]):
+            raise FormatError(405, f"{key!r} is a read-only upstream proxy: blob uploads are not accepted")
+        if len(parts) >= 3 and parts[-2] == "manifests":
+            return self._manifest(request, ctx, "/".join(parts[:-2]), parts[-1])
+        if len(parts) >= 3 and parts[-2] == "blobs":
+            return self._blob(ctx, "/".join(parts[:-2]), parts[-1])
+        if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+            return self._tags(request, ctx, "/".join(parts[:-2]))
+        if parts[0] == "_catalog":
+            raise FormatError(404, "the proxy does not list repositories (_catalog)", code="UNSUPPORTED")
+        raise FormatError(
+            404,
+            f"/v2/{key}/{path}: a docker proxy serves /v2/{key}/<name>/manifests/<reference>, "
+            f"/v2/{key}/<name>/blobs/<digest> and /v2/{key}/<name>/tags/list",
+            code="UNSUPPORTED",
+        )
+
+    def _upstream_name(self, proxy: ProxyDefinition, name: str) -> str:
+        if problem := name_problem(proxy.key, name):
+            raise FormatError(400, problem, code="NAME_INVALID")
+        if proxy.source == "dockerhub" and "/" not in name:
+            return f"library/{name}"  # official images live in the library namespace
+        return name
+
+    @staticmethod
+    def _url(proxy: ProxyDefinition, name: str, rest: str) -> str:
+        base = proxy.url.rstrip("/")
+        if base.endswith("/v2"):
+            base = base[: -len("/v2")]
+        return f"{base}/v2/{name}/{rest}"
+
+    def _manifest(self, request: ProxyRequest, ctx: FormatContext, name: str, reference: str) -> Resource:
+        proxy = ctx.proxy
+        self._current.target = _Target("manifest", f"{proxy.key}/{name}", reference)
+        upstream = self._upstream_name(proxy, name)
+        if ":" in reference:
+            algo, hexdigest = parse_digest(reference)
+            client_accept = normalize_accept(request.headers.get("accept"))
+            accept = normalize_accept(f"{client_accept}, {ALL_MANIFESTS_ACCEPT}")
+            return Resource(
+                f"{upstream}/manifests/{reference}",
+                self._url(proxy, upstream, f"manifests/{reference}"),
+                Kind.ARTIFACT,
+                request_headers={"Accept": accept},
+                expected={algo: hexdigest},
+                content_type=OCI_MANIFEST,
+                keep_headers=(DIGEST_HEADER,),
+            )
+        if TAG_RE.fullmatch(reference) is None:
+            raise FormatError(
+                400,
+                f"invalid tag {reference!r}: tags are up to 128 letters, digits, '_', '.' and '-'",
+                code="NAME_INVALID",
+            )
+        accept = normalize_accept(request.headers.get("accept"))
+        return Resource(
+            f"{upstream}/manifests/{reference}",
+            self._url(proxy, upstream, f"manifests/{quote(reference)}"),
+            Kind.METADATA,
+            variant=accept,
+            request_headers={"Accept": accept} if accept else {},
+            keep_headers=(DIGEST_HEADER,),
+        )
+
+    def _blob(self, ctx: FormatContext, name: str, digest: str) -> Resource:
+        proxy = ctx.proxy
+        self._current.target = _Target("blob", f"{proxy.key}/{name}", digest)
+        upstream = self._upstream_name(proxy, name)
+        algo, hexdigest = parse_digest(digest)
+        return Resource(
+            f"{upstream}/blobs/{digest}",
+            self._url(proxy, upstream, f"blobs/{digest}"),
+            Kind.ARTIFACT,
+            expected={algo: hexdigest},
+            keep_headers=(DIGEST_HEADER,),
+        )
+
+    def _tags(self, request: ProxyRequest, ctx: FormatContext, name: str) -> Resource:
+        proxy = ctx.proxy
+        self._current.target = _Target("tags", f"{proxy.key}/{name}", "tags/list")
+        upstream = self._upstream_name(proxy, name)
+        params = [(k, v) for k, v in parse_qsl(request.query) if k in ("n", "last")]
+        query = f"?{urlencode(params)}" if params else ""
+        return Resource(
+            f"{upstream}/tags/list{query}",
+            self._url(proxy, upstream, f"tags/list{query}"),
+            Kind.METADATA,
+            content_type="application/json",
+        )
+
+    # -- verification -----------------------------------------------------------------
+    def check(self, resource: Resource, body: bytes) -> None:
+        """Manifests by tag and tag lists must be JSON objects (an HTML login page is not)."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise MalformedUpstream(f"{resource.upstream_url} did not answer a JSON object")
+
+    def published_digests(self, resource: Resource, headers: Mapping[str, str]) -> dict[str, str]:
+        """A manifest fetched by tag must match the upstream's Docker-Content-Digest."""
+        if "/manifests/" not in resource.path or resource.kind is not Kind.METADATA:
+            return {}
+        value = headers.get(DIGEST_HEADER)
+        if not value:
+            return {}
+        # A signed schema 1 manifest's digest covers the payload without its signatures.
+        if _base_type(headers.get("content-type")) == DOCKER_SCHEMA1_SIGNED:
+            return {}
+        try:
+            algo, hexdigest = parse_digest(value.strip())
+        except FormatError:
+            log.warning("ignoring unusable %s %r from %s", DIGEST_HEADER, value, resource.upstream_url)
+            return {}
+        return {algo: hexdigest}
+
+    # -- errors -----------------------------------------------------------------------
+    def error(self, status: int, message: str, code: str = "") -> Reply:
+        target: _Target | None = getattr(self._current, "target", None) if status != 405 else None
+        if target is not None:
+            shown = target.image
+            if target.what != "tags":  # image:tag or image@digest
+                shown += ("@" if ":" in target.reference else ":") + target.reference
+            message = f"{target.what} {shown}: {message}"
+        code = code or _default_code(status, target)
+        body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+        return Reply(status, {"Content-Type": "application/json; charset=utf-8", **API_HEADERS}, body=body)
+
+    # -- upstream auth ------------------------------------------------------------------
+    def upstream_headers(self, proxy: ProxyDefinition, resource: Resource) -> dict[str, str]:
+        if proxy.auth.mode != "bearer":
+            token = self._cached_token(_token_key(proxy, resource))
+            if token is not None:
+                return {"Authorization": f"Bearer {token}"}
+        return proxy.auth.headers()
+
+    def _cached_token(self, key: tuple[str, str, AuthSpec, str]) -> str | None:
+        with self._tokens_lock:
+            token = self._tokens.get(key)
+            if token is None:
+                return None
+            if token.expires <= time.monotonic():
+                del self._tokens[key]
+                return None
+            return token.value
+
+    def reauthenticate(
+        self, proxy: ProxyDefinition, resource: Resource, challenge: httpx.Response, client: UpstreamClient
+    ) -> dict[str, str] | None:
+        scheme, params = parse_challenge(challenge.headers.get("www-authenticate", ""))
+        if scheme != "bearer" or proxy.auth.mode == "bearer":
+            return None  # Basic was already sent (or a static token was): retrying cannot help
+        realm = params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise FormatError(
+                502, f"upstream {resource.upstream_url} sent a Bearer challenge without a usable realm"
+            )
+        query = [(k, params[k]) for k in ("service", "scope") if params.get(k)]
+        if "scope" not in params:
+            query.append(("scope", _scope(resource)))
+        url = realm + ("&" if parts.query else "?") + urlencode(query)
+        headers = {"Accept": "application/json"}
+        if proxy.auth.mode == "basic":
+            headers.update(proxy.auth.headers())
+        try:
+            with client.stream(url, headers=headers, timeout=proxy.timeout) as resp:
+                body = resp.read()
+                status = resp.status_code
+        except Exception as exc:  # UpstreamError and friends: say which step failed
+            raise FormatError(502, f"token server {realm} for {proxy.key!r}: {exc}") from exc
+        if status != 200:
+            raise FormatError(
+                502,
+                f"token server {realm} refused a token for {params.get('scope') or _scope(resource)} "
+                f"({status}); check the auth settings of proxy {proxy.key!r}",
+            )
+        try:
+            data = json.loads(body)
+            value = data.get("token") or data.get("access_token")
+            life = float(data.get("expires_in") or _DEFAULT_TOKEN_LIFE)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+            life = 0.0
+        if not isinstance(value, str) or not value:
+            raise FormatError(502, f"token server {realm} answered without a token")
+        expires = time.monotonic() + max(life - min(_TOKEN_MARGIN, life / 10), 0.0)
+        with self._tokens_lock:
+            self._tokens[_token_key(proxy, resource)] = _Token(value, expires)
+        return {"Authorization": f"Bearer {value}"}
+
+
+def _token_key(proxy: ProxyDefinition, resource: Resource) -> tuple[str, str, AuthSpec, str]:
+    """Tokens are cached per proxy (its key, upstream and credentials) and pull scope."""
+    return (proxy.key, proxy.url, proxy.auth, _scope(resource))
+
+
+def _scope(resource: Resource) -> str:
+    """The pull scope of a resource: ``repository:<upstream name>:pull``."""
+    path = resource.path.split("?", 1)[0]
+    for marker in ("/manifests/", "/blobs/", "/tags/list"):
+        if marker in path:
+            return f"repository:{path.rsplit(marker, 1)[0]}:pull"
+    return "registry:catalog:*"
+
+
+_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 405: "UNSUPPORTED", 429: "TOOMANYREQUESTS", 501: "UNSUPPORTED"}
+_UNKNOWN = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "tags": "NAME_UNKNOWN"}
+
+
+def _default_code(status: int, target: _Target | None) -> str:
+    if status == 404:
+        return _UNKNOWN[target.what] if target is not None else "NAME_UNKNOWN"
+    if status == 400:
+        return "NAME_INVALID"
+    if status in (503, 504):
+        return "UNAVAILABLE"
+    return _CODES.get(status, "UNKNOWN")

@@ -1,0 +1,115 @@
+"""The lock file: which bytes a build was served, so a replay serves exactly those.
+
+A record run writes one line per distinct request (proxy key, cache path and
+negotiated variant) with the sha256 and size of the stored bytes it was
+answered from.  The file is deterministic (sorted, no timestamps, one entry
+per line) so that it can be committed and diffed.  Replay with a lock
+serves each entry from the content-addressed store by that digest, whatever
+the shared cache's index says now; anything not in the lock is a miss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LOCK_VERSION = 1
+
+
+class LockError(ValueError):
+    """An unreadable or inconsistent lock file; the message names the file."""
+
+
+@dataclass(frozen=True, order=True)
+class LockEntry:
+    key: str
+    path: str
+    variant: str
+    sha256: str
+    size: int
+    kind: str  # "metadata" | "artifact" | "notfound"
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return (self.key, self.path, self.variant)
+
+
+class Lock:
+    """Entries by (key, path, variant); the last one recorded for an identity wins."""
+
+    def __init__(self, entries: Iterable[LockEntry] = ()) -> None:
+        self._entries: dict[tuple[str, str, str], LockEntry] = {}
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: LockEntry) -> None:
+        self._entries[entry.identity] = entry
+
+    def get(self, key: str, path: str, variant: str = "") -> LockEntry | None:
+        return self._entries.get((key, path, variant))
+
+    def merge(self, other: Lock) -> None:
+        for entry in other:
+            self.add(entry)
+
+    def __iter__(self) -> Iterator[LockEntry]:
+        return iter(sorted(self._entries.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lock) and list(self) == list(other)
+
+    def dumps(self) -> str:
+        lines = [json.dumps(asdict(e), sort_keys=True, separators=(",", ":")) for e in self]
+        body = ",\n".join(f"  {line}" for line in lines)
+        return (
+            f'{{"version": {LOCK_VERSION}, "entries": [\n{body}\n]}}\n'
+            if lines
+            else (f'{{"version": {LOCK_VERSION}, "entries": []}}\n')
+        )
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a reader never sees half a lock."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.dumps())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> Lock:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LockError(f"{path}: lock file not found") from None
+        except ValueError as exc:
+            raise LockError(f"{path}: not a valid lock file: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
+            raise LockError(
+                f"{path}: unsupported lock version {data.get('version')!r}"
+                if isinstance(data, dict)
+                else f"{path}: not a lock file"
+            )
+        entries = []
+        for i, raw in enumerate(data.get("entries", [])):
+            try:
+                entry = LockEntry(**raw)
+            except TypeError as exc:
+                raise LockError(f"{path}: entry {i + 1}: {exc}") from None
+            if len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+                raise LockError(f"{path}: entry {i + 1}: sha256 must be 64 lowercase hex digits")
+            entries.append(entry)
+        return cls(entries)

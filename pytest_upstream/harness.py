@@ -255,7 +255,7 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
         f"upstream proxy ({first['mode']}, cache {first['cache_dir']}){workers}: "
         f"{total.requests} requests, {total.hits} hits, {total.misses} misses, {total.stale} stale, "
         f"{_size(total.bytes_upstream)} from upstream, {_size(total.bytes_cache)} from cache, "
-        f"{total.errors} errors"
+        f"{total.errors} errors, {total.not_found} not found"
     ]
     misses = [m for r in reports for m in r["replay_misses"]]
     if misses:

@@ -37,6 +37,7 @@ class Stats:
     misses: int = 0
     stale: int = 0
     errors: int = 0
+    not_found: int = 0
     bytes_upstream: int = 0
     bytes_cache: int = 0
     upstream_fetches: int = 0
@@ -103,6 +104,8 @@ class ServedLog:
                 elif r.cache == "miss":
                     s.misses += 1
                     s.bytes_upstream += r.size
-                if r.status >= 400:
+                if r.status == 404:
+                    s.not_found += 1  # routine for Maven and npm probing, not an error
+                elif r.status >= 400:
                     s.errors += 1
         return s

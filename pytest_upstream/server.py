@@ -335,13 +335,17 @@ class ProxyServer:
 
     def start(self) -> ProxyServer:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="pytest-upstream", daemon=True
+            # A short poll keeps stop() (and so every test teardown) quick.
+            target=self._server.serve_forever,
+            args=(0.05,),
+            name="pytest-upstream",
+            daemon=True,
         )
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        self._server.serve_forever()
+        self._server.serve_forever(0.05)
 
     def stop(self) -> None:
         if self._thread is not None:

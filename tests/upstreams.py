@@ -107,7 +107,7 @@ class Upstream:
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.upstream = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 

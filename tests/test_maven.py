@@ -293,11 +293,11 @@ def test_negative_cache_then_replay_answers_the_404(
 
 def test_negative_cache_expires(make_proxy: MakeProxy, upstream: Upstream) -> None:
     missing = "org/example/demo/9.9/demo-9.9.pom"
-    proxy = make_proxy(maven_def(upstream, negative_ttl=0.2))
+    proxy = make_proxy(maven_def(upstream, negative_ttl=1.5))  # generous: CI machines are busy
     assert get(proxy, missing).status_code == 404
     assert get(proxy, missing).status_code == 404
     assert upstream.hits[f"/repo/{missing}"] == 1
-    time.sleep(0.3)
+    time.sleep(1.7)
     upstream.files[f"/repo/{missing}"] = b"<project/>"  # published meanwhile
     r = get(proxy, missing)
     assert (r.status_code, r.content) == (200, b"<project/>")
@@ -308,11 +308,11 @@ def test_metadata_404_is_not_remembered_longer_than_the_metadata_ttl(
     make_proxy: MakeProxy, upstream: Upstream
 ) -> None:
     path = "org/example/demo/maven-metadata.xml"
-    proxy = make_proxy(maven_def(upstream, metadata_ttl=0.2, negative_ttl=300))
+    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5, negative_ttl=300))
     assert get(proxy, path).status_code == 404
     assert get(proxy, path).status_code == 404
     assert upstream.hits[f"/repo/{path}"] == 1
-    time.sleep(0.3)
+    time.sleep(1.7)
     upstream.files[f"/repo/{path}"] = METADATA
     assert get(proxy, path).content == METADATA
 
@@ -320,12 +320,12 @@ def test_metadata_404_is_not_remembered_longer_than_the_metadata_ttl(
 def test_metadata_is_refreshed_after_its_ttl(make_proxy: MakeProxy, upstream: Upstream) -> None:
     path = "org/example/demo/maven-metadata.xml"
     upstream.files[f"/repo/{path}"] = METADATA
-    proxy = make_proxy(maven_def(upstream, metadata_ttl=0.3))
+    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5))
     assert get(proxy, path).content == METADATA
     newer = METADATA.replace(b"1.0</version>", b"1.0</version><version>1.1</version>")
     upstream.files[f"/repo/{path}"] = newer
     assert get(proxy, path).content == METADATA  # still fresh
-    time.sleep(0.4)
+    time.sleep(1.7)
     r = get(proxy, path)
     assert (r.content, r.headers["x-upstream-cache"]) == (newer, "miss")
     assert r.headers["content-type"] == "application/octet-stream"  # as the upstream sent it

@@ -8,6 +8,8 @@ are used in the end-to-end tests; this one exists to inject faults.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections import Counter
@@ -35,8 +37,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stalls
+
     def do_GET(self) -> None:
         up = self.server.upstream
+        if up.stopped:  # a kept-alive connection outlived stop(): answer nothing, like a dead host
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         path = self.path
         with up.lock:
             up.hits[path] += 1
@@ -98,12 +109,14 @@ class Upstream:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        self.stopped = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Upstream:
+        self.stopped = False
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.upstream = self
         self.port = self._server.server_address[1]
@@ -113,6 +126,7 @@ class Upstream:
 
     def stop(self) -> None:
         """Stop answering (connections are refused); ``start()`` again reuses the port."""
+        self.stopped = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -1003,6 +1003,19 @@ def render_report(
     return "\n".join(out)
 
 
+OTHER_SECTIONS = "<!-- sections below are written by other benchmark scripts; run.py keeps them -->"
+
+
+def _kept_sections(output: Path) -> str:
+    """The part of an existing report that other scripts own (docker, build tools)."""
+    try:
+        text = output.read_text()
+    except FileNotFoundError:
+        text = ""
+    _, marker, tail = text.partition(OTHER_SECTIONS)
+    return "\n" + OTHER_SECTIONS + tail if marker else "\n" + OTHER_SECTIONS + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1059,7 +1072,7 @@ def main() -> int:
         print(report)
     else:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report)
+        output.write_text(report + _kept_sections(output))
         log(f"wrote {output}")
     missed = [row.label for row in results.rows if row.ok is False]
     log(f"done in {took:.0f} s; {len(missed)} target(s) missed")

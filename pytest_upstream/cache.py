@@ -36,6 +36,9 @@ LAYOUT_VERSION = "1"
 _CHUNK = 1024 * 1024
 _STALE_TMP_SECONDS = 24 * 3600
 _ENTRY_MEMO_SIZE = 10_000
+# A hit sets its entry file's mtime to now (the clock of ``cache prune``'s LRU order) when the
+# mtime is older than this, so a warm entry costs one utime a minute, not one per hit.
+USE_STAMP_INTERVAL = 60.0
 
 
 class CacheError(RuntimeError):
@@ -98,11 +101,13 @@ class BlobWriter:
         self.size += len(chunk)
 
     def finish(self) -> dict[str, str]:
-        """Flush to disk and return the digests (hex) of what was written."""
+        """Flush and return the digests (hex) of what was written; ``sync`` makes it durable."""
         self._file.flush()
+        return {algo: h.hexdigest() for algo, h in self._hashes.items()}
+
+    def sync(self) -> None:
         os.fsync(self._file.fileno())
         self._file.close()
-        return {algo: h.hexdigest() for algo, h in self._hashes.items()}
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -157,10 +162,13 @@ class Cache:
 
     # -- index -------------------------------------------------------------
     def lookup(self, key: str, path: str, variant: str = "") -> Entry | None:
-        """The entry for a request, or None; unreadable entries count as absent."""
-        return self._read_entry(self._entry_str(key, entry_id(key, path, variant)))
+        """The entry for a request, or None; unreadable entries count as absent.
 
-    def _read_entry(self, file: str | Path) -> Entry | None:
+        Also records the use for ``cache prune`` (see ``USE_STAMP_INTERVAL``).
+        """
+        return self._read_entry(self._entry_str(key, entry_id(key, path, variant)), mark_used=True)
+
+    def _read_entry(self, file: str | Path, mark_used: bool = False) -> Entry | None:
         """Parse an entry file, memoised by its (inode, size, mtime): entries are
         replaced by rename, so any change shows up as a new signature."""
         name = str(file)
@@ -171,16 +179,35 @@ class Cache:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         memo = self._entry_memo.get(name)
         if memo is not None and memo[0] == signature:
-            return memo[1]
-        try:
-            with open(name, "rb") as f:
-                entry = Entry(**json.loads(f.read()))
-        except (ValueError, TypeError, OSError):
-            return None
-        if len(self._entry_memo) >= _ENTRY_MEMO_SIZE:
-            self._entry_memo.clear()
-        self._entry_memo[name] = (signature, entry)
+            entry = memo[1]
+        else:
+            try:
+                with open(name, "rb") as f:
+                    entry = Entry(**json.loads(f.read()))
+            except (ValueError, TypeError, OSError):
+                return None
+            if len(self._entry_memo) >= _ENTRY_MEMO_SIZE:
+                self._entry_memo.clear()
+            self._entry_memo[name] = (signature, entry)
+        if mark_used and st.st_mtime < time.time() - USE_STAMP_INTERVAL:
+            self._mark_used(name, signature, entry)
         return entry
+
+    def _mark_used(self, name: str, signature: tuple[int, int, int], entry: Entry) -> None:
+        """Set an entry file's mtime to now; the memo follows, so the next hit does not re-parse.
+
+        Best effort: an entry removed meanwhile or a read-only cache just keeps its old time.
+        If the file was replaced since ``signature`` was taken, it has another inode, so the
+        moved memo signature can never match it.
+        """
+        now = time.time_ns()
+        try:
+            os.utime(name, ns=(now, now))
+        except OSError:
+            return
+        memo = self._entry_memo.get(name)
+        if memo is not None and memo[0] == signature:
+            self._entry_memo[name] = ((signature[0], signature[1], now), entry)
 
     def iter_entries(self, key: str | None = None) -> Iterator[Entry]:
         base = self.entries / key if key else self.entries
@@ -188,12 +215,17 @@ class Cache:
             if (entry := self._read_entry(file)) is not None:
                 yield entry
 
-    def store_entry(self, entry: Entry) -> Entry:
-        """Write an entry atomically; its blob must already be in place."""
+    def store_entry(self, entry: Entry, *, durable: bool = True) -> Entry:
+        """Write an entry atomically; its blob must already be in place.
+
+        ``durable=False`` skips the fsyncs, for entries whose loss in a crash
+        costs only a repeated upstream request (remembered 404s): they were
+        two thirds of a cold Maven build's fsyncs.
+        """
         if not self.blob_path(entry.sha256).is_file():
             raise CacheError(f"refusing to index {entry.path}: blob {entry.sha256} is missing")
         target = self._entry_path(entry.key, entry_id(entry.key, entry.path, entry.variant))
-        self._write_atomic(target, json.dumps(asdict(entry), sort_keys=True).encode())
+        self._write_atomic(target, json.dumps(asdict(entry), sort_keys=True).encode(), durable=durable)
         return entry
 
     def touch(self, entry: Entry, **changes: Any) -> Entry:
@@ -218,6 +250,14 @@ class Cache:
             verify_digests(digests, expected, what)
             sha = digests["sha256"]
             target = self.blob_path(sha)
+            try:
+                if target.stat().st_size == writer.size:
+                    # Already stored (content addressing): no second write or fsync. A
+                    # damaged copy is caught by verified_blob on its first use.
+                    return sha, writer.size
+            except FileNotFoundError:
+                pass
+            writer.sync()
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(writer.path, target)  # same content, same name: replacing is harmless
             _fsync_dir(target.parent)
@@ -238,21 +278,29 @@ class Cache:
         A corrupt blob is deleted (with its entry) so it is never served.
         The hash is recomputed once per process per (inode, size, mtime).
         """
-        try:
-            st = os.stat(f"{self._blobs_str}/{entry.sha256[:2]}/{entry.sha256}")
-        except FileNotFoundError:
+        path = self.verified_digest(entry.sha256, entry.size)
+        if path is None:
             self.remove_entry(entry)
+        return path
+
+    def verified_digest(self, sha256: str, size: int) -> Path | None:
+        """The blob named ``sha256`` if it is whole and intact, else None (a corrupt one is deleted).
+
+        Touches no entry: a lock file names bytes, not the index's current answer.
+        """
+        try:
+            st = os.stat(f"{self._blobs_str}/{sha256[:2]}/{sha256}")
+        except FileNotFoundError:
             return None
-        stamp = (entry.sha256, st.st_ino, st.st_size, st.st_mtime_ns)
+        stamp = (sha256, st.st_ino, st.st_size, st.st_mtime_ns)
         with self._verified_lock:
             known = self._verified.get(stamp)
-        if known is not None and st.st_size == entry.size:
+        if known is not None and st.st_size == size:
             return known
-        path = self.blob_path(entry.sha256)
-        if st.st_size != entry.size or _sha256_file(path) != entry.sha256:
+        path = self.blob_path(sha256)
+        if st.st_size != size or _sha256_file(path) != sha256:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            self.remove_entry(entry)
             return None
         with self._verified_lock:
             self._verified[stamp] = path
@@ -283,15 +331,17 @@ class Cache:
             lock.release()
 
     # -- helpers -----------------------------------------------------------
-    def _write_atomic(self, target: Path, data: bytes) -> None:
+    def _write_atomic(self, target: Path, data: bytes, *, durable: bool = True) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - _STALE_TMP_SECONDS

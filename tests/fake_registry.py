@@ -1,8 +1,10 @@
 """A small, controllable OCI registry (pull side) for fast tests, on loopback.
 
 Serves manifests (optionally one body per accepted media type, like a real
-registry negotiating), blobs (optionally by a 307 to another host), tags and
-a token endpoint; records every request's headers.  ``auth`` is ``""``,
+registry negotiating), blobs (optionally by a 307 to another host), tags
+(paginated like distribution: ``n``, ``last`` and a ``Link`` to the next
+page) and a token endpoint; answers chosen paths with a forced error
+(``fail``); records every request's headers.  ``auth`` is ``""``,
 ``"basic"`` (one user) or ``"token"`` (Bearer challenge, tokens from
 ``/token``, Basic accepted at the token endpoint).
 """
@@ -39,6 +41,9 @@ class FakeRegistry:
     blobs: dict[str, bytes] = field(default_factory=dict)
     tags: dict[str, list[str]] = field(default_factory=dict)
     redirect_blobs_to: str | None = None  # base URL: blobs answer 307 to <base>/<digest>
+    tags_page: int | None = None  # page size when the client sends no n (None: all tags)
+    link_extra: str = ""  # appended to the next-page Link's query (e.g. "&cursor=x")
+    fail: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # URL path -> (status, body)
     hits: Counter[str] = field(default_factory=Counter)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     token_requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -142,6 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self._error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
             return
+        if url.path in reg.fail:
+            status, body = reg.fail[url.path]
+            self._send(status, body, {"Content-Type": "application/json"})
+            return
         parts = url.path.split("/")
         if parts[:2] != ["", "v2"] or len(parts) < 5:
             self._error(404, "NAME_UNKNOWN")
@@ -151,11 +160,18 @@ class _Handler(BaseHTTPRequestHandler):
             if name not in reg.tags:
                 self._error(404, "NAME_UNKNOWN")
                 return
-            self._send(
-                200,
-                json.dumps({"name": name, "tags": reg.tags[name]}).encode(),
-                {"Content-Type": "application/json"},
-            )
+            query = dict(urllib.parse.parse_qsl(url.query))
+            tags = sorted(reg.tags[name])
+            if "last" in query:
+                tags = [t for t in tags if t > query["last"]]
+            n = int(query["n"]) if "n" in query else reg.tags_page
+            out = {"Content-Type": "application/json"}
+            if n is not None and len(tags) > n:
+                tags = tags[:n]
+                # as distribution writes it: url.Values.Encode() sorts the keys
+                next_query = urllib.parse.urlencode({"last": tags[-1], "n": n}) + reg.link_extra
+                out["Link"] = f'</v2/{name}/tags/list?{next_query}>; rel="next"'
+            self._send(200, json.dumps({"name": name, "tags": tags}).encode(), out)
             return
         name, what, ref = "/".join(parts[2:-2]), parts[-2], parts[-1]
         if what == "blobs":

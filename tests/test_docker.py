@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.config import ProxyDefinition, Settings
+from pytest_upstream.config import ConfigError, ProxyDefinition, Settings, parse_table
 from pytest_upstream.formats.base import FormatError
 from pytest_upstream.formats.docker import (
     ALL_MANIFESTS_ACCEPT,
@@ -34,6 +34,7 @@ from pytest_upstream.formats.docker import (
 )
 from pytest_upstream.harness import UpstreamProxy
 from pytest_upstream.server import ProxyServer
+from pytest_upstream.sources import IMAGE_DOMAINS
 
 from .conftest import MakeProxy, proxy_def
 from .fake_registry import FakeRegistry, digest_of
@@ -554,6 +555,165 @@ def test_blob_redirect_to_another_host_drops_authorization(
         assert all("authorization" not in {k.lower() for k in h} for _, h in cdn.request_headers)
 
 
+# -- keyless registry mirror, upstream 4xx, tag list pages ---------------------------------------------
+def registry_error(code: str, message: str) -> bytes:
+    return json.dumps({"errors": [{"code": code, "message": message, "detail": {}}]}).encode()
+
+
+def test_keyless_requests_go_to_the_single_dockerhub_proxy(fake: FakeRegistry, make_proxy: MakeProxy) -> None:
+    fake.add_manifest("library/alpine", "3", (OCI_MANIFEST, MANIFEST))
+    fake.blobs[LAYER_DIGEST] = LAYER
+    proxy = make_proxy(
+        proxy_def(key="hub", source="dockerhub", url=fake.url + "/"),
+        docker_proxy(fake.url),
+        proxy_def(key="py", format="pypi", url="http://127.0.0.1:9/simple/"),
+    )
+    # what a Docker daemon's registry-mirrors entry asks for (containerd adds ?ns=<domain>)
+    domain = IMAGE_DOMAINS["dockerhub"]
+    status, body, headers = http(v2(proxy, f"library/alpine/manifests/3?ns={domain}"))
+    assert (status, body, headers["X-Upstream-Cache"]) == (200, MANIFEST, "miss")
+    # the short name and the keyed spellings share that entry
+    for path in ("alpine/manifests/3", "hub/alpine/manifests/3", "hub/library/alpine/manifests/3"):
+        assert http(v2(proxy, path))[2]["X-Upstream-Cache"] == "hit", path
+    assert http(v2(proxy, f"library/alpine/blobs/{LAYER_DIGEST}"))[1] == LAYER
+    assert fake.hits["/v2/library/alpine/manifests/3"] == 1
+    assert {(r.key, r.path) for r in proxy.served.records} == {
+        ("hub", "library/alpine/manifests/3"),
+        ("hub", f"library/alpine/blobs/{LAYER_DIGEST}"),
+    }
+    # a first component that is a docker proxy's key keeps the keyed routing ...
+    assert http(v2(proxy, "oci/tools/manifests/1"))[0] == 404
+    assert fake.hits["/v2/tools/manifests/1"] == 1 and not fake.hits["/v2/oci/tools/manifests/1"]
+    # ... one that is another format's key does not: py/x is a repository of the mirror
+    http(v2(proxy, "py/x/manifests/1"))
+    assert fake.hits["/v2/py/x/manifests/1"] == 1
+    # errors name the image as the client spelled it; keyless names may use all 255 characters
+    status, body, _ = http(v2(proxy, "nope/manifests/1"))
+    code, message = errors(body)
+    assert (status, code) == (404, "MANIFEST_UNKNOWN") and message.startswith("manifest nope:1: ")
+    status, body, _ = http(v2(proxy, "a" * 254 + "/manifests/1"))
+    assert status == 404
+    status, body, _ = http(v2(proxy, "a" * 256 + "/manifests/1"))
+    assert (status, errors(body)[0]) == (400, "NAME_INVALID") and "at most 255)" in errors(body)[1]
+    status, body, _ = http(v2(proxy, "library/alpine/referrers/" + SHA))
+    assert status == 404 and "/v2/<name>/manifests/<reference>" in errors(body)[1]
+
+
+def test_the_mirror_flag_and_its_rules(fake: FakeRegistry, make_proxy: MakeProxy, tmp_path: Path) -> None:
+    def mirror_of(*entries: dict[str, object]) -> str | None:
+        found = parse_table({"proxy": list(entries)}, "pyproject.toml", tmp_path).registry_mirror()
+        return found.key if found else None
+
+    hub = {"key": "hub", "source": "dockerhub"}
+    corp = {"key": "corp", "format": "docker", "url": "http://127.0.0.1:9/"}
+    assert mirror_of(hub, corp) == "hub"  # the only dockerhub-source proxy
+    assert mirror_of(hub, {**corp, "mirror": True}) == "corp"  # a marked proxy wins
+    assert mirror_of({**hub, "mirror": False}, corp) is None  # opted out
+    assert mirror_of(hub, {**hub, "key": "hub2"}, corp) is None  # two dockerhub proxies: none
+    assert mirror_of(corp) is None
+    with pytest.raises(ConfigError, match="'hub', 'corp'; at most one docker proxy"):
+        mirror_of({**hub, "mirror": True}, {**corp, "mirror": True})
+    with pytest.raises(ConfigError, match="mirror applies to docker proxies only"):
+        mirror_of({"key": "py", "source": "pypi", "mirror": False})
+    with pytest.raises(ConfigError, match="mirror must be true or false"):
+        mirror_of({**corp, "mirror": "yes"})
+    assert proxy_def(**corp, mirror=True).as_table()["mirror"] is True
+    # no mirror: a keyless request is an unknown key, and the message says how to get one
+    plain = make_proxy(docker_proxy(fake.url))
+    status, body, _ = http(v2(plain, "demo/app/manifests/v1"))
+    code, message = errors(body)
+    assert (status, code) == (404, "NAME_UNKNOWN") and "mark a docker proxy with mirror = true" in message
+    assert not fake.requests
+    # a marked custom proxy serves keyless names as they are (no library/ mapping)
+    fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
+    marked = make_proxy(docker_proxy(fake.url, mirror=True), cache=tmp_path / "c2")
+    assert http(v2(marked, "demo/app/manifests/v1"))[:2] == (200, MANIFEST)
+    assert http(v2(marked, "oci/demo/app/manifests/v1"))[2]["X-Upstream-Cache"] == "hit"
+
+
+def test_upstream_4xx_pass_the_registrys_error_on(fake: FakeRegistry, make_proxy: MakeProxy) -> None:
+    busy = registry_error("TOOMANYREQUESTS", "You have reached your pull rate limit.")
+    fake.fail["/v2/demo/app/manifests/bad"] = (400, registry_error("MANIFEST_INVALID", "manifest invalid"))
+    fake.fail["/v2/demo/app/manifests/busy"] = (429, busy)
+    fake.fail[f"/v2/demo/app/blobs/{SHA}"] = (429, busy)
+    fake.fail["/v2/demo/app/manifests/odd"] = (418, b"<html>teapot</html>")
+    fake.fail["/v2/demo/app/manifests/down"] = (503, registry_error("UNAVAILABLE", "maintenance"))
+    proxy = make_proxy(docker_proxy(fake.url, metadata_ttl=0))
+    for path, status, code, needle in [
+        ("manifests/bad", 400, "MANIFEST_INVALID", "answered 400 MANIFEST_INVALID: manifest invalid"),
+        ("manifests/busy", 429, "TOOMANYREQUESTS", "answered 429 TOOMANYREQUESTS: You have reached"),
+        (f"blobs/{SHA}", 429, "TOOMANYREQUESTS", "answered 429 TOOMANYREQUESTS: You have reached"),
+        ("manifests/odd", 418, "UNKNOWN", "manifests/odd answered 418"),
+        ("manifests/down", 502, "UNKNOWN", "answered 503"),  # 5xx: still a 502 of our own
+    ]:
+        got, body, _ = http(v2(proxy, f"oci/demo/app/{path}"))
+        assert (got, errors(body)[0]) == (status, code), path
+        assert needle in errors(body)[1], errors(body)
+    assert errors(http(v2(proxy, "oci/demo/app/manifests/busy"))[1])[1].startswith(
+        "manifest oci/demo/app:busy: "
+    )
+    assert not list(proxy.engine.cache.iter_entries("oci"))  # nothing of that was stored
+    assert [r.status for r in proxy.served.records][:5] == [400, 429, 429, 418, 502]
+    # rate limited with a cached copy: the stale tag is served, GET and HEAD
+    fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
+    url = v2(proxy, "oci/demo/app/manifests/v1")
+    assert http(url, headers={"Accept": OCI_MANIFEST})[2]["X-Upstream-Cache"] == "miss"
+    fake.fail["/v2/demo/app/manifests/v1"] = (429, busy)
+    for method in ("GET", "HEAD"):
+        status, body, headers = http(url, headers={"Accept": OCI_MANIFEST}, method=method)
+        assert (status, headers["X-Upstream-Cache"]) == (200, "stale")
+        assert body == (MANIFEST if method == "GET" else b"")
+        assert headers["Docker-Content-Digest"] == digest_of(MANIFEST)
+        assert "rate limited" in headers["X-Upstream-Error"]
+    assert fake.hits["/v2/demo/app/manifests/v1"] == 3
+
+
+def test_tag_list_pages_link_back_through_the_proxy(fake: FakeRegistry, make_proxy: MakeProxy) -> None:
+    fake.tags["demo/app"] = ["a", "b", "c", "d", "e"]
+    fake.tags["library/alpine"] = ["3.18", "3.19", "3.20"]
+    proxy = make_proxy(docker_proxy(fake.url), proxy_def(key="hub", source="dockerhub", url=fake.url))
+
+    def walk(path: str) -> tuple[list[str], list[str], list[str]]:
+        """Follow rel="next" as containers/image does: the link's path and query on the same host."""
+        tags, links, caches, url = [], [], [], v2(proxy, path)
+        while True:
+            status, body, headers = http(url)
+            assert status == 200, body
+            tags += json.loads(body)["tags"]
+            caches.append(headers["X-Upstream-Cache"])
+            if "Link" not in headers:
+                return tags, links, caches
+            links.append(headers["Link"])
+            url = proxy.base_url + headers["Link"].split(">", 1)[0].lstrip("<")
+
+    tags, links, caches = walk("oci/demo/app/tags/list?n=2")
+    assert tags == ["a", "b", "c", "d", "e"] and caches == ["miss"] * 3
+    assert links == [
+        '</v2/oci/demo/app/tags/list?n=2&last=b>; rel="next"',
+        '</v2/oci/demo/app/tags/list?n=2&last=d>; rel="next"',
+    ]
+    assert [p for p, _ in fake.requests] == [
+        "/v2/demo/app/tags/list?n=2",
+        "/v2/demo/app/tags/list?n=2&last=b",
+        "/v2/demo/app/tags/list?n=2&last=d",
+    ]
+    # every page is its own entry: again, all hits with the same links
+    assert walk("oci/demo/app/tags/list?n=2") == (tags, links, ["hit"] * 3)
+    assert http(v2(proxy, "oci/demo/app/tags/list?last=b&n=2"))[2]["X-Upstream-Cache"] == "hit"
+    assert len(fake.requests) == 3
+    # the link is spelled as the client asked: keyless, short name or keyed, one set of entries
+    assert walk("alpine/tags/list?n=2")[1] == ['</v2/alpine/tags/list?n=2&last=3.19>; rel="next"']
+    keyed = walk("hub/library/alpine/tags/list?n=2")
+    assert keyed[1:] == (['</v2/hub/library/alpine/tags/list?n=2&last=3.19>; rel="next"'], ["hit", "hit"])
+    # pages the registry cuts by itself (no n from the client)
+    fake.tags_page = 3
+    assert walk("oci/demo/app/tags/list")[1] == ['</v2/oci/demo/app/tags/list?n=3&last=c>; rel="next"']
+    # a next page the proxy could not ask for (another query parameter) is not offered
+    fake.link_extra = "&cursor=opaque"
+    status, body, headers = http(v2(proxy, "oci/demo/app/tags/list?n=4"))
+    assert (status, json.loads(body)["tags"]) == (200, ["a", "b", "c", "d"]) and "Link" not in headers
+
+
 # -- the harness -------------------------------------------------------------------------------------------
 def test_harness_image_and_registries_conf(fake: FakeRegistry, make_proxy: MakeProxy) -> None:
     import tomllib
@@ -756,8 +916,11 @@ def test_manifest_lists_negotiate_per_accept_like_distribution(
                 seen.add(proxied[2]["Content-Type"])
             elif direct[0] == 404:
                 assert (proxied[0], errors(proxied[1])[0]) == (404, "MANIFEST_UNKNOWN")
-            else:
-                assert direct[0] == 400 and proxied[0] == 502 and "answered 400" in errors(proxied[1])[1]
+            else:  # distribution's own error is passed on: 400 MANIFEST_INVALID, its message
+                code, message = errors(direct[1])
+                assert (direct[0], code) == (400, "MANIFEST_INVALID")
+                assert (proxied[0], errors(proxied[1])[0]) == (400, code)
+                assert f"answered 400 MANIFEST_INVALID: {message}" in errors(proxied[1])[1]
         assert seen == {DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX}
         # each negotiated type is its own entry: asking again with the list's Accept gives the list
         again = http(v2(server, "oci/demo/dlist/manifests/v1"), headers={"Accept": DOCKER_LIST})
@@ -837,3 +1000,77 @@ def test_token_auth_registry(
         r = pull(tmp_path, UpstreamProxy(authed).image("oci", "demo/tok:v1"), tmp_path / "authed")
         assert r.returncode == 0, r.stderr
         assert tokens.requests[-1]["user"] == PUSH_USER
+
+
+def keyless_mirror_conf(path: Path, prefix: str, location: str, proxy: ProxyServer) -> Path:
+    """A registries.conf whose mirror for ``prefix`` is the proxy's bare host:port (no key).
+
+    The registry's own ``location`` is a dead loopback port, so a pull that succeeds came
+    through the mirror (containers/image falls back to the location when mirrors fail).
+    """
+    hostport = proxy.base_url.split("://", 1)[1]
+    path.write_text(
+        f'[[registry]]\nprefix = "{prefix}"\nlocation = "{location}"\ninsecure = true\n\n'
+        f'[[registry.mirror]]\nlocation = "{hostport}"\ninsecure = true\n'
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_skopeo_pulls_through_a_keyless_registries_conf_mirror(
+    peers: None, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    index, blobs = multiarch(salt="mirror")
+    dead = f"127.0.0.1:{free_port()}"
+    with registry(tmp_path / "reg") as reg:
+        push_oci(tmp_path, reg, "library/demo", "v1", index, blobs)
+        for tag in ("v2", "v3"):  # more tags, for the pages below
+            status, _, _ = http(
+                f"{reg.url}/v2/library/demo/manifests/{tag}",
+                method="PUT",
+                headers={"Content-Type": OCI_INDEX},
+                data=index.data,
+            )
+            assert status == 201
+        # Docker Hub's image names, as a daemon's registry-mirrors entry sends them: the
+        # single dockerhub-source proxy is the mirror without being marked
+        hub = make_proxy(proxy_def(key="hub", source="dockerhub", url=reg.url + "/"), cache=tmp_path / "c1")
+        domain = IMAGE_DOMAINS["dockerhub"]
+        conf = keyless_mirror_conf(tmp_path / "hub.conf", domain, dead, hub)
+        r = pull(tmp_path, f"{domain}/demo:v1", tmp_path / "hub-out", conf=conf, tls=True)
+        assert r.returncode == 0, r.stderr
+        assert layout_top_digest(tmp_path / "hub-out") == index.digest
+        assert {rec.path for rec in hub.served.records} >= set(blob_paths("library/demo", blobs))
+        assert {rec.key for rec in hub.served.records} == {"hub"}
+        # any registry: the docker proxy marked mirror = true
+        corp = make_proxy(docker_proxy(reg.url, mirror=True), cache=tmp_path / "c2")
+        conf = keyless_mirror_conf(tmp_path / "corp.conf", dead, dead, corp)
+        r = pull(tmp_path, f"{dead}/library/demo:v1", tmp_path / "corp-out", conf=conf, tls=True)
+        assert r.returncode == 0, r.stderr
+        assert layout_top_digest(tmp_path / "corp-out") == index.digest
+        assert {rec.path for rec in corp.served.records} >= set(blob_paths("library/demo", blobs))
+        # the tag list, keyless; distribution 2.8 ignores n (its tags/list has no pages: the
+        # fake registry and skopeo list-tags below cover Link), so both answers are whole
+        direct = http(f"{reg.url}/v2/library/demo/tags/list?n=1")
+        proxied = http(v2(corp, "library/demo/tags/list?n=1"))
+        assert proxied[:2] == direct[:2] and json.loads(direct[1])["tags"] == ["v1", "v2", "v3"]
+        assert "Link" not in direct[2] and "Link" not in proxied[2]
+
+
+@pytest.mark.slow
+def test_skopeo_lists_tag_pages_through_the_proxy(
+    fake: FakeRegistry, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    require_peer("skopeo", install="scripts/peers/docker.sh")
+    fake.tags["demo/app"] = [f"v{i}" for i in range(7)]
+    fake.tags_page = 3  # the registry cuts pages by itself; skopeo follows rel="next"
+    proxy = make_proxy(docker_proxy(fake.url))
+    image = UpstreamProxy(proxy).image("oci", "demo/app")
+    r = skopeo("list-tags", "--tls-verify=false", f"docker://{image}", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["Tags"] == [f"v{i}" for i in range(7)]
+    assert [p for p, _ in fake.requests if "/tags/list" in p] == [
+        "/v2/demo/app/tags/list",
+        "/v2/demo/app/tags/list?n=3&last=v2",
+        "/v2/demo/app/tags/list?n=3&last=v5",
+    ]

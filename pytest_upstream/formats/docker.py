@@ -2,7 +2,10 @@
 
 Proxy layout under ``/v2/<key>/`` (the engine routes ``/v2/<key>/<rest>`` here
 with ``request.path = <rest>``); ``<name>`` is the repository name as the
-client spells it, mapped to ``library/<name>`` for official Docker Hub images:
+client spells it, mapped to ``library/<name>`` for official Docker Hub images.
+The registry mirror proxy (``Settings.registry_mirror``) is also reached
+without its key, ``/v2/<name>/...`` (``request.keyless``), when the first
+component of ``<name>`` is not a docker proxy's key:
 
 * ``<name>/manifests/<tag>``: metadata (refetched after the proxy's TTL),
   cached once per *negotiated media type*: the variant is the client's
@@ -20,10 +23,14 @@ client spells it, mapped to ``library/<name>`` for official Docker Hub images:
   artifacts, verified against the digest in the URL (``sha256`` or
   ``sha512``).  Manifests by digest are asked for with every manifest type in
   ``Accept`` so the registry returns the stored bytes, whatever the client sent.
-* ``<name>/tags/list``: metadata (``n`` and ``last`` are passed on).
+* ``<name>/tags/list``: metadata, one entry per page (``n`` and ``last`` are
+  passed on, in that order); the upstream's ``Link: <…>; rel="next"`` is kept
+  and served pointing back through the proxy, spelled as the client asked.
 
 Everything else is refused with the registry's JSON errors; pushes get
-``405 UNSUPPORTED``.  Upstream auth: ``bearer`` sends a static token; ``basic``
+``405 UNSUPPORTED``.  Upstream 4xx answers other than 401/403/404/410 pass the
+registry's own error code and message on with the upstream's status (a 429
+still serves a stale copy when there is one).  Upstream auth: ``bearer`` sends a static token; ``basic``
 sends the credentials directly (htpasswd registries) and to the token realm;
 any mode follows a ``WWW-Authenticate: Bearer`` challenge by fetching a token
 from the realm, cached per (proxy, repository scope) until it expires.
@@ -85,13 +92,14 @@ _DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
 
 # -- validation --------------------------------------------------------------------------
 def name_problem(key: str, name: str) -> str | None:
-    """Why ``name`` is not a valid repository name behind proxy ``key``, or None."""
+    """Why ``name`` is not a valid repository name behind proxy ``key`` ("": keyless), or None."""
     if not name:
         return "the repository name is empty"
-    if len(key) + 1 + len(name) > MAX_NAME:
+    shown = f"{key}/{name}" if key else name
+    if len(shown) > MAX_NAME:
         return (
-            f"the repository name {key}/{name[:40]}... is {len(key) + 1 + len(name)} characters long "
-            f"(at most {MAX_NAME}, counting the proxy key)"
+            f"the repository name {shown[:40]}... is {len(shown)} characters long "
+            f"(at most {MAX_NAME}{', counting the proxy key' if key else ''})"
         )
     if NAME_RE.fullmatch(name) is None:
         return (
@@ -159,8 +167,13 @@ class _Target:
     """What the request being resolved on this thread is about (for error messages)."""
 
     what: str  # "manifest" | "blob" | "tags"
-    image: str  # <key>/<name> as the client spells it
+    image: str  # <key>/<name> (or <name> when keyless) as the client spells it
     reference: str
+
+
+def _client_name(request: ProxyRequest, name: str) -> str:
+    """The repository as the client addressed it: ``<key>/<name>``, or ``<name>`` when keyless."""
+    return name if request.keyless else f"{request.key}/{name}"
 
 
 class DockerFormat(Format):
@@ -175,6 +188,7 @@ class DockerFormat(Format):
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         self._current.target = None
         key, path = request.key, request.path
+        root = "/v2" if request.keyless else f"/v2/{key}"
         if path in ("", "/"):  # /v2/<key>/: the API version check, scoped to one proxy
             return Reply(200, {"Content-Type": "application/json", **API_HEADERS}, body=b"{}")
         parts = path.rstrip("/").split("/")
@@ -183,20 +197,20 @@ class DockerFormat(Format):
         if len(parts) >= 3 and parts[-2] == "manifests":
             return self._manifest(request, ctx, "/".join(parts[:-2]), parts[-1])
         if len(parts) >= 3 and parts[-2] == "blobs":
-            return self._blob(ctx, "/".join(parts[:-2]), parts[-1])
+            return self._blob(request, ctx, "/".join(parts[:-2]), parts[-1])
         if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
             return self._tags(request, ctx, "/".join(parts[:-2]))
         if parts[0] == "_catalog":
             raise FormatError(404, "the proxy does not list repositories (_catalog)", code="UNSUPPORTED")
         raise FormatError(
             404,
-            f"/v2/{key}/{path}: a docker proxy serves /v2/{key}/<name>/manifests/<reference>, "
-            f"/v2/{key}/<name>/blobs/<digest> and /v2/{key}/<name>/tags/list",
+            f"{root}/{path}: a docker proxy serves {root}/<name>/manifests/<reference>, "
+            f"{root}/<name>/blobs/<digest> and {root}/<name>/tags/list",
             code="UNSUPPORTED",
         )
 
-    def _upstream_name(self, proxy: ProxyDefinition, name: str) -> str:
-        if problem := name_problem(proxy.key, name):
+    def _upstream_name(self, request: ProxyRequest, proxy: ProxyDefinition, name: str) -> str:
+        if problem := name_problem("" if request.keyless else proxy.key, name):
             raise FormatError(400, problem, code="NAME_INVALID")
         if proxy.source == "dockerhub" and "/" not in name:
             return f"library/{name}"  # official images live in the library namespace
@@ -211,8 +225,8 @@ class DockerFormat(Format):
 
     def _manifest(self, request: ProxyRequest, ctx: FormatContext, name: str, reference: str) -> Resource:
         proxy = ctx.proxy
-        self._current.target = _Target("manifest", f"{proxy.key}/{name}", reference)
-        upstream = self._upstream_name(proxy, name)
+        self._current.target = _Target("manifest", _client_name(request, name), reference)
+        upstream = self._upstream_name(request, proxy, name)
         if ":" in reference:
             algo, hexdigest = parse_digest(reference)
             client_accept = normalize_accept(request.headers.get("accept"))
@@ -242,10 +256,10 @@ class DockerFormat(Format):
             keep_headers=(DIGEST_HEADER,),
         )
 
-    def _blob(self, ctx: FormatContext, name: str, digest: str) -> Resource:
+    def _blob(self, request: ProxyRequest, ctx: FormatContext, name: str, digest: str) -> Resource:
         proxy = ctx.proxy
-        self._current.target = _Target("blob", f"{proxy.key}/{name}", digest)
-        upstream = self._upstream_name(proxy, name)
+        self._current.target = _Target("blob", _client_name(request, name), digest)
+        upstream = self._upstream_name(request, proxy, name)
         algo, hexdigest = parse_digest(digest)
         return Resource(
             f"{upstream}/blobs/{digest}",
@@ -257,16 +271,45 @@ class DockerFormat(Format):
 
     def _tags(self, request: ProxyRequest, ctx: FormatContext, name: str) -> Resource:
         proxy = ctx.proxy
-        self._current.target = _Target("tags", f"{proxy.key}/{name}", "tags/list")
-        upstream = self._upstream_name(proxy, name)
-        params = [(k, v) for k, v in parse_qsl(request.query) if k in ("n", "last")]
-        query = f"?{urlencode(params)}" if params else ""
-        return Resource(
+        client = _client_name(request, name)
+        self._current.target = _Target("tags", client, "tags/list")
+        upstream = self._upstream_name(request, proxy, name)
+        query = _tags_query(parse_qsl(request.query, keep_blank_values=True))
+        query = f"?{query}" if query else ""
+        return Resource(  # one entry per page; render_as: where the client's next page is
             f"{upstream}/tags/list{query}",
             self._url(proxy, upstream, f"tags/list{query}"),
             Kind.METADATA,
             content_type="application/json",
+            render_as=f"/v2/{client}/tags/list",
+            keep_headers=("Link",),
         )
+
+    # -- replies ----------------------------------------------------------------------
+    def reply_headers(self, resource: Resource, stored: Mapping[str, str]) -> dict[str, str]:
+        """A tag list's ``Link: <…/tags/list?n=…&last=…>; rel="next"`` leads back through the proxy."""
+        out = dict(stored)
+        link = out.pop("Link", None)
+        if link is not None and resource.render_as:
+            if rewritten := _rewrite_link(link, resource.render_as):
+                out["Link"] = rewritten
+            else:
+                log.warning(
+                    "dropped upstream Link %r of %s: no next page the proxy can serve",
+                    link,
+                    resource.upstream_url,
+                )
+        return out
+
+    def upstream_error(self, resource: Resource, status: int, body: bytes) -> FormatError | None:
+        """The registry's own error (code and message) with its status; 407 and 408 stay 502."""
+        if status in (407, 408):
+            return None
+        code, message = _first_error(body)
+        text = f"upstream {resource.upstream_url} answered {status}"
+        text += f" {code}" if code else ""
+        text += f": {message}" if message else ""
+        return FormatError(status, text, code=code or _CODES.get(status, "UNKNOWN"))
 
     # -- verification -----------------------------------------------------------------
     def check(self, resource: Resource, body: bytes) -> None:
@@ -383,6 +426,48 @@ def _scope(resource: Resource) -> str:
         if marker in path:
             return f"repository:{path.rsplit(marker, 1)[0]}:pull"
     return "registry:catalog:*"
+
+
+def _tags_query(pairs: list[tuple[str, str]]) -> str:
+    """``n`` and ``last`` (the last of each), in that order: one cache entry per page."""
+    values = {k: v for k, v in pairs if k in ("n", "last")}
+    return urlencode([(k, values[k]) for k in ("n", "last") if k in values])
+
+
+def _rewrite_link(value: str, target: str) -> str:
+    """The ``/tags/list`` links of an upstream ``Link`` header, pointed at ``target`` (the
+    client's ``/v2/[<key>/]<name>/tags/list``) with the canonical page query.  Links whose
+    query the proxy would not pass on (anything but ``n`` and ``last``) are dropped: the
+    client would get the first page again and again."""
+    links = []
+    for match in re.finditer(r"<([^>]*)>([^,]*)", value):
+        parts = urlsplit(match.group(1).strip())
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = _tags_query(pairs)
+        if (
+            not parts.path.endswith("/tags/list")
+            or not query
+            or any(k not in ("n", "last") for k, _ in pairs)
+        ):
+            continue
+        links.append(f"<{target}?{query}>{match.group(2).rstrip()}")
+    return ", ".join(links)
+
+
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_MAX_MESSAGE = 300
+
+
+def _first_error(body: bytes) -> tuple[str, str]:
+    """(code, message) of a registry's ``{"errors": [{"code": …, "message": …}]}`` answer."""
+    try:
+        first = json.loads(body)["errors"][0]
+        code, message = first.get("code"), first.get("message")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return "", ""
+    code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else ""
+    message = " ".join(message.split())[:_MAX_MESSAGE] if isinstance(message, str) else ""
+    return code, message
 
 
 _CODES = {401: "UNAUTHORIZED", 403: "DENIED", 405: "UNSUPPORTED", 429: "TOOMANYREQUESTS", 501: "UNSUPPORTED"}

@@ -22,25 +22,29 @@ from .config import (
     parse_proxy,
 )
 from .keys import InvalidKeyError, validate_key
+from .lockfile import Lock, LockError
 from .sources import FORMATS, SOURCES
 
 ENV_CACHE = "UPSTREAM_PROXY_CACHE"
 ENV_MODE = "UPSTREAM_PROXY_MODE"
 
 
-def resolve_settings(config: str | None, cache: str | None = None, mode: str | None = None) -> Settings:
+def resolve_settings(
+    config: str | None, cache: str | None = None, mode: str | None = None, lock: str | None = None
+) -> Settings:
     """Flags beat environment variables, which beat the config file."""
     settings = load_settings(config)
     return settings.with_overrides(
         cache=cache or os.environ.get(ENV_CACHE) or None,
         mode=mode or os.environ.get(ENV_MODE) or None,
+        lock=lock,
     )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import ProxyServer
 
-    settings = resolve_settings(args.config, args.cache, args.mode)
+    settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -50,6 +54,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for proxy in settings.proxies:
         print(f"  {proxy.key:<20} {proxy.format:<8} {server.url(proxy.key)} -> {proxy.url}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
+    writes_lock = settings.lock_file is not None and settings.mode in ("record", "refresh")
+    if settings.lock_file is not None:
+        what = "written at shutdown" if writes_lock else "replayed"
+        print(f"  lock {settings.lock_file} ({what})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
@@ -57,6 +65,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+        if writes_lock and settings.lock_file is not None:
+            from .lock_tools import write_lock
+
+            note = write_lock(settings.lock_file, server.engine.recorded_lock())
+            print(f"  lock written: {note}", flush=True)
+    return 0
+
+
+def _cmd_lock_verify(args: argparse.Namespace) -> int:
+    """Does the cache hold every blob the lock names, intact?  Exit 1 and list what is not."""
+    from .lock_tools import verify
+
+    settings = resolve_settings(args.config, args.cache, lock=args.lock)
+    if settings.lock_file is None:
+        raise ConfigError("no lock file: pass --lock FILE or set lock in [tool.pytest-upstream]")
+    lock = Lock.load(settings.lock_file)
+    problems = verify(lock, settings.cache_dir)
+    for line in problems:
+        print(line)
+    if problems:
+        print(
+            f"lock {settings.lock_file}: {len(problems)} of {len(lock)} entries missing or corrupt "
+            f"in cache {settings.cache_dir}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"lock {settings.lock_file}: all {len(lock)} entries present and intact in {settings.cache_dir}")
     return 0
 
 
@@ -98,6 +133,63 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache_admin import run_cli
+
+    settings = resolve_settings(args.config, args.cache)
+    return run_cli(args, settings.cache_dir, settings.lock_timeout)
+
+
+def _cmd_import_cassettes(args: argparse.Namespace) -> int:
+    from .cassettes import CassetteError, import_cassettes
+
+    settings = resolve_settings(args.config, args.cache)
+    try:
+        report = import_cassettes(args.paths, settings, key=args.key)
+    except CassetteError as exc:
+        print(f"upstream-proxy: error: {exc}; nothing was imported", file=sys.stderr)
+        return 1
+    if args.verbose:
+        for note in report.notes:
+            print(f"  skipped {note}")
+    print(report.summary(settings.cache_dir))
+    return 0
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``cache ls|verify|prune|export|import`` (pytest_upstream/cache_admin.py, docs/cache.md)."""
+    cache = sub.add_parser("cache", help="list, verify, prune, export or import the cache")
+    actions = cache.add_subparsers(dest="cache_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE}, else the config's)")
+    ls = actions.add_parser("ls", parents=[where], help="list entries and totals")
+    ls.add_argument("--key", help="only this proxy key")
+    ls.add_argument("--json", action="store_true")
+    verify = actions.add_parser("verify", parents=[where], help="re-hash every blob, remove broken files")
+    verify.add_argument("--json", action="store_true")
+    prune = actions.add_parser("prune", parents=[where], help="remove least recently used entries")
+    prune.add_argument("--max-size", metavar="SIZE", help="shrink the blobs to SIZE (1024, 500M, 2G)")
+    prune.add_argument("--older-than", metavar="AGE", help="remove entries unused for AGE (90m, 12h, 30d)")
+    prune.add_argument("--grace", metavar="AGE", help="keep blobs unreferenced or written within AGE (5s)")
+    prune.add_argument("--json", action="store_true")
+    export = actions.add_parser("export", parents=[where], help="write a deterministic tar of the cache")
+    export.add_argument("file", metavar="FILE", help="archive to write (gzip if it ends in .gz or .tgz)")
+    export.add_argument("--lock", metavar="FILE", help="only what this lock file names (upstream.lock)")
+    imp = actions.add_parser("import", parents=[where], help="merge an archive made by `cache export`")
+    imp.add_argument("file", metavar="FILE")
+    for action in (ls, verify, prune, export, imp):
+        action.set_defaults(func=_cmd_cache)
+    cassettes = actions.add_parser(
+        "import-cassettes",
+        parents=[where],
+        help="import vcrpy/pytest-recording cassettes (docs/cassettes.md)",
+    )
+    cassettes.add_argument("paths", nargs="+", metavar="DIR", type=Path, help="cassette directories or files")
+    cassettes.add_argument("--key", help="import into this proxy, whatever the recorded origin")
+    cassettes.add_argument("-v", "--verbose", action="store_true", help="list every skipped interaction")
+    cassettes.set_defaults(func=_cmd_import_cassettes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-proxy", description="A pull-through cache for registries."
@@ -111,7 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE})")
     serve.add_argument("--mode", choices=MODES, help=f"record, replay or refresh (env {ENV_MODE})")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    serve.add_argument(
+        "--lock", metavar="FILE", help="lock file: record/refresh write it at shutdown, replay serves it"
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    lock = sub.add_parser("lock", help="check a lock file against the cache")
+    lock_actions = lock.add_subparsers(dest="lock_command", required=True)
+    verify = lock_actions.add_parser("verify", help="does the cache hold every blob the lock names?")
+    verify.add_argument("--lock", metavar="FILE", help="lock file (default: the table's lock)")
+    verify.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE}, else the table's)")
+    verify.set_defaults(func=_cmd_lock_verify)
 
     create = sub.add_parser("create", help="add an upstream proxy to pyproject.toml")
     create.add_argument("key", help="the proxy key (lowercase; see docs/configuration.md)")
@@ -132,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--host", default="127.0.0.1")
     lst.add_argument("--port", type=int, default=0, help="show URLs for a server on this port")
     lst.set_defaults(func=_cmd_list)
+
+    _add_cache_parser(sub)
     return parser
 
 
@@ -146,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, LockError) as exc:
         print(f"upstream-proxy: error: {exc}", file=sys.stderr)
         return 2
     except CacheError as exc:

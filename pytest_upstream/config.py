@@ -41,8 +41,9 @@ _PROXY_FIELDS = {
     "timeout",
     "mutable_paths",
     "negative_ttl",
+    "mirror",
 }
-_TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "proxy"}
+_TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,7 @@ class ProxyDefinition:
     timeout: float = DEFAULT_TIMEOUT
     mutable_paths: tuple[str, ...] = ()
     negative_ttl: float = DEFAULT_NEGATIVE_TTL
+    mirror: bool | None = None  # docker: the registry mirror for keyless /v2/<name>/... (docs/docker.md)
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -90,6 +92,8 @@ class ProxyDefinition:
                 table[name] = value
         if self.mutable_paths:
             table["mutable_paths"] = list(self.mutable_paths)
+        if self.mirror is not None:
+            table["mirror"] = self.mirror
         return table
 
 
@@ -100,6 +104,7 @@ class Settings:
     proxies: tuple[ProxyDefinition, ...] = ()
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     config_file: Path | None = None
+    lock_file: Path | None = None  # the lock file (docs/reproducible-builds.md), if any
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -107,13 +112,29 @@ class Settings:
                 return p
         return None
 
-    def with_overrides(self, *, cache: str | Path | None = None, mode: str | None = None) -> Settings:
+    def registry_mirror(self) -> ProxyDefinition | None:
+        """The docker proxy that serves keyless ``/v2/<name>/...`` requests (registry mirrors).
+
+        The one marked ``mirror = true``; else the only ``dockerhub``-source proxy,
+        unless it says ``mirror = false``; else None.  See docs/docker.md.
+        """
+        docker = [p for p in self.proxies if p.format == "docker"]
+        marked = [p for p in docker if p.mirror]
+        if marked:
+            return marked[0]
+        hub = [p for p in docker if p.source == "dockerhub"]
+        return hub[0] if len(hub) == 1 and hub[0].mirror is None else None
+
+    def with_overrides(
+        self, *, cache: str | Path | None = None, mode: str | None = None, lock: str | Path | None = None
+    ) -> Settings:
         if mode is not None and mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
         return replace(
             self,
             cache_dir=Path(cache).expanduser() if cache else self.cache_dir,
             mode=mode or self.mode,
+            lock_file=Path(lock).expanduser() if lock else self.lock_file,
         )
 
 
@@ -192,6 +213,11 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
     )
     if problem := auth.problem():
         raise ConfigError(f"{where}: {problem}")
+    mirror = entry.get("mirror")
+    if mirror is not None and not isinstance(mirror, bool):
+        raise ConfigError(f"{where}: mirror must be true or false (got {mirror!r})")
+    if mirror is not None and fmt != "docker":
+        raise ConfigError(f"{where}: mirror applies to docker proxies only (this one is {fmt!r})")
     mutable = entry.get("mutable_paths", [])
     if not isinstance(mutable, list) or not all(isinstance(p, str) for p in mutable):
         raise ConfigError(f"{where}: mutable_paths must be a list of glob patterns")
@@ -205,6 +231,7 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         timeout=_positive(entry.get("timeout", timeout), where, "timeout"),
         mutable_paths=tuple(mutable),
         negative_ttl=_number(entry.get("negative_ttl", DEFAULT_NEGATIVE_TTL), where, "negative_ttl"),
+        mirror=mirror,
     )
 
 
@@ -234,15 +261,25 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
             )
         seen[proxy.key] = i
         proxies.append(proxy)
+    mirrors = [p.key for p in proxies if p.mirror]
+    if len(mirrors) > 1:
+        raise ConfigError(
+            f"{origin}: [[tool.{TABLE}.proxy]]: mirror = true on {', '.join(map(repr, mirrors))}; "
+            "at most one docker proxy can be the registry mirror (keyless /v2/<name>/...)"
+        )
     cache = table.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise ConfigError(f"{where}: cache must be a path string")
     cache_dir = (base_dir / Path(cache).expanduser()) if cache else default_cache_dir()
+    lock = table.get("lock")
+    if lock is not None and (not isinstance(lock, str) or not lock):
+        raise ConfigError(f"{where}: lock must be a path string (got {lock!r})")
     return Settings(
         cache_dir=cache_dir,
         mode=mode,
         proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
         lock_timeout=lock_timeout,
+        lock_file=base_dir / Path(lock).expanduser() if lock else None,
     )
 
 

@@ -21,10 +21,11 @@ import httpx
 
 from .auth import CredentialsError
 from .cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
-from .config import ProxyDefinition, Settings
+from .config import MODES, ProxyDefinition, Settings
 from .formats import get_format
 from .formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from .http import ProxyRequest, Reply
+from .lockfile import Lock, LockEntry, LockError
 from .served import ServedLog, ServedRecord
 from .upstream import UpstreamClient, UpstreamError, iter_body
 
@@ -52,6 +53,9 @@ class ReplayMiss(Exception):
 class UpstreamFailed(Exception):
     """No usable answer from the upstream; carries what the client should read."""
 
+    # The format's own answer (Format.upstream_error) when no stale copy can be served.
+    passthrough: FormatError | None = None
+
 
 @dataclass
 class Obtained:
@@ -77,9 +81,10 @@ class _Context:
 
     def metadata(self, resource: Resource) -> tuple[Entry, bytes]:
         obtained = self.engine.obtain(self.proxy, self.fmt, resource)
-        path = self.engine.cache.verified_blob(obtained.entry)
+        path = obtained.blob or self.engine.cache.verified_blob(obtained.entry)
         if path is None:
             raise UpstreamFailed(f"cached copy of {resource.upstream_url} vanished; retry")
+        self.engine.remember(self.proxy.key, resource, obtained.entry)
         return obtained.entry, path.read_bytes()
 
 
@@ -93,10 +98,23 @@ class Engine:
         self._refreshed_lock = threading.Lock()
         self._render_memo: OrderedDict[tuple[str, str, str, str], tuple[bytes, str, str]] = OrderedDict()
         self._render_lock = threading.Lock()
+        # The lock file (docs/reproducible-builds.md): replay serves exactly what it names;
+        # ``recorded`` collects what every answer came from, for a record or refresh run to save.
+        self.lock = _load_lock(settings)
+        self.recorded = Lock()
+        self._recorded_lock = threading.Lock()
+        self.allowed_keys: frozenset[str] | None = None  # None: all; a test's marker may narrow it
 
     @property
     def mode(self) -> str:
         return self.settings.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        """Switch modes between requests (the pytest plugin does it per test)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        self.settings = replace(self.settings, mode=mode)
 
     def close(self) -> None:
         self.client.close()
@@ -117,24 +135,47 @@ class Engine:
         return self._handle_with(req, proxy, fmt)
 
     def _handle_registry(self, req: ProxyRequest) -> Reply:
-        """The OCI distribution API lives at /v2/<key>/<name>/...: the key comes second."""
+        """The OCI distribution API lives at /v2/<key>/<name>/...: the key comes second.
+
+        When the first component is not a docker proxy's key, the whole path is a
+        repository of the registry mirror proxy (``Settings.registry_mirror``), as
+        the Docker daemon's ``registry-mirrors`` and containerd mirrors ask for it.
+        """
         if req.path == "":
             return Reply(200, {"Content-Type": "application/json", **REGISTRY_HEADERS}, body=b"{}")
         key, _, rest = req.path.partition("/")
         proxy = self.settings.proxy(key)
-        if proxy is None or proxy.format != "docker":
+        keyless = proxy is None or proxy.format != "docker"
+        if keyless:
+            proxy, rest = self.settings.registry_mirror(), req.path
+        if proxy is None:
             known = ", ".join(p.key for p in self.settings.proxies if p.format == "docker") or "none"
             return _registry_error(
-                404, "NAME_UNKNOWN", f"no docker upstream proxy with key {key!r} (configured: {known})"
+                404,
+                "NAME_UNKNOWN",
+                f"no docker upstream proxy with key {key!r} (configured: {known}), and no registry "
+                "mirror for keyless /v2/<name>/... (mark a docker proxy with mirror = true)",
             )
         fmt = get_format(proxy.format)
         if fmt is None:
             return _registry_error(
-                501, "UNSUPPORTED", f"format 'docker' (proxy {key!r}) is not supported yet by this version"
+                501,
+                "UNSUPPORTED",
+                f"format 'docker' (proxy {proxy.key!r}) is not supported yet by this version",
             )
-        return self._handle_with(replace(req, key=key, path=rest), proxy, fmt)
+        return self._handle_with(replace(req, key=proxy.key, path=rest, keyless=keyless), proxy, fmt)
 
     def _handle_with(self, req: ProxyRequest, proxy: ProxyDefinition, fmt: Format) -> Reply:
+        if self.allowed_keys is not None and proxy.key not in self.allowed_keys:
+            allowed = ", ".join(sorted(self.allowed_keys)) or "none"
+            return self._fail(
+                req,
+                fmt,
+                None,
+                403,
+                f"upstream proxy {proxy.key!r} is not allowed now: the running test "
+                f"({self.served.current_test or 'unknown'}) may use only {allowed} (upstream marker)",
+            )
         if req.method not in ("GET", "HEAD"):
             reply = fmt.error(
                 405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy"
@@ -153,7 +194,11 @@ class Engine:
             return self._fail(req, fmt, resource, exc.status, str(exc), cache=exc.cache, code=exc.code)
         except ReplayMiss as exc:
             return self._fail(req, fmt, resource, 504, str(exc), cache="miss")
-        except (UpstreamFailed, MalformedUpstream, DigestMismatch, CredentialsError) as exc:
+        except UpstreamFailed as exc:
+            if (err := exc.passthrough) is not None:
+                return self._fail(req, fmt, resource, err.status, str(err), cache=err.cache, code=err.code)
+            return self._fail(req, fmt, resource, 502, str(exc))
+        except (MalformedUpstream, DigestMismatch, CredentialsError) as exc:
             return self._fail(req, fmt, resource, 502, str(exc))
         except LockTimeout as exc:
             return self._fail(req, fmt, resource, 504, str(exc))
@@ -181,6 +226,7 @@ class Engine:
                 method=req.method,
                 upstream_url=res.upstream_url if res else "",
                 kind=res.kind.value if res else "",
+                variant=res.variant if res else "",
                 error=msg,
                 test=self.served.current_test,
             )
@@ -222,10 +268,11 @@ class Engine:
                     "Accept-Ranges": "bytes",
                 }
             )
-            headers.update(entry.headers)
+            headers.update(fmt.reply_headers(res, entry.headers))
             reply = Reply(200, headers, file=blob, length=entry.size)
             size = entry.size
         self._record(req, res, obtained.cache, 200, size, entry.sha256)
+        self.remember(proxy.key, res, entry)
         return reply
 
     def _record(self, req: ProxyRequest, res: Resource, cache: str, status: int, size: int, sha: str) -> None:
@@ -240,6 +287,7 @@ class Engine:
                 upstream_url=res.upstream_url,
                 sha256=sha,
                 kind=res.kind.value,
+                variant=res.variant,
                 test=self.served.current_test,
             )
         )
@@ -279,12 +327,15 @@ class Engine:
         return found[0] if found else None
 
     def _usable_blob(self, proxy: ProxyDefinition, res: Resource) -> tuple[Entry, Path] | None:
+        if self.lock is not None and self.mode == "replay":
+            return self._locked_blob(proxy, res)
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
         if entry is None:
             return None
         if entry.kind == NOT_FOUND:
             age = entry.age()
             if self.mode == "replay" or (self._fresh_enough(res, age) and self.mode != "refresh"):
+                self.remember(proxy.key, res, entry)
                 raise FormatError(
                     404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
                 )
@@ -345,6 +396,11 @@ class Engine:
         return resp
 
     def _replay_message(self, proxy: ProxyDefinition, res: Resource) -> str:
+        if self.lock is not None:
+            return (
+                f"replay mode: {res.upstream_url} ({proxy.key} {res.path}) is not in the lock file "
+                f"{self.settings.lock_file}; run in record or refresh mode to add it"
+            )
         return (
             f"replay mode: {res.upstream_url} was not recorded for upstream proxy {proxy.key!r} "
             f"(cache {self.settings.cache_dir}); run in record mode to fetch it"
@@ -360,7 +416,7 @@ class Engine:
                 if resp.status_code == 304 and stale is not None:
                     self._mark_refreshed(proxy, res)
                     return Obtained(self.cache.touch(stale), "hit")
-                self._check_status(proxy, res, resp)
+                self._check_status(proxy, fmt, res, resp)
                 return self._store_response(proxy, fmt, res, resp)
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:
@@ -396,17 +452,20 @@ class Engine:
             with self._refreshed_lock:
                 self._refreshed.add((proxy.key, res.path, res.variant))
 
-    def _check_status(self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response) -> None:
+    def _check_status(self, proxy: ProxyDefinition, fmt: Format, res: Resource, resp: httpx.Response) -> None:
         status = resp.status_code
         if status == 200:
             return
         if status in _RETRYABLE_STATUS or status >= 500:
             what = "rate limited" if status == 429 else f"answered {status}"
-            raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r} {what}")
+            failed = UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r} {what}")
+            if status < 500:  # 429: the format may pass the upstream's error on (when nothing is stale)
+                failed.passthrough = fmt.upstream_error(res, status, _error_body(resp))
+            raise failed
         resp.read()
         if status in (404, 410):
             if res.negative_ttl is not None and self.mode != "replay":
-                self.cache.store_entry(
+                notfound = self.cache.store_entry(
                     Entry(
                         key=proxy.key,
                         path=res.path,
@@ -416,8 +475,10 @@ class Engine:
                         size=0,
                         kind=NOT_FOUND,
                         fetched_at=time.time(),
-                    )
+                    ),
+                    durable=False,
                 )
+                self.remember(proxy.key, res, notfound)
             raise FormatError(404, f"not found upstream: {res.upstream_url} answered {status}", cache="miss")
         if status in (401, 403):
             raise FormatError(
@@ -425,6 +486,8 @@ class Engine:
                 f"upstream {res.upstream_url} refused access ({status}); check the auth "
                 f"settings of proxy {proxy.key!r}",
             )
+        if 400 <= status < 500 and (passthrough := fmt.upstream_error(res, status, resp.content[:65536])):
+            raise passthrough
         raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
 
     def _index(
@@ -446,6 +509,52 @@ class Engine:
                 headers=_kept_headers(res, resp),
             )
         )
+
+    # -- the lock file (docs/reproducible-builds.md) ------------------------
+    def remember(self, key: str, res: Resource, entry: Entry) -> None:
+        """Note the stored bytes (or remembered 404) a request was answered from."""
+        locked = LockEntry(key, res.path, res.variant, entry.sha256, entry.size, entry.kind)
+        with self._recorded_lock:
+            self.recorded.add(locked)
+
+    def recorded_lock(self) -> Lock:
+        """What this engine answered from so far: the lock a record or refresh run saves."""
+        with self._recorded_lock:
+            return Lock(self.recorded)
+
+    def _locked_blob(self, proxy: ProxyDefinition, res: Resource) -> tuple[Entry, Path]:
+        """Replay with a lock: exactly the locked bytes, whatever the cache's index says now."""
+        assert self.lock is not None
+        locked = self.lock.get(proxy.key, res.path, res.variant)
+        if locked is None:
+            raise ReplayMiss(self._replay_message(proxy, res))
+        current = self.cache.lookup(proxy.key, res.path, res.variant)
+        if current is None or current.sha256 != locked.sha256 or current.kind != locked.kind:
+            # The index moved on (another project refreshed it): the bytes are still in the
+            # content-addressed store; the upstream's headers are not, so the format's defaults apply.
+            current = Entry(
+                key=proxy.key,
+                path=res.path,
+                variant=res.variant,
+                upstream_url=res.upstream_url,
+                sha256=locked.sha256,
+                size=locked.size,
+                kind=locked.kind,
+                fetched_at=0.0,
+                content_type=res.content_type,
+            )
+        if locked.kind == NOT_FOUND:
+            self.remember(proxy.key, res, current)
+            where = self.settings.lock_file
+            raise FormatError(404, f"not found upstream: {res.upstream_url} (locked in {where})", cache="hit")
+        blob = self.cache.verified_digest(locked.sha256, locked.size)
+        if blob is None:
+            raise ReplayMiss(
+                f"replay mode: the bytes the lock file {self.settings.lock_file} names for "
+                f"{res.upstream_url} (sha256 {locked.sha256}) are not in the cache "
+                f"{self.settings.cache_dir}; run `upstream-proxy lock verify`, or record again"
+            )
+        return current, blob
 
     # -- streaming misses --------------------------------------------------
     def _try_stream(
@@ -471,7 +580,7 @@ class Engine:
                 stack.close()
                 return None
             resp = self._open_upstream(stack, proxy, fmt, res, None)
-            self._check_status(proxy, res, resp)
+            self._check_status(proxy, fmt, res, resp)
             length = _declared_length(resp)
             if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
                 with stack:  # small and published digest: verify before the first byte is sent
@@ -487,7 +596,7 @@ class Engine:
             "Content-Type": resp.headers.get("content-type")
             or res.content_type
             or "application/octet-stream",
-            **_kept_headers(res, resp),
+            **fmt.reply_headers(res, _kept_headers(res, resp)),
         }
         return Reply(200, headers, stream=self._tee(req, proxy, res, resp, stack), length=length)
 
@@ -522,8 +631,9 @@ class Engine:
                 raise
             finally:
                 writer.discard()
-            self._index(proxy, res, resp, sha, size)
+            entry = self._index(proxy, res, resp, sha, size)
         self._record(req, res, "miss", 200, size, sha)
+        self.remember(proxy.key, res, entry)
         if held:
             yield held
 
@@ -544,8 +654,31 @@ class Engine:
         )
 
 
+def _load_lock(settings: Settings) -> Lock | None:
+    """The configured lock file; required in replay mode, optional (written later) otherwise."""
+    path = settings.lock_file
+    if path is None:
+        return None
+    if path.is_file():
+        return Lock.load(path)
+    if settings.mode == "replay":
+        raise LockError(f"{path}: lock file not found; run in record mode to write it")
+    return None
+
+
 def _kept_headers(res: Resource, resp: httpx.Response) -> dict[str, str]:
     return {name: resp.headers[name] for name in res.keep_headers if name in resp.headers}
+
+
+def _error_body(resp: httpx.Response, limit: int = 65536) -> bytes:
+    """The start of an error answer's body (a registry's JSON errors), read at most ``limit``."""
+    body = b""
+    with contextlib.suppress(UpstreamError, httpx.HTTPError):
+        for chunk in iter_body(resp):
+            body += chunk
+            if len(body) >= limit:
+                break
+    return body[:limit]
 
 
 def _registry_error(status: int, code: str, message: str) -> Reply:

@@ -17,20 +17,33 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .config import ProxyDefinition, Settings, load_settings
+from .config import MODES, ProxyDefinition, Settings, load_settings
 from .containers_conf import registries_conf_text
+from .lock_tools import WRITING_MODES, lock_data
 from .maven_settings import settings_xml
+from .netguard import NetworkGuard
+from .report import misses_by_test, network_lines, usage
 from .served import ServedRecord, Stats
 from .server import ProxyServer
 
+NO_PROXY = "127.0.0.1,localhost,::1"
+
 
 def settings_for(
-    *, config_file: str | None, search_dir: Path, cache: str | None, mode: str | None, base_dir: Path
+    *,
+    config_file: str | None,
+    search_dir: Path,
+    cache: str | None,
+    mode: str | None,
+    base_dir: Path,
+    lock: str | None = None,
 ) -> Settings:
     settings = load_settings(config_file, search_dir=search_dir)
     if cache and not Path(cache).expanduser().is_absolute():
         cache = str(base_dir / cache)
-    return settings.with_overrides(cache=cache, mode=mode)
+    if lock and not Path(lock).expanduser().is_absolute():
+        lock = str(base_dir / lock)
+    return settings.with_overrides(cache=cache, mode=mode, lock=lock)
 
 
 def exported_env(server: ProxyServer) -> dict[str, str]:
@@ -49,6 +62,14 @@ def exported_env(server: ProxyServer) -> dict[str, str]:
     return env
 
 
+def forward_proxy_env(server: ProxyServer) -> dict[str, str]:
+    """While the network is blocked: clients that honour HTTP(S)_PROXY get a clear refusal from the
+    proxy for any other host, instead of reaching it (docs/reproducible-builds.md)."""
+    env = {name: server.base_url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    env.update({"NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY})
+    return env
+
+
 class UpstreamProxy:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -56,6 +77,10 @@ class UpstreamProxy:
         self._saved_env: dict[str, str | None] = {}
         self._test_mark = server.served.mark()
         self._temp_dirs: list[Path] = []  # written by maven_settings, removed by stop
+        self.session_mode = server.engine.mode  # ``mode`` may differ while a marked test runs
+        self.guard: NetworkGuard | None = None  # set while the network is blocked
+        self._saved_forward_env: dict[str, str | None] = {}
+        self._blocked_before: list[tuple[str, str]] = []  # from guards already removed
 
     @classmethod
     def start(cls, settings: Settings) -> UpstreamProxy:
@@ -64,6 +89,7 @@ class UpstreamProxy:
         return proxy
 
     def stop(self) -> None:
+        self.unblock_network()
         self._restore_env()
         self.server.stop()
         for directory in self._temp_dirs:
@@ -94,7 +120,7 @@ class UpstreamProxy:
 
     def env(self) -> dict[str, str]:
         """The variables exported to the session's environment, as a new dict."""
-        return dict(self._env)
+        return {**self._env, **(forward_proxy_env(self.server) if self.guard is not None else {})}
 
     def _apply_env(self) -> None:
         for name, value in self._env.items():
@@ -108,6 +134,66 @@ class UpstreamProxy:
             else:
                 os.environ[name] = old
         self._saved_env.clear()
+
+    # -- per test: mode, keys, network (docs/reproducible-builds.md) ---------
+    def set_test_scope(self, *, mode: str | None = None, proxies: Iterable[str] | None = None) -> None:
+        """Serve in ``mode``, and only for the keys ``proxies`` (others answer 403), until
+        ``clear_test_scope``.  None keeps the session's mode, or allows every key."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        keys = None if proxies is None else frozenset(proxies)
+        if keys is not None and (unknown := sorted(keys - set(self.keys))):
+            known = ", ".join(self.keys)
+            raise KeyError(f"no upstream proxy with key(s) {', '.join(unknown)} (configured: {known})")
+        self.server.engine.mode = mode or self.session_mode
+        self.server.engine.allowed_keys = keys
+
+    def clear_test_scope(self) -> None:
+        self.server.engine.mode = self.session_mode
+        self.server.engine.allowed_keys = None
+
+    @contextlib.contextmanager
+    def using(self, *, mode: str | None = None, proxies: Iterable[str] | None = None) -> Iterator[None]:
+        """``set_test_scope`` for a block."""
+        self.set_test_scope(mode=mode, proxies=proxies)
+        try:
+            yield
+        finally:
+            self.clear_test_scope()
+
+    @property
+    def network_blocked(self) -> bool:
+        return self.guard is not None
+
+    def block_network(self) -> None:
+        """Refuse connections from this process to anything but loopback, and point clients'
+        HTTP(S)_PROXY at the proxy, which refuses to forward them (``netguard.py``)."""
+        if self.guard is not None:
+            return
+        self.guard = NetworkGuard(lambda: self.server.served.current_test)
+        self.guard.install()
+        for name, value in forward_proxy_env(self.server).items():
+            self._saved_forward_env[name] = os.environ.get(name)
+            os.environ[name] = value
+
+    def unblock_network(self) -> None:
+        if self.guard is None:
+            return
+        self.guard.uninstall()
+        self._blocked_before.extend(self.guard.blocked)
+        self.guard = None
+        for name, old in self._saved_forward_env.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        self._saved_forward_env.clear()
+
+    def blocked(self) -> list[tuple[str, str]]:
+        """(target, test) of every connection refused: in this process, or forwarded to the proxy."""
+        now = self.guard.blocked if self.guard is not None else []
+        forwarded = [(f"{host} (through HTTP(S)_PROXY)", test) for host, test in self.server.refused]
+        return [*self._blocked_before, *now, *forwarded]
 
     # -- Maven (docs/maven.md) ---------------------------------------------
     def maven_mirror_url(self, key: str | None = None) -> str:
@@ -220,20 +306,32 @@ class UpstreamProxy:
         if fetches:
             raise AssertionError("upstream requests were made: " + ", ".join(fetches))
 
-    def report(self) -> dict[str, Any]:
-        """A plain-data summary, sent from xdist workers to the controller."""
+    def report(self, *, detail: bool = False) -> dict[str, Any]:
+        """A plain-data summary, sent from xdist workers to the controller.
+
+        ``detail`` adds ``tests``, what each test used (``--upstream-report``).
+        """
         records = self.served
-        return {
+        settings = self.server.engine.settings
+        writes_lock = settings.lock_file is not None and self.session_mode in WRITING_MODES
+        report: dict[str, Any] = {
             "base_url": self.base_url,
-            "mode": self.mode,
+            "mode": self.session_mode,
             "cache_dir": str(self.cache_dir),
             "stats": self.stats().as_dict(),
-            "replay_misses": [
+            "replay_misses": [  # a replay miss is answered 504 (a lock timeout is a 504 "error")
                 {"test": r.test, "key": r.key, "path": r.path, "upstream_url": r.upstream_url}
                 for r in records
-                if self.mode == "replay" and r.cache == "miss"
+                if r.cache == "miss" and r.status == 504
             ],
+            "misses_by_test": misses_by_test(records),
+            "blocked": [list(b) for b in self.blocked()],
+            "lock_file": str(settings.lock_file) if writes_lock else None,
+            "lock": lock_data(self.server.engine.recorded_lock()) if writes_lock else [],
         }
+        if detail:
+            report["tests"] = usage(settings, records)
+        return report
 
 
 def _size(n: int) -> str:
@@ -262,4 +360,4 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
         lines.append(f"replay misses ({len(misses)}): these were not recorded, so the run fails:")
         for m in misses:
             lines.append(f"  {m['test'] or '(outside a test)'}: {m['key']} {m['upstream_url'] or m['path']}")
-    return lines
+    return lines + network_lines(reports)

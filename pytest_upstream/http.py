@@ -83,6 +83,7 @@ class ProxyRequest:
     query: str
     headers: Headers
     base_url: str  # scheme://host:port of the proxy, as the client addressed it
+    keyless: bool = False  # a /v2/<name>/... registry request routed to the mirror proxy (docs/docker.md)
 
     @property
     def proxy_url(self) -> str:

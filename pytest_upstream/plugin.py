@@ -19,6 +19,11 @@ from .config import MODES
 if TYPE_CHECKING:
     from .harness import UpstreamProxy
 
+pytest_plugins = [
+    "pytest_upstream.plugin_inprocess",  # --upstream-inprocess, upstream_inprocess fixture
+    "pytest_upstream.plugin_repro",  # --upstream-lock/-report/-block-network, the upstream marker's mode
+]
+
 _STASH: pytest.StashKey[UpstreamProxy] = pytest.StashKey()
 _WORKER_STATS: pytest.StashKey[list[dict[str, Any]]] = pytest.StashKey()
 _OUTPUT_KEY = "pytest_upstream"
@@ -70,7 +75,10 @@ def _session_proxy(config: pytest.Config) -> UpstreamProxy:
     """The session's proxy, started on first use (and at session start with the flag)."""
     proxy = config.stash.get(_STASH, None)
     if proxy is None:
+        from .config import ConfigError
         from .harness import UpstreamProxy, settings_for
+        from .lockfile import LockError
+        from .plugin_repro import after_start, lock_option
 
         ini_cache = config.getini("upstream_cache")
         if ini_cache:
@@ -85,9 +93,14 @@ def _session_proxy(config: pytest.Config) -> UpstreamProxy:
             cache=config.getoption("upstream_cache") or os.environ.get("UPSTREAM_PROXY_CACHE") or ini_cache,
             mode=config.getoption("upstream_mode") or os.environ.get("UPSTREAM_PROXY_MODE") or ini_mode,
             base_dir=config.rootpath,
+            lock=lock_option(config),
         )
-        proxy = UpstreamProxy.start(settings)
+        try:
+            proxy = UpstreamProxy.start(settings)
+        except LockError as exc:  # e.g. replay with a lock file that is not there
+            raise ConfigError(str(exc)) from None
         config.stash[_STASH] = proxy
+        after_start(config, proxy)
     return proxy
 
 
@@ -149,9 +162,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     proxy = config.stash.get(_STASH, None)
     if proxy is not None and hasattr(config, "workeroutput"):
-        config.workeroutput[_OUTPUT_KEY] = proxy.report()
+        from .plugin_repro import report_path
+
+        report = proxy.report(detail=report_path(config) is not None)
+        worker = getattr(config, "workerinput", {}).get("workerid")
+        config.workeroutput[_OUTPUT_KEY] = {**report, "worker": worker}
     reports = _all_reports(config)
-    if reports and any(r["replay_misses"] for r in reports) and session.exitstatus == 0:
+    failed = any(r["replay_misses"] or r.get("blocked") for r in reports)  # blocked: the network was tried
+    if failed and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -161,11 +179,11 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
         node.config.stash.setdefault(_WORKER_STATS, []).append(output)
 
 
-def _all_reports(config: pytest.Config) -> list[dict[str, Any]]:
+def _all_reports(config: pytest.Config, detail: bool = False) -> list[dict[str, Any]]:
     if (workers := config.stash.get(_WORKER_STATS, None)) is not None:
         return workers
     proxy = config.stash.get(_STASH, None)
-    return [proxy.report()] if proxy is not None else []
+    return [proxy.report(detail=detail)] if proxy is not None else []
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -182,4 +200,6 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     proxy = config.stash.get(_STASH, None)
     if proxy is None:
         return None
-    return f"upstream proxy: {proxy.base_url} (mode {proxy.mode}, cache {Path(proxy.cache_dir)})"
+    lock = proxy.server.engine.settings.lock_file
+    extra = (f", lock {lock}" if lock else "") + (", network blocked" if proxy.network_blocked else "")
+    return f"upstream proxy: {proxy.base_url} (mode {proxy.mode}, cache {Path(proxy.cache_dir)}{extra})"

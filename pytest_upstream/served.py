@@ -22,6 +22,7 @@ class ServedRecord:
     upstream_url: str = ""
     sha256: str = ""
     kind: str = ""
+    variant: str = ""  # the negotiated representation (part of the cache identity and of a lock entry)
     error: str = ""
     test: str = ""  # the pytest node id running when it was served, if any
     time: float = field(default_factory=time.time)

@@ -17,10 +17,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import Settings
 from .engine import Engine
 from .http import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
+from .netguard import exempt_current_thread, is_loopback
 from .served import ServedLog
 
 log = logging.getLogger("pytest_upstream.server")
@@ -37,6 +39,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        exempt_current_thread()  # the proxy must reach upstreams while tests are blocked (netguard.py)
         # Headers and a sendfile body are two writes: without NODELAY, Nagle
         # plus delayed ACKs would stall every keep-alive response by ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -117,13 +120,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch()
 
+    def do_CONNECT(self) -> None:
+        self._refuse_forward(urlsplit(f"//{self.path}").hostname or self.path)
+
     def _dispatch(self) -> None:
         # The stdlib rewrites a leading '//' in self.path to '/'; judge the target as sent.
         words = self.requestline.split()
         raw_path, _, query = (words[1] if len(words) >= 2 else self.path).partition("?")
-        if raw_path.startswith(("http://", "https://")):
-            self._send(Reply.text(400, "this is not a forward proxy: request /<key>/<path>"))
-            return
+        if raw_path.startswith(("http://", "https://")):  # absolute-form: a client using us as HTTP_PROXY
+            target = urlsplit(raw_path)
+            if not (is_loopback(target.hostname or "") and target.port == self.server.server_address[1]):
+                self._refuse_forward(target.hostname or target.netloc)
+                return
+            raw_path = target.path or "/"  # addressed to this proxy itself: serve it
         self._discard_request_body()
         if raw_path in ("/", ""):
             self._send(Reply.json(200, self.server.index()))
@@ -150,6 +159,23 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("error handling %s %s", self.command, self.path)
             reply = Reply.text(500, f"internal error in pytest-upstream: {type(exc).__name__}: {exc}")
         self._send(reply)
+
+    def _refuse_forward(self, host: str) -> None:
+        """403 for a forward-proxy request (the plugin exports HTTP(S)_PROXY pointing here while
+        the network is blocked); the reason phrase carries the message, as CONNECT clients show it."""
+        message = f"no upstream proxy is configured for {host}; the build tried to reach it directly"
+        log.warning("refused %s %s: %s", self.command, self.path, message)
+        self.server.refused.append((host, self.server.engine.served.current_test))
+        body = (message + "\n").encode()
+        self.close_connection = True
+        self.send_response(403, message)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
 
     def _discard_request_body(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -298,6 +324,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     engine: Engine
+    refused: list[tuple[str, str]]  # (host, test) of refused forward-proxy requests
 
     def index(self) -> dict[str, Any]:
         base = _base_url(self)
@@ -320,11 +347,17 @@ class ProxyServer:
         self.engine = Engine(settings, log_=served)
         self._server = _Server((host, port), _Handler)
         self._server.engine = self.engine
+        self._server.refused = []
         self._thread: threading.Thread | None = None
 
     @property
     def served(self) -> ServedLog:
         return self.engine.served
+
+    @property
+    def refused(self) -> list[tuple[str, str]]:
+        """(host, test) of each forward-proxy request refused (see ``_Handler._refuse_forward``)."""
+        return list(self._server.refused)
 
     @property
     def base_url(self) -> str:

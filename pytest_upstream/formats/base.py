@@ -109,6 +109,25 @@ class Format:
         """
         return None
 
+    def reply_headers(self, resource: Resource, stored: Mapping[str, str]) -> dict[str, str]:
+        """The kept upstream headers (``Resource.keep_headers``) as the client gets them, e.g.
+        a pagination ``Link`` pointed back through the proxy.  Like ``render``, may use
+        only ``resource`` (``render_as`` carries the client's view) and ``stored``."""
+        return dict(stored)
+
+    def upstream_error(self, resource: Resource, status: int, body: bytes) -> FormatError | None:
+        """What to answer for an upstream 4xx other than 401, 403, 404 and 410, given the start
+        of its body: a FormatError passing the upstream's own error on, or None for the
+        engine's default (502 "answered N"; for 429 the stale copy when there is one, which
+        is also served when this returns an error)."""
+        return None
+
+    def describe(self, resource: Resource) -> dict[str, str]:
+        """What a resource is, for ``--upstream-report``: e.g. ``{"name": ..., "version": ...}``
+        when the path tells; ``{}`` when it does not.  Only ``path``, ``upstream_url`` and
+        ``kind`` of ``resource`` are set (it is rebuilt from a served record)."""
+        return {}
+
     def error(self, status: int, message: str, code: str = "") -> Reply:
         """An error in the shape this format's clients print usefully."""
         return Reply.text(status, message)

@@ -382,3 +382,27 @@ class PyPIFormat(Format):
             return render_json(project, page, root=root), JSON_V1
         ctype = HTML_V1 if resource.render_as == "html-v1" else "text/html; charset=utf-8"
         return render_html(project, page, root=root), ctype
+
+    def describe(self, resource: Resource) -> dict[str, str]:
+        parts = resource.path.split("/")
+        if len(parts) != 3 or not parts[1] or parts[0] not in ("simple", "files"):
+            return {}
+        if parts[0] == "simple":
+            return {"name": parts[1]}
+        version = file_version(parts[2].removesuffix(".metadata"))
+        return {"name": parts[1], "version": version} if version else {"name": parts[1]}
+
+
+_SDIST_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
+
+
+def file_version(filename: str) -> str:
+    """The version in a distribution file's name (wheel, egg or sdist), or "" if it has none."""
+    if filename.endswith((".whl", ".egg")):  # name-version(-build)?-tags: names have no '-' here
+        fields = filename.split("-")
+        return fields[1] if len(fields) >= 3 else ""
+    for suffix in _SDIST_SUFFIXES:
+        if filename.endswith(suffix):  # name-version.tar.gz; the name may hold '-', the version not
+            stem = filename[: -len(suffix)]
+            return stem.rsplit("-", 1)[1] if "-" in stem else ""
+    return ""

@@ -1,0 +1,91 @@
+"""Lock files around a session: combining workers' entries, and checking a cache against a lock.
+
+The model (``Lock``, ``LockEntry``, deterministic ``dumps``) is in ``lockfile.py``;
+the engine collects entries and serves replays from them (``Engine.remember``,
+``Engine._locked_blob``).  See docs/reproducible-builds.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .lockfile import Lock, LockEntry, LockError
+
+NOT_FOUND = "notfound"  # a remembered upstream 404: no bytes to check
+WRITING_MODES = ("record", "refresh")  # the session modes that (re)write the lock file
+
+
+def lock_data(lock: Lock) -> list[dict[str, Any]]:
+    """Plain data for a lock's entries (what an xdist worker sends to the controller)."""
+    return [asdict(entry) for entry in lock]
+
+
+def combined_lock(reports: Iterable[Mapping[str, Any]]) -> Lock:
+    """One lock from the workers' reports, in worker order (``worker`` field; later wins).
+
+    Two workers hold different bytes for one request only if the upstream changed
+    during the run; the lock then keeps the last worker's (record again to settle it).
+    """
+    lock = Lock()
+    for report in sorted(reports, key=lambda r: str(r.get("worker", ""))):
+        for raw in report.get("lock", []):
+            lock.add(LockEntry(**raw))
+    return lock
+
+
+def write_lock(path: Path, served: Lock) -> str:
+    """Rewrite the lock with exactly what a record or refresh session served; says what changed.
+
+    The change counts make a lock written by a run of only some of the tests stand out.
+    """
+    path = Path(path)
+    try:
+        before = {e.identity: e for e in Lock.load(path)} if path.is_file() else {}
+    except LockError:
+        before = {}
+    after = {e.identity: e for e in served}
+    served.save(path)
+    added = sum(1 for i in after if i not in before)
+    removed = sum(1 for i in before if i not in after)
+    changed = sum(1 for i in after if i in before and before[i] != after[i])
+    return f"{path} ({len(after)} entries: {added} added, {changed} changed, {removed} removed)"
+
+
+def blob_path(cache_dir: Path, sha256: str) -> Path:
+    """Where the cache keeps a blob (docs/cache.md, layout)."""
+    return Path(cache_dir) / "blobs" / "sha256" / sha256[:2] / sha256
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(lock: Lock, cache_dir: Path) -> list[str]:
+    """One line per entry whose bytes the cache lacks or holds damaged; reads, never changes.
+
+    Remembered 404s (kind ``notfound``) have no bytes and always pass.
+    """
+    problems = []
+    for entry in lock:
+        if entry.kind == NOT_FOUND:
+            continue
+        what = f"{entry.key} {entry.path}" + (f" [{entry.variant}]" if entry.variant else "")
+        what += f" sha256 {entry.sha256} ({entry.size} bytes)"
+        path = blob_path(cache_dir, entry.sha256)
+        if not path.is_file():
+            problems.append(f"missing: {what}")
+            continue
+        size = path.stat().st_size
+        if size != entry.size:
+            problems.append(f"corrupt: {what}: the blob has {size} bytes")
+        elif (actual := _sha256_file(path)) != entry.sha256:
+            problems.append(f"corrupt: {what}: the blob hashes to {actual}")
+    return problems

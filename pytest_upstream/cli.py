@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -58,12 +59,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if settings.lock_file is not None:
         what = "written at shutdown" if writes_lock else "replayed"
         print(f"  lock {settings.lock_file} ({what})", flush=True)
+    if args.workers > 1 and writes_lock:
+        server.stop()
+        raise ConfigError("--workers above 1 cannot write a lock: each process sees only some requests")
+    children = _fork_workers(args.workers - 1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        _stop_workers(children)
         server.stop()
         if writes_lock and settings.lock_file is not None:
             from .lock_tools import write_lock
@@ -71,6 +77,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             note = write_lock(settings.lock_file, server.engine.recorded_lock())
             print(f"  lock written: {note}", flush=True)
     return 0
+
+
+def _fork_workers(count: int) -> list[int]:
+    """More processes accepting on the one listening socket.
+
+    The shared cache is safe across processes (per-entry file locks), so
+    this scales warm hits past one interpreter's GIL.  Called before any
+    server thread starts, so a fork copies no running thread.
+    """
+    children: list[int] = []
+    for _ in range(max(count, 0)):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until the parent ends it
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return []
+        children.append(pid)
+    return children
+
+
+def _stop_workers(children: list[int]) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _cmd_lock_verify(args: argparse.Namespace) -> int:
@@ -203,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE})")
     serve.add_argument("--mode", choices=MODES, help=f"record, replay or refresh (env {ENV_MODE})")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes accepting on the same port (default 1; not with a lock being written)",
+    )
     serve.add_argument(
         "--lock", metavar="FILE", help="lock file: record/refresh write it at shutdown, replay serves it"
     )

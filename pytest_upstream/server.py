@@ -231,9 +231,13 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()  # flushes headers; body follows in the same burst thanks to NODELAY
+        # Headers and body in one write: one syscall (and one packet) per small reply.
+        buffered: list[bytes] = self._headers_buffer
+        buffered.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(reply.body)
+            buffered.append(reply.body)
+        self._headers_buffer: list[bytes] = []
+        self.wfile.write(b"".join(buffered))
 
     def _send_file(self, reply: Reply, path: Path) -> None:
         if self._not_modified(reply):

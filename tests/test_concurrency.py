@@ -86,7 +86,7 @@ def test_concurrent_threads_fetch_once(upstream: Upstream, make_proxy: MakeProxy
     assert_blobs_intact(tmp_path / "cache")
 
 
-def _spawn_serve(config: Path, cache: Path) -> subprocess.Popen[str]:
+def _spawn_serve(config: Path, cache: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -101,6 +101,7 @@ def _spawn_serve(config: Path, cache: Path) -> subprocess.Popen[str]:
             str(cache),
             "--mode",
             "record",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -211,3 +212,33 @@ def test_lock_timeout_is_504_naming_the_path(
     assert list(Cache(cache).iter_entries()) == []
     status, state, body = get(f"{proxy.base_url}/g/pkg/slow.bin")
     assert (status, state, body) == (200, "miss", data)
+
+
+@pytest.mark.slow
+def test_serve_workers_share_the_port_and_the_cache(upstream: Upstream, tmp_path: Path) -> None:
+    """``serve --workers 3``: several processes answer on one port; each file is fetched once."""
+    files = {f"/w/{n}.bin": os.urandom(50_000) for n in range(6)}
+    upstream.files.update(files)
+    config = tmp_path / "pyproject.toml"
+    config.write_text(
+        f'[tool.pytest-upstream]\n[[tool.pytest-upstream.proxy]]\nkey = "g"\nsource = "custom"\n'
+        f'format = "generic"\nurl = "{upstream.url}"\n'
+    )
+    proc = _spawn_serve(config, tmp_path / "cache", "--workers", "3")
+    try:
+        base = _base_url(proc)
+        time.sleep(0.5)  # let the workers reach accept()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) == 2  # the parent and two forked workers
+        urls = [f"{base}/g{path}" for path in files for _ in range(4)]
+        results = get_all_at_once(urls)
+        for url, result in zip(urls, results, strict=True):
+            assert not isinstance(result, BaseException), result
+            assert result[0] == 200 and result[2] == files[url.removeprefix(f"{base}/g")]
+        assert all(upstream.hits[path] == 1 for path in files), dict(upstream.hits)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode == 1  # none left

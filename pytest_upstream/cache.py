@@ -260,7 +260,7 @@ class Cache:
             writer.sync()
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(writer.path, target)  # same content, same name: replacing is harmless
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             self._mark_verified(target, sha)
             return sha, writer.size
         finally:
@@ -341,7 +341,7 @@ class Cache:
                 os.fsync(f.fileno())
         os.replace(tmp, target)
         if durable:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - _STALE_TMP_SECONDS
@@ -359,7 +359,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); shared by every writer of the cache."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)

@@ -46,7 +46,7 @@ from typing import IO, Any, cast
 
 import filelock
 
-from .cache import LAYOUT_VERSION, Cache, CacheError, Entry, LockTimeout, entry_id
+from .cache import LAYOUT_VERSION, Cache, CacheError, Entry, LockTimeout, entry_id, fsync_dir
 from .keys import InvalidKeyError, validate_key
 from .lockfile import Lock, LockError
 
@@ -760,7 +760,7 @@ def _merge(
             report.blobs_added += outcome == "added"
             report.blobs_repaired += outcome == "repaired"
     for directory in sorted(touched):
-        _fsync_dir(directory)
+        fsync_dir(directory)
     for entry, _ in sorted(entries, key=lambda item: _entry_rel(item[0])):
         target = cache.root / _entry_rel(entry)
         with cache.locked(entry.key, entry.path, entry.variant, lock_timeout):
@@ -775,7 +775,7 @@ def _merge(
             ):
                 report.entries_kept += 1
                 continue
-            _write_atomic(cache, target, _entry_bytes(entry))
+            cache.store_entry(entry)  # atomic, at the path computed from the entry (== target)
             if current is None:
                 report.entries_added += 1
             else:
@@ -908,27 +908,6 @@ def _evict_blob(cache: Cache, path: Path, ino: int, min_age: float) -> int | Non
         return None
     aside.unlink()
     return moved.st_size
-
-
-def _write_atomic(cache: Cache, target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.tmp / f"{uuid.uuid4().hex}.part"
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the command line (``upstream-proxy cache ...``; the parser is in cli.py) -----

@@ -513,7 +513,16 @@ class Engine:
     # -- the lock file (docs/reproducible-builds.md) ------------------------
     def remember(self, key: str, res: Resource, entry: Entry) -> None:
         """Note the stored bytes (or remembered 404) a request was answered from."""
-        locked = LockEntry(key, res.path, res.variant, entry.sha256, entry.size, entry.kind)
+        locked = LockEntry(
+            key,
+            res.path,
+            res.variant,
+            entry.sha256,
+            entry.size,
+            entry.kind,
+            content_type=entry.content_type,
+            headers=tuple(sorted(entry.headers.items())),
+        )
         with self._recorded_lock:
             self.recorded.add(locked)
 
@@ -531,7 +540,7 @@ class Engine:
         current = self.cache.lookup(proxy.key, res.path, res.variant)
         if current is None or current.sha256 != locked.sha256 or current.kind != locked.kind:
             # The index moved on (another project refreshed it): the bytes are still in the
-            # content-addressed store; the upstream's headers are not, so the format's defaults apply.
+            # content-addressed store, and the lock kept the upstream's headers.
             current = Entry(
                 key=proxy.key,
                 path=res.path,
@@ -541,7 +550,8 @@ class Engine:
                 size=locked.size,
                 kind=locked.kind,
                 fetched_at=0.0,
-                content_type=res.content_type,
+                content_type=locked.content_type or res.content_type,
+                headers=dict(locked.headers),
             )
         if locked.kind == NOT_FOUND:
             self.remember(proxy.key, res, current)

@@ -32,6 +32,10 @@ class LockEntry:
     sha256: str
     size: int
     kind: str  # "metadata" | "artifact" | "notfound"
+    # The upstream's Content-Type and kept headers (e.g. Docker-Content-Digest), so a locked
+    # replay answers exactly as recorded even after the shared index has moved on.
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def identity(self) -> tuple[str, str, str]:
@@ -106,8 +110,10 @@ class Lock:
         entries = []
         for i, raw in enumerate(data.get("entries", [])):
             try:
+                if isinstance(raw, dict) and "headers" in raw:
+                    raw = {**raw, "headers": tuple((str(n), str(v)) for n, v in raw["headers"])}
                 entry = LockEntry(**raw)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise LockError(f"{path}: entry {i + 1}: {exc}") from None
             if len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
                 raise LockError(f"{path}: entry {i + 1}: sha256 must be 64 lowercase hex digits")

@@ -181,7 +181,24 @@ def test_lock_bytes_are_deterministic() -> None:
         LockEntry("g", "a", "", "a" * 64, 1, "metadata"),
     ]
     assert Lock(entries).dumps() == Lock(reversed(entries)).dumps()
-    assert Lock(entries).dumps().splitlines()[1].startswith('  {"key":"g","kind":"metadata","path":"a"')
+    first = Lock(entries).dumps().splitlines()[1]
+    assert first.startswith('  {"content_type":null,"headers":[],"key":"g","kind":"metadata","path":"a"')
+
+
+def test_lock_keeps_the_upstream_headers_for_a_locked_replay(tmp_path: Path) -> None:
+    entry = LockEntry(
+        "hub",
+        "library/a/manifests/1",
+        "accept",
+        "d" * 64,
+        10,
+        "metadata",
+        content_type="application/vnd.oci.image.index.v1+json",
+        headers=(("Docker-Content-Digest", "sha256:" + "d" * 64),),
+    )
+    path = tmp_path / "upstream.lock"
+    Lock([entry]).save(path)
+    assert list(Lock.load(path)) == [entry]
 
 
 def test_writing_a_lock_rewrites_it_and_says_what_changed(tmp_path: Path) -> None:
@@ -393,3 +410,20 @@ def test_replay_installs_the_locked_release_after_a_newer_one_is_published(
     refreshed = lock_file.read_text()
     assert "upstream_demo_b-2.0-py3-none-any.whl" in refreshed
     assert "upstream_demo_b-1.0-py3-none-any.whl" not in refreshed
+
+
+def test_locked_replay_answers_with_the_recorded_content_type_after_the_index_moved(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream.files["/a.bin"] = b"recorded"
+    upstream.content_types["/a.bin"] = "application/x-recorded"
+    cache, lock_path = tmp_path / "cache", tmp_path / "upstream.lock"
+    proxy = proxy_def(key="g", format="generic", url=upstream.url)
+    with ProxyServer(Settings(cache_dir=cache, proxies=(proxy,))) as rec:
+        urllib.request.urlopen(rec.url("g") + "a.bin").read()
+        write_lock(lock_path, rec.engine.recorded_lock())
+    for entry_file in (cache / "entries").rglob("*.json"):
+        entry_file.unlink()  # another project's refresh moved the index on; the blob stays
+    settings = Settings(cache_dir=cache, mode="replay", proxies=(proxy,), lock_file=lock_path)
+    with ProxyServer(settings) as rep, urllib.request.urlopen(rep.url("g") + "a.bin") as r:
+        assert (r.read(), r.headers["Content-Type"]) == (b"recorded", "application/x-recorded")

@@ -298,23 +298,7 @@ class CassetteImporter:
             writer = self.cache.writer(tuple(expected))
             writer.write(body)
             sha, size = self.cache.commit_blob(writer, expected, res.upstream_url)
-            headers = interaction.headers
-            self.cache.store_entry(
-                Entry(
-                    key=proxy.key,
-                    path=res.path,
-                    variant=res.variant,
-                    upstream_url=res.upstream_url,
-                    sha256=sha,
-                    size=size,
-                    kind=res.kind.value,
-                    fetched_at=time.time(),
-                    content_type=headers.get("content-type") or res.content_type,
-                    etag=headers.get("etag"),
-                    last_modified=headers.get("last-modified"),
-                    headers={n: headers[n] for n in res.keep_headers if n in headers},
-                )
-            )
+            self.cache.store_entry(res.index_entry(proxy.key, interaction.headers, sha, size, time.time()))
         self.report.imported += 1
         if is_new:
             self.report.new_blobs += 1

@@ -493,22 +493,7 @@ class Engine:
     def _index(
         self, proxy: ProxyDefinition, res: Resource, resp: httpx.Response, sha: str, size: int
     ) -> Entry:
-        return self.cache.store_entry(
-            Entry(
-                key=proxy.key,
-                path=res.path,
-                variant=res.variant,
-                upstream_url=res.upstream_url,
-                sha256=sha,
-                size=size,
-                kind=res.kind.value,
-                fetched_at=time.time(),
-                content_type=resp.headers.get("content-type") or res.content_type,
-                etag=resp.headers.get("etag"),
-                last_modified=resp.headers.get("last-modified"),
-                headers=_kept_headers(res, resp),
-            )
-        )
+        return self.cache.store_entry(res.index_entry(proxy.key, resp.headers, sha, size, time.time()))
 
     # -- the lock file (docs/reproducible-builds.md) ------------------------
     def remember(self, key: str, res: Resource, entry: Entry) -> None:

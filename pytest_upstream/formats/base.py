@@ -68,6 +68,26 @@ class Resource:
     keep_headers: tuple[str, ...] = ()  # upstream response headers stored and replayed
     negative_ttl: float | None = None  # cache an upstream 404 for this long (None: never)
 
+    def index_entry(
+        self, key: str, headers: Mapping[str, str], sha256: str, size: int, fetched_at: float
+    ) -> Entry:
+        """The index entry for this resource answered with ``headers`` (any case) and these bytes."""
+        low = {name.lower(): value for name, value in headers.items()}
+        return Entry(
+            key=key,
+            path=self.path,
+            variant=self.variant,
+            upstream_url=self.upstream_url,
+            sha256=sha256,
+            size=size,
+            kind=self.kind.value,
+            fetched_at=fetched_at,
+            content_type=low.get("content-type") or self.content_type,
+            etag=low.get("etag"),
+            last_modified=low.get("last-modified"),
+            headers={name: low[name.lower()] for name in self.keep_headers if name.lower() in low},
+        )
+
 
 class FormatContext(Protocol):
     """What a format may ask of the engine while resolving a request."""

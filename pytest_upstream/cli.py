@@ -53,7 +53,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = ProxyServer(settings, host=args.host, port=args.port)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
-        print(f"  {proxy.key:<20} {proxy.format:<8} {server.url(proxy.key)} -> {proxy.url}", flush=True)
+        where = server.url(proxy.key)
+        if proxy.format == "docker":  # clients pull HOST:PORT/<key>/<image>; the API is under /v2/
+            where = f"{server.base_url.removeprefix('http://')}/{proxy.key}/<image>"
+        print(f"  {proxy.key:<20} {proxy.format:<8} {where} -> {proxy.url}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
     writes_lock = settings.lock_file is not None and settings.mode in ("record", "refresh")
     if settings.lock_file is not None:

@@ -26,7 +26,7 @@ TABLE = "pytest-upstream"
 DEFAULT_METADATA_TTL = 600.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
-DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven) trust one
+DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven, npm) trust one
 
 _PROXY_FIELDS = {
     "key",

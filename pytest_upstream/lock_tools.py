@@ -33,7 +33,7 @@ def combined_lock(reports: Iterable[Mapping[str, Any]]) -> Lock:
     lock = Lock()
     for report in sorted(reports, key=lambda r: str(r.get("worker", ""))):
         for raw in report.get("lock", []):
-            lock.add(LockEntry(**raw))
+            lock.add(LockEntry.from_dict(raw))
     return lock
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 LOCK_VERSION = 1
 
@@ -36,6 +37,14 @@ class LockEntry:
     # replay answers exactly as recorded even after the shared index has moved on.
     content_type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LockEntry:
+        """From JSON or a worker's report, where the header pairs arrive as lists."""
+        fields = dict(raw)
+        if "headers" in fields:
+            fields["headers"] = tuple((str(n), str(v)) for n, v in fields["headers"])
+        return cls(**fields)
 
     @property
     def identity(self) -> tuple[str, str, str]:
@@ -110,9 +119,7 @@ class Lock:
         entries = []
         for i, raw in enumerate(data.get("entries", [])):
             try:
-                if isinstance(raw, dict) and "headers" in raw:
-                    raw = {**raw, "headers": tuple((str(n), str(v)) for n, v in raw["headers"])}
-                entry = LockEntry(**raw)
+                entry = LockEntry.from_dict(raw)
             except (TypeError, ValueError) as exc:
                 raise LockError(f"{path}: entry {i + 1}: {exc}") from None
             if len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):

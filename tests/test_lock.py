@@ -427,3 +427,13 @@ def test_locked_replay_answers_with_the_recorded_content_type_after_the_index_mo
     settings = Settings(cache_dir=cache, mode="replay", proxies=(proxy,), lock_file=lock_path)
     with ProxyServer(settings) as rep, urllib.request.urlopen(rep.url("g") + "a.bin") as r:
         assert (r.read(), r.headers["Content-Type"]) == (b"recorded", "application/x-recorded")
+
+
+def test_workers_lock_entries_with_headers_combine_like_loaded_ones() -> None:
+    from pytest_upstream.lock_tools import combined_lock
+
+    entry = LockEntry(
+        "hub", "a/manifests/1", "", "e" * 64, 3, "metadata", "x/y", (("Docker-Content-Digest", "d"),)
+    )
+    as_sent = {**entry.__dict__, "headers": [["Docker-Content-Digest", "d"]]}  # lists after transport
+    assert list(combined_lock([{"worker": "gw1", "lock": [as_sent]}])) == [entry]

@@ -430,10 +430,10 @@ NOTES = """### Why the cold mvn build is slower: fsync
 - **Where the time goes:** a cold `mvn package` sends 489 requests, mostly one after another, and
   the proxy forwards every one of them (489 upstream requests, as many as direct). Each costs it 4
   `fsync` calls: the blob file, the blob directory, the entry file, the entry directory
-  (`BlobWriter.finish`, `_fsync_dir` in `Cache.commit_blob`, `Cache._write_atomic`). One cold build
+  (`BlobWriter.sync`, `fsync_dir` in `Cache.commit_blob`, `Cache._write_atomic`). One cold build
   with `os.fsync` wrapped in the proxy process: 1,958 calls, 3.3 s summed. py-spy (`--idle`, 200 Hz)
-  of the proxy's handler threads during a cold build: 48 % of their wall time in fsync (`_fsync_dir`
-  19 %, `_write_atomic` 17 %, `BlobWriter.finish` 12 %), upstream socket I/O about 8 %, everything
+  of the proxy's handler threads during a cold build: 48 % of their wall time in fsync (directory fsyncs
+  19 %, `_write_atomic` 17 %, the blob file 12 %), upstream socket I/O about 8 %, everything
   else (h11/httpx, paths, locks, JSON) the rest. A file plus directory fsync takes about 7 ms median,
   37 ms p90 on this shared disk while other work runs.
 - **Check:** the same cold build with `os.fsync` replaced by a no-op in the proxy process, two
@@ -443,13 +443,11 @@ NOTES = """### Why the cold mvn build is slower: fsync
 - **Two thirds of those fsyncs are for 404s.** Debian's repository has no `.sha1`/`.md5` files;
   for every file Maven asks for the file, its `.sha1` and then its `.md5`, and the proxy first asks
   the upstream for the `.sha1` to verify the file: 326 of the 489 requests are remembered 404s
-  (`negative_ttl`). Each one calls `Cache.store_bytes(b"")` in `Engine._check_status`, which writes,
-  fsyncs and renames the same empty blob again, then writes and fsyncs the entry. Suggested: in
-  `Cache.commit_blob` (or `store_bytes`), skip the write when the content-addressed blob already
-  exists (2 fsyncs saved per 404 and per duplicate blob); write negative entries without fsync (a
-  lost one costs one upstream request again, not a wrong answer). Together that removes about 2/3
-  of the fsyncs of this build; against Maven Central, whose checksum files exist, the first
-  suggestion still covers the repeated bodies and the second the `.md5` probes.
+  (`negative_ttl`). Each one used to write, fsync and rename the same empty blob again and then
+  fsync its entry. Both fixes are now in the code: `Cache.commit_blob` does not write (or fsync) a
+  blob it already holds, and remembered-404 entries are stored with `durable=False` (a lost one
+  costs one upstream request again, not a wrong answer). The numbers above predate them; rerun
+  this script to measure the gain.
 - **Warm builds make no upstream request** and no fsync (counted: 0). The proxy's own cost is small:
   the 489 requests of the build, sent back to back over one keep-alive connection, took the warm
   proxy (a new process, so including the one-time re-hash of each blob) 0.20-0.28 s in total,

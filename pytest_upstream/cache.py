@@ -253,7 +253,10 @@ class Cache:
             try:
                 if target.stat().st_size == writer.size:
                     # Already stored (content addressing): no second write or fsync. A
-                    # damaged copy is caught by verified_blob on its first use.
+                    # damaged copy is caught by verified_blob on its first use. The new
+                    # mtime keeps `cache prune` (which spares recent blobs) off a blob
+                    # that is about to be indexed again.
+                    os.utime(target)
                     return sha, writer.size
             except FileNotFoundError:
                 pass

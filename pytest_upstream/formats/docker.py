@@ -179,6 +179,14 @@ def _client_name(request: ProxyRequest, name: str) -> str:
 class DockerFormat(Format):
     name = "docker"
 
+    def describe(self, resource: Resource) -> dict[str, str]:
+        for marker, field_name in (("/manifests/", "reference"), ("/blobs/", "digest")):
+            name, sep, ref = resource.path.partition(marker)
+            if sep:
+                return {"name": name, field_name: ref}
+        name, sep, _ = resource.path.partition("/tags/list")
+        return {"name": name} if sep else {}
+
     def __init__(self) -> None:
         self._tokens: dict[tuple[str, str, AuthSpec, str], _Token] = {}
         self._tokens_lock = threading.Lock()

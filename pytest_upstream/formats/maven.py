@@ -160,6 +160,13 @@ def content_type(path: str) -> str | None:
 class MavenFormat(Format):
     name = "maven"
 
+    def describe(self, resource: Resource) -> dict[str, str]:
+        parts = resource.path.split("/")
+        if len(parts) >= 4 and parts[-1] != "maven-metadata.xml" and parts[-1].startswith(parts[-3] + "-"):
+            # group/path/artifactId/version/file
+            return {"name": f"{'.'.join(parts[:-3])}:{parts[-3]}", "version": parts[-2]}
+        return {}
+
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         path = request.path
         kind, verify = classify(path)

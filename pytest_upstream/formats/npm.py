@@ -293,6 +293,15 @@ def _dumps(doc: dict[str, Any]) -> bytes:
 class NpmFormat(Format):
     name = "npm"
 
+    def describe(self, resource: Resource) -> dict[str, str]:
+        name, sep, file = resource.path.partition("/-/")
+        if not sep:  # a packument
+            return {"name": name}
+        stem = file.removesuffix(".tgz")
+        base = name.rsplit("/", 1)[-1]  # tarball names leave the scope out
+        version = stem[len(base) + 1 :] if stem.startswith(base + "-") else ""
+        return {"name": name, "version": version} if version else {"name": name}
+
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         parts = request.path.split("/")
         if request.path in ("", "/"):

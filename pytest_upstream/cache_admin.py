@@ -384,8 +384,12 @@ def prune(
     older_than: float | None = None,
     grace: float = DEFAULT_GRACE,
     now: float | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> PruneReport:
     """Remove entries least recently used first, then the blobs no entry names.
+
+    Blobs in ``keep`` (the digests lock files name: a locked replay serves them by
+    digest, whatever the index says) are never removed, though their entries may be.
 
     An entry goes when it was last used more than ``older_than`` seconds ago,
     or while the blobs on disk add up to more than ``max_size`` bytes.  With
@@ -397,6 +401,7 @@ def prune(
     files = [f for f in scan_entries(cache) if f.entry is not None]
     blobs, _ = scan_blobs(cache)
     refs = Counter(f.entry.sha256 for f in files if f.entry is not None)
+    refs.update(keep)
     size = sum(b.size for sha, b in blobs.items() if refs[sha] or b.mtime > now - grace)
     report.size_before = sum(b.size for b in blobs.values())
     for ef in sorted(files, key=lambda f: (f.mtime_ns, f.rel)):
@@ -422,7 +427,7 @@ def prune(
     candidates = sorted(sha for sha, b in blobs.items() if not refs[sha] and b.mtime <= now - grace)
     if candidates and grace > 0:
         time.sleep(grace)  # a request that read an entry before it went has opened its blob by now
-    referenced = {f.entry.sha256 for f in scan_entries(cache) if f.entry is not None}
+    referenced = {f.entry.sha256 for f in scan_entries(cache) if f.entry is not None} | keep
     for sha in candidates:
         if sha in referenced:
             continue
@@ -923,7 +928,8 @@ def run_cli(args: Any, root: Path, lock_timeout: float) -> int:
             max_size = parse_size(args.max_size) if args.max_size is not None else None
             older_than = parse_age(args.older_than) if args.older_than is not None else None
             grace = parse_age(args.grace) if args.grace is not None else DEFAULT_GRACE
-            return _cli_prune(open_cache(root), max_size, older_than, grace, args.json)
+            keep = frozenset(e.sha256 for name in args.keep_lock or () for e in Lock.load(Path(name)))
+            return _cli_prune(open_cache(root), max_size, older_than, grace, args.json, keep)
         if action == "export":
             lock = Lock.load(Path(args.lock)) if args.lock else None
             return _cli_export(open_cache(root), Path(args.file), lock)
@@ -978,9 +984,14 @@ def _cli_verify(cache: Cache, as_json: bool) -> int:
 
 
 def _cli_prune(
-    cache: Cache, max_size: int | None, older_than: float | None, grace: float, as_json: bool
+    cache: Cache,
+    max_size: int | None,
+    older_than: float | None,
+    grace: float,
+    as_json: bool,
+    keep: frozenset[str] = frozenset(),
 ) -> int:
-    report = prune(cache, max_size=max_size, older_than=older_than, grace=grace)
+    report = prune(cache, max_size=max_size, older_than=older_than, grace=grace, keep=keep)
     if as_json:
         print(json.dumps({"cache": str(cache.root), **report.as_json()}, indent=1))
         return 0

@@ -207,6 +207,12 @@ def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     prune.add_argument("--max-size", metavar="SIZE", help="shrink the blobs to SIZE (1024, 500M, 2G)")
     prune.add_argument("--older-than", metavar="AGE", help="remove entries unused for AGE (90m, 12h, 30d)")
     prune.add_argument("--grace", metavar="AGE", help="keep blobs unreferenced or written within AGE (5s)")
+    prune.add_argument(
+        "--keep-lock",
+        metavar="FILE",
+        action="append",
+        help="never remove the blobs this lock file names (repeatable)",
+    )
     prune.add_argument("--json", action="store_true")
     export = actions.add_parser("export", parents=[where], help="write a deterministic tar of the cache")
     export.add_argument("file", metavar="FILE", help="archive to write (gzip if it ends in .gz or .tgz)")

@@ -293,6 +293,24 @@ def test_prune_older_than_and_unreferenced_blobs(
     assert recorded.entry_file("/dir/c.bin").exists() and recorded.blob("/dir/c.bin").exists()
 
 
+def test_prune_keeps_the_blobs_a_lock_names(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from pytest_upstream.lockfile import Lock, LockEntry
+
+    recorded.set_used("/a.txt", 40 * 86400)
+    recorded.set_used("/dir/b.bin", 40 * 86400)
+    lock = tmp_path / "upstream.lock"
+    Lock([LockEntry("g", "a.txt", "", sha(FILES["/a.txt"]), len(FILES["/a.txt"]), "artifact")]).save(lock)
+    status, out, _ = cache_cmd(
+        capsys, "prune", recorded.cache, "--older-than", "30d", "--grace", "0", "--keep-lock", str(lock)
+    )
+    assert status == 0, out
+    assert not recorded.entry_file("/a.txt").exists()  # the index entry may go ...
+    assert recorded.blob("/a.txt").exists()  # ... but a locked replay still finds the bytes
+    assert not recorded.blob("/dir/b.bin").exists()
+
+
 def test_prune_keeps_blobs_written_within_the_grace_period(recorded: Recorded) -> None:
     fresh = Cache(recorded.cache).store_bytes(b"a fetch is about to index me")
     report = cache_admin.prune(Cache(recorded.cache), grace=60)

@@ -475,7 +475,7 @@ def test_bearer_token_flow_caches_one_token_per_scope(make_proxy: MakeProxy) -> 
 def test_bearer_token_expiry_and_basic_credentials_at_the_realm(
     make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with FakeRegistry(auth="token", token_life=1) as fake:
+    with FakeRegistry(auth="token", token_life=4) as fake:  # long enough for a busy CI machine
         monkeypatch.setenv("REG_USER", fake.user[0])
         monkeypatch.setenv("REG_PASS", fake.user[1])
         fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
@@ -486,8 +486,8 @@ def test_bearer_token_expiry_and_basic_credentials_at_the_realm(
         )
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
-        assert len(fake.token_requests) == 1  # expires_in=1: used for at most 0.9 s
-        time.sleep(1.0)
+        assert len(fake.token_requests) == 1  # expires_in=4: used for at most 3.6 s
+        time.sleep(3.7)
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
         assert len(fake.token_requests) == 2
         basic = "Basic " + base64.b64encode(f"{fake.user[0]}:{fake.user[1]}".encode()).decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -89,22 +90,34 @@ def pip_install(target: Path, *requirements: str, env: dict[str, str]) -> subpro
     )
 
 
+def spawn_serve(config: Path, *args: str) -> subprocess.Popen[str]:
+    """``upstream-proxy --config FILE serve --port 0 ARGS`` in a child process (see ``serve_url``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def serve_url(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
+    """The base URL a spawned ``serve`` prints first; kills it if it does not start."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    if not line.startswith("http://"):
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"upstream-proxy serve did not start (first line {line!r})")
+    return line
+
+
 @contextmanager
 def serve_process(config: Path, *args: str) -> Iterator[str]:
     """``upstream-proxy --config FILE serve ARGS``; yields the base URL it prints."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_serve(config, *args)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if not line.startswith("http://"):
-            proc.kill()
-            raise RuntimeError(f"serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-        yield line
+        yield serve_url(proc)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -19,6 +19,7 @@ import pytest
 from pytest_upstream.cache import Cache
 
 from .conftest import MakeProxy, proxy_def
+from .peers import serve_url, spawn_serve
 from .upstreams import Fault, Upstream
 
 Result = tuple[int, str, bytes]  # status, X-Upstream-Cache, body
@@ -86,37 +87,6 @@ def test_concurrent_threads_fetch_once(upstream: Upstream, make_proxy: MakeProxy
     assert_blobs_intact(tmp_path / "cache")
 
 
-def _spawn_serve(config: Path, cache: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest_upstream",
-            "--config",
-            str(config),
-            "serve",
-            "--port",
-            "0",
-            "--cache",
-            str(cache),
-            "--mode",
-            "record",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def _base_url(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().strip() if ready else ""
-    assert line.startswith("http://"), f"upstream-proxy serve did not start (first line {line!r})"
-    return line
-
-
 @pytest.mark.slow
 def test_concurrent_processes_on_one_cache_fetch_once(upstream: Upstream, tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
@@ -128,9 +98,9 @@ def test_concurrent_processes_on_one_cache_fetch_once(upstream: Upstream, tmp_pa
         "[tool.pytest-upstream]\n[[tool.pytest-upstream.proxy]]\n"
         f'key = "g"\nsource = "custom"\nformat = "generic"\nurl = "{upstream.url}"\n'
     )
-    procs = [_spawn_serve(config, cache) for _ in range(4)]
+    procs = [spawn_serve(config, "--cache", str(cache), "--mode", "record") for _ in range(4)]
     try:
-        bases = [_base_url(p) for p in procs]
+        bases = [serve_url(p) for p in procs]
         assert len(set(bases)) == 4
         results = get_all_at_once([f"{base}/g/dist/shared.whl" for base in bases])
     finally:
@@ -224,9 +194,9 @@ def test_serve_workers_share_the_port_and_the_cache(upstream: Upstream, tmp_path
         f'[tool.pytest-upstream]\n[[tool.pytest-upstream.proxy]]\nkey = "g"\nsource = "custom"\n'
         f'format = "generic"\nurl = "{upstream.url}"\n'
     )
-    proc = _spawn_serve(config, tmp_path / "cache", "--workers", "3")
+    proc = spawn_serve(config, "--cache", str(tmp_path / "cache"), "--workers", "3")
     try:
-        base = _base_url(proc)
+        base = serve_url(proc)
         time.sleep(0.5)  # let the workers reach accept()
         workers = subprocess.run(
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True

@@ -11,10 +11,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from pytest_upstream.config import Settings
 from pytest_upstream.server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
+from .peers import serve_url, spawn_serve
 from .upstreams import Fault, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,37 +142,6 @@ def publish_tree(up: Upstream, tree: Path) -> None:
             rel = rel[: -len("index.html")]
             up.content_types[rel] = "text/html"
         up.files[rel] = file.read_bytes()
-
-
-def start_serve(config: Path, cache: Path, mode: str = "record") -> tuple[subprocess.Popen[str], str]:
-    """``upstream-proxy serve`` in a child process; returns it and its base URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest_upstream",
-            "--config",
-            str(config),
-            "serve",
-            "--port",
-            "0",
-            "--cache",
-            str(cache),
-            "--mode",
-            mode,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    line = proc.stdout.readline().strip() if ready else ""
-    if not line.startswith("http://"):
-        proc.kill()
-        proc.wait(5)
-        pytest.fail(f"upstream-proxy serve did not start (first line {line!r})")
-    return proc, line
 
 
 def write_config(path: Path, url: str) -> Path:
@@ -434,7 +402,8 @@ def test_proxy_killed_mid_download_leaves_no_partial_entry(
     upstream.faults["/big.bin"] = Fault(chunk_delay=0.04)  # 64 chunks: ~2.5 s
     cache_dir = tmp_path / "cache"
     config = write_config(tmp_path / "pyproject.toml", upstream.url)
-    proc, base = start_serve(config, cache_dir)
+    proc = spawn_serve(config, "--cache", str(cache_dir), "--mode", "record")
+    base = serve_url(proc)
     try:
         parts = urlsplit(base)
         assert parts.hostname and parts.port

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pytest_upstream.maven_settings import settings_xml  # noqa: E402
+from pytest_upstream.clients.maven_settings import settings_xml  # noqa: E402
 from tests import maven_peers  # noqa: E402
 from tests.peers import free_port, wait_http  # noqa: E402
 from tests.test_maven import GREETER, GREETER_TEST  # noqa: E402

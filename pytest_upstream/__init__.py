@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ProxyDefinition, Settings, load_settings
-from .keys import InvalidKeyError, validate_key
+from pytest_upstream.config.keys import InvalidKeyError, validate_key
+from pytest_upstream.config.settings import ProxyDefinition, Settings, load_settings
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from pytest_upstream.server.proxy_server import ProxyServer
 
 __all__ = ["InvalidKeyError", "ProxyDefinition", "ProxyServer", "Settings", "load_settings", "validate_key"]
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "ProxyServer":
-        from .server import ProxyServer
+        from pytest_upstream.server.proxy_server import ProxyServer
 
         return ProxyServer
     raise AttributeError(name)

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from pytest_upstream.cli.main import main
 
 sys.exit(main())

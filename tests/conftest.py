@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from pytest_upstream.config import ProxyDefinition, Settings, parse_proxy
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.config.settings import ProxyDefinition, Settings, parse_proxy
+from pytest_upstream.server.proxy_server import ProxyServer
 
 from .upstreams import Upstream
 

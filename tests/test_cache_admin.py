@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pytest_upstream import cache_admin
-from pytest_upstream.cache import USE_STAMP_INTERVAL, Cache, CacheError, Entry, entry_id
-from pytest_upstream.cli import main
-from pytest_upstream.config import ProxyDefinition
-from pytest_upstream.lockfile import Lock, LockEntry
+from pytest_upstream.admin import cache_admin
+from pytest_upstream.cli.main import main
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.repro.lockfile import Lock, LockEntry
+from pytest_upstream.store.cache import USE_STAMP_INTERVAL, Cache, CacheError, Entry, entry_id
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Upstream
@@ -296,7 +296,7 @@ def test_prune_older_than_and_unreferenced_blobs(
 def test_prune_keeps_the_blobs_a_lock_names(
     recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from pytest_upstream.lockfile import Lock, LockEntry
+    from pytest_upstream.repro.lockfile import Lock, LockEntry
 
     recorded.set_used("/a.txt", 40 * 86400)
     recorded.set_used("/dir/b.bin", 40 * 86400)

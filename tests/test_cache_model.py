@@ -35,11 +35,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import pytest_upstream.cache
-import pytest_upstream.engine
-from pytest_upstream.config import Settings
-from pytest_upstream.engine import CACHE_HEADER, Engine
-from pytest_upstream.http import Headers, ProxyRequest, Reply
+import pytest_upstream.engine.engine
+import pytest_upstream.store.cache
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.engine.engine import CACHE_HEADER, Engine
+from pytest_upstream.messages import Headers, ProxyRequest, Reply
 
 from . import upstreams
 from .conftest import proxy_def
@@ -55,7 +55,7 @@ Outcome = tuple[int, bytes | None, str | None]  # status, body (None for errors)
 
 
 class FakeClock:
-    """Stands in for the ``time`` module in ``pytest_upstream.cache`` and ``.engine``."""
+    """Stands in for the ``time`` module in ``pytest_upstream.store.cache`` and ``.engine``."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -126,8 +126,8 @@ class CacheModel(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock(1_000_000.0)
         self._patches = [
-            mock.patch.object(pytest_upstream.cache, "time", self.clock),
-            mock.patch.object(pytest_upstream.engine, "time", self.clock),
+            mock.patch.object(pytest_upstream.store.cache, "time", self.clock),
+            mock.patch.object(pytest_upstream.engine.engine, "time", self.clock),
         ]
         for p in self._patches:
             p.start()

@@ -20,9 +20,9 @@ import pytest
 import requests
 import vcr
 
-from pytest_upstream import cli
-from pytest_upstream.cache import Cache
-from pytest_upstream.inprocess import InProcessRouting
+from pytest_upstream.cli import main as cli
+from pytest_upstream.clients.inprocess import InProcessRouting
+from pytest_upstream.store.cache import Cache
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Fault, Upstream

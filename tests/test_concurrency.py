@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.cache import Cache
+from pytest_upstream.store.cache import Cache
 
 from .conftest import MakeProxy, proxy_def
 from .peers import serve_url, spawn_serve
@@ -125,7 +125,7 @@ def test_concurrent_processes_on_one_cache_fetch_once(upstream: Upstream, tmp_pa
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from pytest_upstream.cache import Cache
+from pytest_upstream.store.cache import Cache
 
 with Cache(Path(sys.argv[1])).locked("g", sys.argv[2], "", 5):
     print("locked", flush=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.auth import AuthSpec, CredentialsError
-from pytest_upstream.config import (
+from pytest_upstream.config.auth import AuthSpec, CredentialsError
+from pytest_upstream.config.settings import (
     DEFAULT_METADATA_TTL,
     ConfigError,
     ProxyDefinition,

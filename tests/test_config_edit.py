@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_upstream.auth import AuthSpec
-from pytest_upstream.config import ConfigError, ProxyDefinition, load_settings, parse_proxy
-from pytest_upstream.config_edit import add_proxy, remove_proxy
+from pytest_upstream.cli.pyproject_edit import add_proxy, remove_proxy
+from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.settings import ConfigError, ProxyDefinition, load_settings, parse_proxy
 
 
 def definition(key: str = "internal", **entry: object) -> ProxyDefinition:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.config import ConfigError, ProxyDefinition, Settings, parse_table
+from pytest_upstream.config.settings import ConfigError, ProxyDefinition, Settings, parse_table
+from pytest_upstream.config.sources import IMAGE_DOMAINS
 from pytest_upstream.formats.base import FormatError
 from pytest_upstream.formats.docker import (
     ALL_MANIFESTS_ACCEPT,
@@ -32,9 +33,8 @@ from pytest_upstream.formats.docker import (
     parse_challenge,
     parse_digest,
 )
-from pytest_upstream.harness import UpstreamProxy
-from pytest_upstream.server import ProxyServer
-from pytest_upstream.sources import IMAGE_DOMAINS
+from pytest_upstream.pytest_plugin.harness import UpstreamProxy
+from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
 from .fake_registry import FakeRegistry, digest_of

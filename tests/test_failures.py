@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pytest_upstream import engine
-from pytest_upstream.cache import Cache
-from pytest_upstream.config import Settings
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.engine import engine
+from pytest_upstream.server.proxy_server import ProxyServer
+from pytest_upstream.store.cache import Cache
 
 from .conftest import MakeProxy, proxy_def
 from .peers import serve_url, spawn_serve

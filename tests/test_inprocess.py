@@ -16,9 +16,9 @@ import requests
 import responses
 import urllib3
 
-from pytest_upstream import inprocess
-from pytest_upstream.inprocess import InProcessRouting, suspended
-from pytest_upstream.routes import dist_project
+from pytest_upstream.clients import inprocess
+from pytest_upstream.clients.inprocess import InProcessRouting, suspended
+from pytest_upstream.clients.routes import dist_project
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Upstream

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pytest_upstream.keys import (
+from pytest_upstream.config.keys import (
     KEY_PATTERN,
     MAX_KEY_LENGTH,
     OCI_PATH_COMPONENT,

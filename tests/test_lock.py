@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_wheels import Dist, write_files
-from pytest_upstream.cli import main as cli_main
-from pytest_upstream.config import ConfigError, Settings, parse_table
-from pytest_upstream.lock_tools import write_lock
-from pytest_upstream.lockfile import Lock, LockEntry, LockError
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.cli.main import main as cli_main
+from pytest_upstream.config.settings import ConfigError, Settings, parse_table
+from pytest_upstream.repro.lock_tools import write_lock
+from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
+from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import proxy_def
 from .peers import pip_env, pip_install, pypiserver, serve_process
@@ -430,7 +430,7 @@ def test_locked_replay_answers_with_the_recorded_content_type_after_the_index_mo
 
 
 def test_workers_lock_entries_with_headers_combine_like_loaded_ones() -> None:
-    from pytest_upstream.lock_tools import combined_lock
+    from pytest_upstream.repro.lock_tools import combined_lock
 
     entry = LockEntry(
         "hub", "a/manifests/1", "", "e" * 64, 3, "metadata", "x/y", (("Docker-Content-Digest", "d"),)

@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from pytest_upstream.cache import Cache
-from pytest_upstream.config import DEFAULT_NEGATIVE_TTL, ConfigError, ProxyDefinition
+from pytest_upstream.config.settings import DEFAULT_NEGATIVE_TTL, ConfigError, ProxyDefinition
 from pytest_upstream.formats.base import Kind, MalformedUpstream
 from pytest_upstream.formats.maven import (
     BadMavenPath,
@@ -30,8 +29,9 @@ from pytest_upstream.formats.maven import (
     parse_checksum,
     split_checksum,
 )
-from pytest_upstream.harness import UpstreamProxy
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.pytest_plugin.harness import UpstreamProxy
+from pytest_upstream.server.proxy_server import ProxyServer
+from pytest_upstream.store.cache import Cache
 
 from . import maven_peers
 from .conftest import MakeProxy, proxy_def

@@ -28,8 +28,8 @@ import respx
 import vcr
 from pytest_httpx import HTTPXMock
 
-from pytest_upstream.config import Settings
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import proxy_def
 from .upstreams import Upstream

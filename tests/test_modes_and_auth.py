@@ -121,8 +121,8 @@ def test_upstream_refusing_credentials_is_a_502_naming_the_proxy(
 @pytest.mark.public_registry
 def test_builtin_pypi_source_with_real_pip(tmp_path: Path) -> None:
     """Opt-in (--run-public): real pip through the built-in ``pypi`` source, no config at all."""
-    from pytest_upstream.config import Settings, builtin_proxies
-    from pytest_upstream.server import ProxyServer
+    from pytest_upstream.config.settings import Settings, builtin_proxies
+    from pytest_upstream.server.proxy_server import ProxyServer
 
     from .peers import pip_env, pip_install
 

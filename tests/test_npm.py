@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pytest_upstream.cache import Cache
+from pytest_upstream.config.sources import BUILTIN_SOURCES
 from pytest_upstream.formats.base import MalformedUpstream
 from pytest_upstream.formats.npm import (
     ABBREVIATED,
@@ -36,10 +36,10 @@ from pytest_upstream.formats.npm import (
     split_name,
     sri_to_hex,
 )
-from pytest_upstream.harness import exported_env
-from pytest_upstream.http import BadPath, split_proxy_path
-from pytest_upstream.server import ProxyServer
-from pytest_upstream.sources import BUILTIN_SOURCES
+from pytest_upstream.messages import BadPath, split_proxy_path
+from pytest_upstream.pytest_plugin.harness import exported_env
+from pytest_upstream.server.proxy_server import ProxyServer
+from pytest_upstream.store.cache import Cache
 
 from .conftest import MakeProxy, proxy_def
 from .peers import free_port, require_peer, wait_http

@@ -167,7 +167,7 @@ def test_without_the_flag_nothing_starts(pytester: pytest.Pytester) -> None:
         test_cost="""
         import sys, threading
         def test_nothing_loaded():
-            assert "pytest_upstream.server" not in sys.modules
+            assert "pytest_upstream.server.proxy_server" not in sys.modules
             assert "httpx" not in sys.modules
             assert not [t for t in threading.enumerate() if t.name == "pytest-upstream"]
         """

@@ -19,8 +19,13 @@ import pytest
 from fixtures.build_wheels import write_tree
 from pytest_upstream.formats.base import Kind, Resource
 from pytest_upstream.formats.pypi import PyPIFormat, file_version
-from pytest_upstream.netguard import NetworkBlockedError, NetworkGuard, exempt_current_thread, is_loopback
-from pytest_upstream.server import ProxyServer
+from pytest_upstream.repro.netguard import (
+    NetworkBlockedError,
+    NetworkGuard,
+    exempt_current_thread,
+    is_loopback,
+)
+from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Upstream
@@ -159,7 +164,7 @@ def test_pypi_describe(path: str, described: dict[str, str]) -> None:
 # -- through the plugin: marker, report, network ----------------------------------------------
 INNER = """
 import os, socket, subprocess, sys, urllib.error, urllib.request, pytest
-from pytest_upstream.netguard import NetworkBlockedError
+from pytest_upstream.repro.netguard import NetworkBlockedError
 
 pytestmark = pytest.mark.upstream(proxies=["g", "p"])
 
@@ -327,7 +332,7 @@ def test_replay_blocks_the_network_by_default_and_allow_network_turns_it_off(
     pytester.makepyfile(
         test_net="""
         import os, socket, pytest
-        from pytest_upstream.netguard import NetworkBlockedError
+        from pytest_upstream.repro.netguard import NetworkBlockedError
 
         def test_blocked(upstream_proxy):
             blocked = os.environ.get("EXPECT_BLOCKED") == "1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-from .base import Format
+from pytest_upstream.formats.base import Format
 
 # format name -> (module in this package, class); a module that has not
 # landed yet makes its format answer "not supported yet".

@@ -17,16 +17,16 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from ..cache import Entry
-from ..config import ProxyDefinition
-from ..http import ProxyRequest, Reply
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.messages import ProxyRequest, Reply
+from pytest_upstream.store.cache import Entry
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     import httpx
 
-    from ..upstream import UpstreamClient
+    from pytest_upstream.upstream.client import UpstreamClient
 
 
 def same_origin(a: str, b: str) -> bool:

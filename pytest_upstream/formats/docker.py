@@ -47,17 +47,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from ..auth import AuthSpec
-from ..config import ProxyDefinition
-from ..http import ProxyRequest, Reply
-from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     import httpx
 
-    from ..upstream import UpstreamClient
+    from pytest_upstream.upstream.client import UpstreamClient
 
 log = logging.getLogger("pytest_upstream.docker")
 

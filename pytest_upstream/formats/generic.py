@@ -11,8 +11,8 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from urllib.parse import quote
 
-from ..http import ProxyRequest, Reply
-from .base import Format, FormatContext, FormatError, Kind, Resource
+from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
 
 
 class GenericFormat(Format):

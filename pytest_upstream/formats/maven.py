@@ -30,8 +30,8 @@ import re
 import xml.etree.ElementTree as ET
 from urllib.parse import quote
 
-from ..http import ProxyRequest, Reply
-from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
 
 log = logging.getLogger("pytest_upstream")
 

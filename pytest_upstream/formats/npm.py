@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from ..config import ProxyDefinition
-from ..http import ProxyRequest, Reply
-from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
 
 FULL = "application/json"
 ABBREVIATED = "application/vnd.npm.install-v1+json"

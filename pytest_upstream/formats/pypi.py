@@ -24,8 +24,8 @@ from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
-from ..http import ProxyRequest, Reply
-from .base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
 HTML_V1 = "application/vnd.pypi.simple.v1+html"

@@ -32,12 +32,12 @@ from typing import Any
 
 import httpx
 
-from .cache import Cache, DigestMismatch, Entry
-from .config import ProxyDefinition, Settings
-from .formats import get_format
-from .formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
-from .http import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
-from .routes import Route, Router
+from pytest_upstream.clients.routes import Route, Router
+from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.formats import get_format
+from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
+from pytest_upstream.store.cache import Cache, DigestMismatch, Entry
 
 # Formats whose resolve() works offline from the cache alone.
 IMPORTABLE_FORMATS = ("generic", "maven", "pypi")

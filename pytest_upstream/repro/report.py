@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .formats import get_format
-from .formats.base import Kind, Resource
-from .served import ServedRecord
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.formats import get_format
+from pytest_upstream.formats.base import Kind, Resource
+from pytest_upstream.repro.served import ServedRecord
 
 REPORT_VERSION = 1
 OUTSIDE = "(outside a test)"

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .harness import UpstreamProxy
-    from .netguard import NetworkGuard
+    from pytest_upstream.pytest_plugin.harness import UpstreamProxy
+    from pytest_upstream.repro.netguard import NetworkGuard
 
 MARKER = "upstream"
 _BARE_GUARD: pytest.StashKey[NetworkGuard] = pytest.StashKey()
@@ -110,13 +110,13 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(mode=None, proxies=None): run this test (or module) in mode record, replay or refresh, "
         "and/or let it use only the upstream proxies with these keys (others answer 403)",
     )
-    from . import plugin
+    import pytest_upstream.pytest_plugin.plugin as plugin
 
     started = config.stash.get(plugin._STASH, None) is not None  # e.g. by --upstream-inprocess
     if block_setting(config) and not started and not plugin._enabled(config):
         if plugin._is_xdist_controller(config):
             return  # the workers run the tests
-        from .netguard import NetworkGuard
+        from pytest_upstream.repro.netguard import NetworkGuard
 
         guard = NetworkGuard()  # no proxy (yet): block this process's own connections
         guard.install()
@@ -137,7 +137,7 @@ def _marker_value(item: pytest.Item, name: str) -> Any:
 
 
 def _begin_scope(item: pytest.Item) -> None:
-    from . import plugin
+    import pytest_upstream.pytest_plugin.plugin as plugin
 
     proxy = item.config.stash.get(plugin._STASH, None)
     if proxy is None or _SCOPED in item.stash:
@@ -180,7 +180,7 @@ def pytest_runtest_protocol(
         return (yield)
     finally:
         if _SCOPED in item.stash:
-            from . import plugin
+            import pytest_upstream.pytest_plugin.plugin as plugin
 
             proxy = item.config.stash.get(plugin._STASH, None)
             if proxy is not None:
@@ -196,7 +196,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if hasattr(config, "workerinput"):
         return  # the controller writes, from every worker's report
-    from . import plugin
+    import pytest_upstream.pytest_plugin.plugin as plugin
 
     reports = plugin._all_reports(config, detail=report_path(config) is not None)
     if not reports:
@@ -204,13 +204,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     lock_files = sorted({r["lock_file"] for r in reports if r.get("lock_file")})
     interrupted = session.exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR)
     if lock_files and not interrupted:
-        from .lock_tools import combined_lock, write_lock
+        from pytest_upstream.repro.lock_tools import combined_lock, write_lock
 
         config.stash[_LOCK_NOTE] = "upstream lock written: " + write_lock(
             Path(lock_files[0]), combined_lock(reports)
         )
     if (path := report_path(config)) is not None:
-        from .report import combine_usage, write_report
+        from pytest_upstream.repro.report import combine_usage, write_report
 
         write_report(path, reports[0]["mode"], combine_usage(r.get("tests", {}) for r in reports))
 

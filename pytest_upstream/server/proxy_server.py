@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import Settings
-from .engine import Engine
-from .http import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
-from .netguard import exempt_current_thread, is_loopback
-from .served import ServedLog
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.engine.engine import Engine
+from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
+from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
+from pytest_upstream.repro.served import ServedLog
 
-log = logging.getLogger("pytest_upstream.server")
+log = logging.getLogger("pytest_upstream.server.proxy_server")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _MAX_HEADERS = 100
 _MAX_HEADER_LINE = 65536

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .config import ProxyDefinition
-from .formats.pypi import normalize
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.formats.pypi import normalize
 
 PATH_PRESERVING = frozenset({"generic", "maven", "npm"})
 ROUTED_METHODS = frozenset({"GET", "HEAD"})

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .config import MODES
+from pytest_upstream.config.settings import MODES
 
 if TYPE_CHECKING:
-    from .harness import UpstreamProxy
+    from pytest_upstream.pytest_plugin.harness import UpstreamProxy
 
 pytest_plugins = [
-    "pytest_upstream.plugin_inprocess",  # --upstream-inprocess, upstream_inprocess fixture
-    "pytest_upstream.plugin_repro",  # --upstream-lock/-report/-block-network, the upstream marker's mode
+    "pytest_upstream.pytest_plugin.inprocess",  # --upstream-inprocess, upstream_inprocess fixture
+    # --upstream-lock/-report/-block-network, the upstream marker's mode
+    "pytest_upstream.pytest_plugin.repro",
 ]
 
 _STASH: pytest.StashKey[UpstreamProxy] = pytest.StashKey()
@@ -75,10 +76,10 @@ def _session_proxy(config: pytest.Config) -> UpstreamProxy:
     """The session's proxy, started on first use (and at session start with the flag)."""
     proxy = config.stash.get(_STASH, None)
     if proxy is None:
-        from .config import ConfigError
-        from .harness import UpstreamProxy, settings_for
-        from .lockfile import LockError
-        from .plugin_repro import after_start, lock_option
+        from pytest_upstream.config.settings import ConfigError
+        from pytest_upstream.pytest_plugin.harness import UpstreamProxy, settings_for
+        from pytest_upstream.pytest_plugin.repro import after_start, lock_option
+        from pytest_upstream.repro.lockfile import LockError
 
         ini_cache = config.getini("upstream_cache")
         if ini_cache:
@@ -111,8 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if _is_xdist_controller(config):
         config.stash[_WORKER_STATS] = []
         return
-    from .cache import CacheError
-    from .config import ConfigError
+    from pytest_upstream.config.settings import ConfigError
+    from pytest_upstream.store.cache import CacheError
 
     try:
         _session_proxy(config)
@@ -162,7 +163,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     proxy = config.stash.get(_STASH, None)
     if proxy is not None and hasattr(config, "workeroutput"):
-        from .plugin_repro import report_path
+        from pytest_upstream.pytest_plugin.repro import report_path
 
         report = proxy.report(detail=report_path(config) is not None)
         worker = getattr(config, "workerinput", {}).get("workerid")
@@ -190,7 +191,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     reports = _all_reports(config)
     if not reports or hasattr(config, "workerinput"):
         return
-    from .harness import summary_lines
+    from pytest_upstream.pytest_plugin.harness import summary_lines
 
     for line in summary_lines(reports):
         terminalreporter.write_line(line)

@@ -40,7 +40,7 @@ import tomlkit
 import tomlkit.exceptions
 from tomlkit.items import Array
 
-from .config import TABLE, ConfigError, ProxyDefinition, Settings, parse_table
+from pytest_upstream.config.settings import TABLE, ConfigError, ProxyDefinition, Settings, parse_table
 
 __all__ = ["add_proxy", "remove_proxy"]
 

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import httpx
 
-from .auth import CredentialsError
-from .cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
-from .config import MODES, ProxyDefinition, Settings
-from .formats import get_format
-from .formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
-from .http import ProxyRequest, Reply
-from .lockfile import Lock, LockEntry, LockError
-from .served import ServedLog, ServedRecord
-from .upstream import UpstreamClient, UpstreamError, iter_body
+from pytest_upstream.config.auth import CredentialsError
+from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
+from pytest_upstream.formats import get_format
+from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
+from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
+from pytest_upstream.repro.served import ServedLog, ServedRecord
+from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
+from pytest_upstream.upstream.client import UpstreamClient, UpstreamError, iter_body
 
 log = logging.getLogger("pytest_upstream")
 

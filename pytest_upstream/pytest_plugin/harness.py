@@ -17,14 +17,14 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .config import MODES, ProxyDefinition, Settings, load_settings
-from .containers_conf import registries_conf_text
-from .lock_tools import WRITING_MODES, lock_data
-from .maven_settings import settings_xml
-from .netguard import NetworkGuard
-from .report import misses_by_test, network_lines, usage
-from .served import ServedRecord, Stats
-from .server import ProxyServer
+from pytest_upstream.clients.containers_conf import registries_conf_text
+from pytest_upstream.clients.maven_settings import settings_xml
+from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings
+from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
+from pytest_upstream.repro.netguard import NetworkGuard
+from pytest_upstream.repro.report import misses_by_test, network_lines, usage
+from pytest_upstream.repro.served import ServedRecord, Stats
+from pytest_upstream.server.proxy_server import ProxyServer
 
 NO_PROXY = "127.0.0.1,localhost,::1"
 

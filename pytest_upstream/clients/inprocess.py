@@ -46,9 +46,10 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from . import upstream as _pinned  # imported first: it pins httpx before anything below patches it
-from .config import ProxyDefinition
-from .routes import DEFAULT_PORTS, Router, origin_of
+# Imported first: it pins httpx before anything below patches it.
+import pytest_upstream.upstream.client as _pinned
+from pytest_upstream.clients.routes import DEFAULT_PORTS, Router, origin_of
+from pytest_upstream.config.settings import ProxyDefinition
 
 try:  # requests' transport; neither is a dependency of pytest-upstream
     import urllib3.connection

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .lockfile import Lock, LockEntry, LockError
+from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
 
 NOT_FOUND = "notfound"  # a remembered upstream 404: no bytes to check
 WRITING_MODES = ("record", "refresh")  # the session modes that (re)write the lock file

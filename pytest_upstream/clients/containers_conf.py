@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from .config import ProxyDefinition
-from .sources import IMAGE_DOMAINS
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.config.sources import IMAGE_DOMAINS
 
 
 def image_domain(proxy: ProxyDefinition) -> str:

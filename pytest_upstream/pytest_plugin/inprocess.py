@@ -1,4 +1,4 @@
-"""The pytest face of in-process routing (``pytest_upstream.inprocess``).
+"""The pytest face of in-process routing (``pytest_upstream.clients.inprocess``).
 
 Loaded with the ``upstream`` plugin (its ``pytest_plugins``).  Three ways on:
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .harness import UpstreamProxy
-    from .inprocess import InProcessRouting
+    from pytest_upstream.clients.inprocess import InProcessRouting
+    from pytest_upstream.pytest_plugin.harness import UpstreamProxy
 
 _SESSION_ROUTING: pytest.StashKey[InProcessRouting] = pytest.StashKey()
 MARKER = "upstream"
@@ -59,18 +59,18 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if not inprocess_enabled(config):
         return
-    from . import plugin
+    import pytest_upstream.pytest_plugin.plugin as plugin
 
     if plugin._is_xdist_controller(config):  # each worker routes through its own proxy
         return
-    from .cache import CacheError
-    from .config import ConfigError
+    from pytest_upstream.config.settings import ConfigError
+    from pytest_upstream.store.cache import CacheError
 
     try:
         proxy = plugin._session_proxy(config)
     except (ConfigError, CacheError) as exc:
         raise pytest.UsageError(f"pytest-upstream: {exc}") from None
-    from .inprocess import InProcessRouting
+    from pytest_upstream.clients.inprocess import InProcessRouting
 
     routing = InProcessRouting.for_server(proxy.server)
     routing.start()
@@ -89,7 +89,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture
 def upstream_inprocess(upstream_proxy: UpstreamProxy) -> Iterator[InProcessRouting]:
     """Route this test's own HTTP clients through the proxy; ``.routed`` lists what went there."""
-    from .inprocess import InProcessRouting
+    from pytest_upstream.clients.inprocess import InProcessRouting
 
     routing = InProcessRouting.for_server(upstream_proxy.server)
     with routing.activate():
@@ -109,7 +109,7 @@ def _upstream_inprocess_marker(request: pytest.FixtureRequest) -> Iterator[None]
         request.getfixturevalue("upstream_inprocess")
         yield
     else:
-        from .inprocess import suspended
+        from pytest_upstream.clients.inprocess import suspended
 
         with suspended():
             yield

@@ -46,9 +46,17 @@ from typing import IO, Any, cast
 
 import filelock
 
-from .cache import LAYOUT_VERSION, Cache, CacheError, Entry, LockTimeout, entry_id, fsync_dir
-from .keys import InvalidKeyError, validate_key
-from .lockfile import Lock, LockError
+from pytest_upstream.config.keys import InvalidKeyError, validate_key
+from pytest_upstream.repro.lockfile import Lock, LockError
+from pytest_upstream.store.cache import (
+    LAYOUT_VERSION,
+    Cache,
+    CacheError,
+    Entry,
+    LockTimeout,
+    entry_id,
+    fsync_dir,
+)
 
 DEFAULT_GRACE = 5.0
 _CHUNK = 1024 * 1024

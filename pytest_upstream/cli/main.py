@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .auth import AUTH_MODES
-from .cache import CacheError
-from .config import (
+from pytest_upstream.config.auth import AUTH_MODES
+from pytest_upstream.config.keys import InvalidKeyError, validate_key
+from pytest_upstream.config.settings import (
     DEFAULT_METADATA_TTL,
     DEFAULT_TIMEOUT,
     MODES,
@@ -22,9 +22,9 @@ from .config import (
     load_settings,
     parse_proxy,
 )
-from .keys import InvalidKeyError, validate_key
-from .lockfile import Lock, LockError
-from .sources import FORMATS, SOURCES
+from pytest_upstream.config.sources import FORMATS, SOURCES
+from pytest_upstream.repro.lockfile import Lock, LockError
+from pytest_upstream.store.cache import CacheError
 
 ENV_CACHE = "UPSTREAM_PROXY_CACHE"
 ENV_MODE = "UPSTREAM_PROXY_MODE"
@@ -43,7 +43,7 @@ def resolve_settings(
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ProxyServer
+    from pytest_upstream.server.proxy_server import ProxyServer
 
     settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
     logging.basicConfig(
@@ -75,7 +75,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _stop_workers(children)
         server.stop()
         if writes_lock and settings.lock_file is not None:
-            from .lock_tools import write_lock
+            from pytest_upstream.repro.lock_tools import write_lock
 
             note = write_lock(settings.lock_file, server.engine.recorded_lock())
             print(f"  lock written: {note}", flush=True)
@@ -111,7 +111,7 @@ def _stop_workers(children: list[int]) -> None:
 
 def _cmd_lock_verify(args: argparse.Namespace) -> int:
     """Does the cache hold every blob the lock names, intact?  Exit 1 and list what is not."""
-    from .lock_tools import verify
+    from pytest_upstream.repro.lock_tools import verify
 
     settings = resolve_settings(args.config, args.cache, lock=args.lock)
     if settings.lock_file is None:
@@ -136,7 +136,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    from .config_edit import add_proxy
+    from pytest_upstream.cli.pyproject_edit import add_proxy
 
     path = _config_path(args)
     entry: dict[str, object] = {"key": args.key, "source": args.source, "auth": args.auth}
@@ -150,7 +150,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    from .config_edit import remove_proxy
+    from pytest_upstream.cli.pyproject_edit import remove_proxy
 
     path = _config_path(args)
     remove_proxy(path, args.key)
@@ -170,14 +170,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .cache_admin import run_cli
+    from pytest_upstream.admin.cache_admin import run_cli
 
     settings = resolve_settings(args.config, args.cache)
     return run_cli(args, settings.cache_dir, settings.lock_timeout)
 
 
 def _cmd_import_cassettes(args: argparse.Namespace) -> int:
-    from .cassettes import CassetteError, import_cassettes
+    from pytest_upstream.admin.cassettes import CassetteError, import_cassettes
 
     settings = resolve_settings(args.config, args.cache)
     try:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .auth import AuthSpec
-from .keys import key_error
-from .sources import BUILTIN_SOURCES, FORMATS, SOURCES
+from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.keys import key_error
+from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
 
 MODES = ("record", "replay", "refresh")
 TABLE = "pytest-upstream"

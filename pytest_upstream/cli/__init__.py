@@ -1,0 +1,1 @@
+"""``upstream-proxy``: the command-line face of the engine (no pytest here)."""

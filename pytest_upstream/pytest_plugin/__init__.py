@@ -1,0 +1,1 @@
+"""The pytest faces: options, hooks, fixtures and the ``UpstreamProxy`` harness object."""

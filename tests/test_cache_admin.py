@@ -25,7 +25,7 @@ import pytest
 from pytest_upstream.admin import cache_admin
 from pytest_upstream.cli.main import main
 from pytest_upstream.config.settings import ProxyDefinition
-from pytest_upstream.repro.lockfile import Lock, LockEntry
+from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.store.cache import USE_STAMP_INTERVAL, Cache, CacheError, Entry, entry_id
 
 from .conftest import MakeProxy, proxy_def
@@ -296,12 +296,14 @@ def test_prune_older_than_and_unreferenced_blobs(
 def test_prune_keeps_the_blobs_a_lock_names(
     recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from pytest_upstream.repro.lockfile import Lock, LockEntry
+    from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 
     recorded.set_used("/a.txt", 40 * 86400)
     recorded.set_used("/dir/b.bin", 40 * 86400)
     lock = tmp_path / "upstream.lock"
-    Lock([LockEntry("g", "a.txt", "", sha(FILES["/a.txt"]), len(FILES["/a.txt"]), "artifact")]).save(lock)
+    LockFile([LockFileEntry("g", "a.txt", "", sha(FILES["/a.txt"]), len(FILES["/a.txt"]), "artifact")]).save(
+        lock
+    )
     status, out, _ = cache_cmd(
         capsys, "prune", recorded.cache, "--older-than", "30d", "--grace", "0", "--keep-lock", str(lock)
     )
@@ -402,15 +404,15 @@ def test_export_with_a_lock_holds_only_what_it_names(
 ) -> None:
     cache = Cache(recorded.cache)
     chosen = ["/a.txt", "/meta/index.json"]
-    lock = Lock()
+    lock = LockFile()
     for path in chosen:
         e = cache.lookup("g", path.lstrip("/"))
         assert e is not None
-        lock.add(LockEntry(e.key, e.path, e.variant, e.sha256, e.size, e.kind))
+        lock.add(LockFileEntry(e.key, e.path, e.variant, e.sha256, e.size, e.kind))
     # a lock line whose index entry was replaced since: only the lock's blob goes
     old_bytes = b"the bytes the lock recorded"
     old = cache.store_bytes(old_bytes)
-    lock.add(LockEntry("g", "dir/b.bin", "", old, len(old_bytes), "artifact"))
+    lock.add(LockFileEntry("g", "dir/b.bin", "", old, len(old_bytes), "artifact"))
     lock.save(tmp_path / "upstream.lock")
 
     archive = tmp_path / "subset.tar.gz"
@@ -426,7 +428,7 @@ def test_export_with_a_lock_holds_only_what_it_names(
     ]
 
     # a lock naming bytes the cache does not have is an error, and nothing is written
-    lock.add(LockEntry("g", "gone.bin", "", "f" * 64, 1, "artifact"))
+    lock.add(LockFileEntry("g", "gone.bin", "", "f" * 64, 1, "artifact"))
     lock.save(tmp_path / "upstream.lock")
     status, _, err = cache_cmd(
         capsys, "export", recorded.cache, str(tmp_path / "no.tar"), "--lock", str(tmp_path / "upstream.lock")
@@ -528,7 +530,7 @@ def test_import_refuses_a_tampered_archive(
     # the target already holds one entry; a merge of anything would show
     target = tmp_path / "target"
     partial = tmp_path / "partial.tar"
-    lock = Lock([LockEntry("g", "a.txt", "", sha(FILES["/a.txt"]), 600, "artifact")])
+    lock = LockFile([LockFileEntry("g", "a.txt", "", sha(FILES["/a.txt"]), 600, "artifact")])
     cache_admin.export_archive(Cache(recorded.cache), partial, lock)
     cache_admin.import_archive(Cache(target), partial)
     before = tree(target)

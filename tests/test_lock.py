@@ -23,7 +23,7 @@ from fixtures.build_wheels import Dist, write_files
 from pytest_upstream.cli.main import main as cli_main
 from pytest_upstream.config.settings import ConfigError, Settings, parse_table
 from pytest_upstream.repro.lock_tools import write_lock
-from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
+from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import proxy_def
@@ -177,16 +177,16 @@ def test_lock_configuration(tmp_path: Path) -> None:
 
 def test_lock_bytes_are_deterministic() -> None:
     entries = [
-        LockEntry("g", "b", "", "b" * 64, 2, "artifact"),
-        LockEntry("g", "a", "", "a" * 64, 1, "metadata"),
+        LockFileEntry("g", "b", "", "b" * 64, 2, "artifact"),
+        LockFileEntry("g", "a", "", "a" * 64, 1, "metadata"),
     ]
-    assert Lock(entries).dumps() == Lock(reversed(entries)).dumps()
-    first = Lock(entries).dumps().splitlines()[1]
+    assert LockFile(entries).dumps() == LockFile(reversed(entries)).dumps()
+    first = LockFile(entries).dumps().splitlines()[1]
     assert first.startswith('  {"content_type":null,"headers":[],"key":"g","kind":"metadata","path":"a"')
 
 
 def test_lock_keeps_the_upstream_headers_for_a_locked_replay(tmp_path: Path) -> None:
-    entry = LockEntry(
+    entry = LockFileEntry(
         "hub",
         "library/a/manifests/1",
         "accept",
@@ -197,19 +197,19 @@ def test_lock_keeps_the_upstream_headers_for_a_locked_replay(tmp_path: Path) -> 
         headers=(("Docker-Content-Digest", "sha256:" + "d" * 64),),
     )
     path = tmp_path / "upstream.lock"
-    Lock([entry]).save(path)
-    assert list(Lock.load(path)) == [entry]
+    LockFile([entry]).save(path)
+    assert list(LockFile.load(path)) == [entry]
 
 
 def test_writing_a_lock_rewrites_it_and_says_what_changed(tmp_path: Path) -> None:
-    a = LockEntry("g", "a", "", "a" * 64, 1, "artifact")
-    b1 = LockEntry("g", "b", "", "1" * 64, 1, "metadata")
-    b2 = LockEntry("g", "b", "", "2" * 64, 1, "metadata")
-    c = LockEntry("g", "c", "", "c" * 64, 1, "artifact")
+    a = LockFileEntry("g", "a", "", "a" * 64, 1, "artifact")
+    b1 = LockFileEntry("g", "b", "", "1" * 64, 1, "metadata")
+    b2 = LockFileEntry("g", "b", "", "2" * 64, 1, "metadata")
+    c = LockFileEntry("g", "c", "", "c" * 64, 1, "artifact")
     path = tmp_path / "upstream.lock"
-    assert write_lock(path, Lock([a, b1])) == f"{path} (2 entries: 2 added, 0 changed, 0 removed)"
-    assert write_lock(path, Lock([b2, c])) == f"{path} (2 entries: 1 added, 1 changed, 1 removed)"
-    assert list(Lock.load(path)) == [b2, c]  # exactly what the run served
+    assert write_lock(path, LockFile([a, b1])) == f"{path} (2 entries: 2 added, 0 changed, 0 removed)"
+    assert write_lock(path, LockFile([b2, c])) == f"{path} (2 entries: 1 added, 1 changed, 1 removed)"
+    assert list(LockFile.load(path)) == [b2, c]  # exactly what the run served
 
 
 # -- through the plugin -------------------------------------------------------------------
@@ -432,7 +432,7 @@ def test_locked_replay_answers_with_the_recorded_content_type_after_the_index_mo
 def test_workers_lock_entries_with_headers_combine_like_loaded_ones() -> None:
     from pytest_upstream.repro.lock_tools import combined_lock
 
-    entry = LockEntry(
+    entry = LockFileEntry(
         "hub", "a/manifests/1", "", "e" * 64, 3, "metadata", "x/y", (("Docker-Content-Digest", "d"),)
     )
     as_sent = {**entry.__dict__, "headers": [["Docker-Content-Digest", "d"]]}  # lists after transport

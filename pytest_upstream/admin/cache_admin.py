@@ -47,7 +47,7 @@ from typing import IO, Any, cast
 import filelock
 
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
-from pytest_upstream.repro.lockfile import Lock, LockError
+from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import (
     LAYOUT_VERSION,
     Cache,
@@ -460,7 +460,7 @@ class ExportReport:
 
 
 def export_archive(
-    cache: Cache, dest: Path, lock: Lock | None = None, compress: bool | None = None
+    cache: Cache, dest: Path, lock: LockFile | None = None, compress: bool | None = None
 ) -> ExportReport:
     """Write the cache (or what ``lock`` names) to a deterministic tar archive at ``dest``.
 
@@ -936,10 +936,10 @@ def run_cli(args: Any, root: Path, lock_timeout: float) -> int:
             max_size = parse_size(args.max_size) if args.max_size is not None else None
             older_than = parse_age(args.older_than) if args.older_than is not None else None
             grace = parse_age(args.grace) if args.grace is not None else DEFAULT_GRACE
-            keep = frozenset(e.sha256 for name in args.keep_lock or () for e in Lock.load(Path(name)))
+            keep = frozenset(e.sha256 for name in args.keep_lock or () for e in LockFile.load(Path(name)))
             return _cli_prune(open_cache(root), max_size, older_than, grace, args.json, keep)
         if action == "export":
-            lock = Lock.load(Path(args.lock)) if args.lock else None
+            lock = LockFile.load(Path(args.lock)) if args.lock else None
             return _cli_export(open_cache(root), Path(args.file), lock)
         if action == "import":
             return _cli_import(open_cache(root, create=True), Path(args.file), lock_timeout)
@@ -1018,7 +1018,7 @@ def _cli_prune(
     return 0
 
 
-def _cli_export(cache: Cache, file: Path, lock: Lock | None) -> int:
+def _cli_export(cache: Cache, file: Path, lock: LockFile | None) -> int:
     report = export_archive(cache, file, lock)
     for line in report.superseded:
         why = "no index entry for the locked bytes (refreshed or pruned since)"

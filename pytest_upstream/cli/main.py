@@ -23,7 +23,7 @@ from pytest_upstream.config.settings import (
     parse_proxy,
 )
 from pytest_upstream.config.sources import FORMATS, SOURCES
-from pytest_upstream.repro.lockfile import Lock, LockError
+from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import CacheError
 
 ENV_CACHE = "UPSTREAM_PROXY_CACHE"
@@ -116,7 +116,7 @@ def _cmd_lock_verify(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.config, args.cache, lock=args.lock)
     if settings.lock_file is None:
         raise ConfigError("no lock file: pass --lock FILE or set lock in [tool.pytest-upstream]")
-    lock = Lock.load(settings.lock_file)
+    lock = LockFile.load(settings.lock_file)
     problems = verify(lock, settings.cache_dir)
     for line in problems:
         print(line)

@@ -24,7 +24,7 @@ from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import ProxyRequest, Reply
-from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
+from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 from pytest_upstream.repro.served import ServedLog, ServedRecord
 from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
 from pytest_upstream.upstream.client import UpstreamClient, UpstreamError, iter_body
@@ -101,7 +101,7 @@ class Engine:
         # The lock file (docs/reproducible-builds.md): replay serves exactly what it names;
         # ``recorded`` collects what every answer came from, for a record or refresh run to save.
         self.lock = _load_lock(settings)
-        self.recorded = Lock()
+        self.recorded = LockFile()
         self._recorded_lock = threading.Lock()
         self.allowed_keys: frozenset[str] | None = None  # None: all; a test's marker may narrow it
 
@@ -498,7 +498,7 @@ class Engine:
     # -- the lock file (docs/reproducible-builds.md) ------------------------
     def remember(self, key: str, res: Resource, entry: Entry) -> None:
         """Note the stored bytes (or remembered 404) a request was answered from."""
-        locked = LockEntry(
+        locked = LockFileEntry(
             key,
             res.path,
             res.variant,
@@ -511,10 +511,10 @@ class Engine:
         with self._recorded_lock:
             self.recorded.add(locked)
 
-    def recorded_lock(self) -> Lock:
+    def recorded_lock(self) -> LockFile:
         """What this engine answered from so far: the lock a record or refresh run saves."""
         with self._recorded_lock:
-            return Lock(self.recorded)
+            return LockFile(self.recorded)
 
     def _locked_blob(self, proxy: ProxyDefinition, res: Resource) -> tuple[Entry, Path]:
         """Replay with a lock: exactly the locked bytes, whatever the cache's index says now."""
@@ -649,13 +649,13 @@ class Engine:
         )
 
 
-def _load_lock(settings: Settings) -> Lock | None:
+def _load_lock(settings: Settings) -> LockFile | None:
     """The configured lock file; required in replay mode, optional (written later) otherwise."""
     path = settings.lock_file
     if path is None:
         return None
     if path.is_file():
-        return Lock.load(path)
+        return LockFile.load(path)
     if settings.mode == "replay":
         raise LockError(f"{path}: lock file not found; run in record mode to write it")
     return None

@@ -1,6 +1,6 @@
 """Lock files around a session: combining workers' entries, and checking a cache against a lock.
 
-The model (``Lock``, ``LockEntry``, deterministic ``dumps``) is in ``lockfile.py``;
+The model (``LockFile``, ``LockFileEntry``, deterministic ``dumps``) is in ``lockfile.py``;
 the engine collects entries and serves replays from them (``Engine.remember``,
 ``Engine._locked_blob``).  See docs/reproducible-builds.md.
 """
@@ -13,38 +13,38 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pytest_upstream.repro.lockfile import Lock, LockEntry, LockError
+from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 
 NOT_FOUND = "notfound"  # a remembered upstream 404: no bytes to check
 WRITING_MODES = ("record", "refresh")  # the session modes that (re)write the lock file
 
 
-def lock_data(lock: Lock) -> list[dict[str, Any]]:
+def lock_data(lock: LockFile) -> list[dict[str, Any]]:
     """Plain data for a lock's entries (what an xdist worker sends to the controller)."""
     return [asdict(entry) for entry in lock]
 
 
-def combined_lock(reports: Iterable[Mapping[str, Any]]) -> Lock:
+def combined_lock(reports: Iterable[Mapping[str, Any]]) -> LockFile:
     """One lock from the workers' reports, in worker order (``worker`` field; later wins).
 
     Two workers hold different bytes for one request only if the upstream changed
     during the run; the lock then keeps the last worker's (record again to settle it).
     """
-    lock = Lock()
+    lock = LockFile()
     for report in sorted(reports, key=lambda r: str(r.get("worker", ""))):
         for raw in report.get("lock", []):
-            lock.add(LockEntry.from_dict(raw))
+            lock.add(LockFileEntry.from_dict(raw))
     return lock
 
 
-def write_lock(path: Path, served: Lock) -> str:
+def write_lock(path: Path, served: LockFile) -> str:
     """Rewrite the lock with exactly what a record or refresh session served; says what changed.
 
     The change counts make a lock written by a run of only some of the tests stand out.
     """
     path = Path(path)
     try:
-        before = {e.identity: e for e in Lock.load(path)} if path.is_file() else {}
+        before = {e.identity: e for e in LockFile.load(path)} if path.is_file() else {}
     except LockError:
         before = {}
     after = {e.identity: e for e in served}
@@ -68,7 +68,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(lock: Lock, cache_dir: Path) -> list[str]:
+def verify(lock: LockFile, cache_dir: Path) -> list[str]:
     """One line per entry whose bytes the cache lacks or holds damaged; reads, never changes.
 
     Remembered 404s (kind ``notfound``) have no bytes and always pass.

@@ -26,7 +26,7 @@ class LockError(ValueError):
 
 
 @dataclass(frozen=True, order=True)
-class LockEntry:
+class LockFileEntry:
     key: str
     path: str
     variant: str
@@ -39,7 +39,7 @@ class LockEntry:
     headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> LockEntry:
+    def from_dict(cls, raw: Mapping[str, Any]) -> LockFileEntry:
         """From JSON or a worker's report, where the header pairs arrive as lists."""
         fields = dict(raw)
         if "headers" in fields:
@@ -51,32 +51,32 @@ class LockEntry:
         return (self.key, self.path, self.variant)
 
 
-class Lock:
+class LockFile:
     """Entries by (key, path, variant); the last one recorded for an identity wins."""
 
-    def __init__(self, entries: Iterable[LockEntry] = ()) -> None:
-        self._entries: dict[tuple[str, str, str], LockEntry] = {}
+    def __init__(self, entries: Iterable[LockFileEntry] = ()) -> None:
+        self._entries: dict[tuple[str, str, str], LockFileEntry] = {}
         for entry in entries:
             self.add(entry)
 
-    def add(self, entry: LockEntry) -> None:
+    def add(self, entry: LockFileEntry) -> None:
         self._entries[entry.identity] = entry
 
-    def get(self, key: str, path: str, variant: str = "") -> LockEntry | None:
+    def get(self, key: str, path: str, variant: str = "") -> LockFileEntry | None:
         return self._entries.get((key, path, variant))
 
-    def merge(self, other: Lock) -> None:
+    def merge(self, other: LockFile) -> None:
         for entry in other:
             self.add(entry)
 
-    def __iter__(self) -> Iterator[LockEntry]:
+    def __iter__(self) -> Iterator[LockFileEntry]:
         return iter(sorted(self._entries.values()))
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Lock) and list(self) == list(other)
+        return isinstance(other, LockFile) and list(self) == list(other)
 
     def dumps(self) -> str:
         lines = [json.dumps(asdict(e), sort_keys=True, separators=(",", ":")) for e in self]
@@ -103,7 +103,7 @@ class Lock:
             raise
 
     @classmethod
-    def load(cls, path: Path) -> Lock:
+    def load(cls, path: Path) -> LockFile:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -119,7 +119,7 @@ class Lock:
         entries = []
         for i, raw in enumerate(data.get("entries", [])):
             try:
-                entry = LockEntry.from_dict(raw)
+                entry = LockFileEntry.from_dict(raw)
             except (TypeError, ValueError) as exc:
                 raise LockError(f"{path}: entry {i + 1}: {exc}") from None
             if len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):

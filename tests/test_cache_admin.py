@@ -24,6 +24,7 @@ import pytest
 
 from pytest_upstream.admin import cache_admin
 from pytest_upstream.cli.main import main
+from pytest_upstream.config import units
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.store.cache import USE_STAMP_INTERVAL, Cache, CacheError, Entry, entry_id
@@ -332,19 +333,19 @@ def test_prune_skips_an_entry_whose_lock_is_held(recorded: Recorded) -> None:
 
 
 def test_size_and_age_arguments() -> None:
-    assert cache_admin.parse_size("1024") == 1024
-    assert cache_admin.parse_size("500M") == 500 * 1024**2
-    assert cache_admin.parse_size("2G") == cache_admin.parse_size("2GiB") == 2 * 1024**3
-    assert cache_admin.parse_size("1.5k") == 1536
-    assert cache_admin.parse_age("30d") == 30 * 86400
-    assert cache_admin.parse_age("12h") == 12 * 3600
-    assert cache_admin.parse_age("90m") == 90 * 60
-    assert cache_admin.parse_age("45") == 45
+    assert units.parse_size("1024") == 1024
+    assert units.parse_size("500M") == 500 * 1024**2
+    assert units.parse_size("2G") == units.parse_size("2GiB") == 2 * 1024**3
+    assert units.parse_size("1.5k") == 1536
+    assert units.parse_age("30d") == 30 * 86400
+    assert units.parse_age("12h") == 12 * 3600
+    assert units.parse_age("90m") == 90 * 60
+    assert units.parse_age("45") == 45
     for bad in ("", "-1", "2X", "M"):
         with pytest.raises(ValueError):
-            cache_admin.parse_size(bad)
+            units.parse_size(bad)
     with pytest.raises(ValueError):
-        cache_admin.parse_age("3 days")
+        units.parse_age("3 days")
 
 
 def test_prune_reports_a_bad_size(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,6 +47,7 @@ from typing import IO, Any, cast
 import filelock
 
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
+from pytest_upstream.config.units import human_age, human_size, parse_age, parse_size
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import (
     LAYOUT_VERSION,
@@ -63,31 +64,10 @@ _CHUNK = 1024 * 1024
 _MAX_ENTRY_BYTES = 1024 * 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX2 = re.compile(r"[0-9a-f]{2}")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class ArchiveRefused(CacheError):
     """An archive that is not a well-formed, intact cache archive; nothing was imported."""
-
-
-# -- arguments ---------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """Bytes from ``1024``, ``500K``, ``500M``, ``2G``, ``1T`` (binary units; ``MB``/``MiB`` too)."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 1024, 500M, 2G)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
-def parse_age(text: str) -> float:
-    """Seconds from ``90s``, ``90m``, ``12h``, ``30d``, ``2w`` (a bare number is seconds)."""
-    m = _AGE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"not an age: {text!r} (examples: 90m, 12h, 30d)")
-    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 
 def open_cache(root: Path, *, create: bool = False) -> Cache:
@@ -1039,19 +1019,3 @@ def _cli_import(cache: Cache, file: Path, lock_timeout: float) -> int:
         f"{r.entries_kept} kept (as new or newer)"
     )
     return 0
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def human_age(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"

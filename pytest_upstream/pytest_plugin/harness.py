@@ -20,6 +20,7 @@ from typing import Any
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings
+from pytest_upstream.config.units import human_size
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
 from pytest_upstream.repro.netguard import NetworkGuard
 from pytest_upstream.repro.report import misses_by_test, network_lines, usage
@@ -334,15 +335,6 @@ class UpstreamProxy:
         return report
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
     total = Stats()
     for report in reports:
@@ -352,7 +344,7 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"upstream proxy ({first['mode']}, cache {first['cache_dir']}){workers}: "
         f"{total.requests} requests, {total.hits} hits, {total.misses} misses, {total.stale} stale, "
-        f"{_size(total.bytes_upstream)} from upstream, {_size(total.bytes_cache)} from cache, "
+        f"{human_size(total.bytes_upstream)} from upstream, {human_size(total.bytes_cache)} from cache, "
         f"{total.errors} errors, {total.not_found} not found"
     ]
     misses = [m for r in reports for m in r["replay_misses"]]

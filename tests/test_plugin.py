@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -204,3 +205,15 @@ def test_lazy_start_without_the_flag_under_xdist(pytester: pytest.Pytester, file
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.re_match_lines([r"upstream proxy \(record, .*\)( across 2 workers)?: 2 requests"])
+
+
+def test_options_and_the_marker_are_registered_once(pytester: pytest.Pytester) -> None:
+    """One module registers them (pytest_plugin/options.py): a second registration of an option
+    would be a startup error, a second marker line a duplicate in ``--markers``."""
+    markers = pytester.runpytest_subprocess("--markers", "-p", "no:cacheprovider")
+    lines = [line for line in markers.stdout.lines if line.startswith("@pytest.mark.upstream(")]
+    assert len(lines) == 1, lines
+    assert all(word in lines[0] for word in ("mode=", "proxies=", "inprocess="))
+    usage = pytester.runpytest_subprocess("--help", "-p", "no:cacheprovider").stdout.str()
+    for option in ("--upstream-proxy", "--upstream-inprocess", "--upstream-lock", "--upstream-block-network"):
+        assert len(re.findall(rf"^  {option}\b", usage, re.MULTILINE)) == 1, option

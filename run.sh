@@ -25,7 +25,7 @@ case "$cmd" in
     ;;
   test|fast)
     setup "[test]"
-    # Real upstream servers and clients for the protocol tests (apt/npm; idempotent).
+    # The real registry servers (upstreams) and clients the protocol tests run (apt/npm; idempotent).
     for peer in scripts/peers/*.sh; do
       [ -e "$peer" ] && PATH="$PWD/$VENV/bin:$PATH" bash "$peer"
     done
@@ -37,7 +37,9 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pytest -n 2 "${marker[@]}" "$@"
     ;;
   *)
-    sed -n '2,6p' "$0"
+    # The comment block at the top is the usage: every line after the shebang up to the first
+    # line that is not a comment, without its "# ".
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     exit 2
     ;;
 esac

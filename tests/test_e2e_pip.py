@@ -109,13 +109,13 @@ def test_pip_through_plugin_then_offline_replay(pytester: pytest.Pytester, packa
         recorded = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
         recorded.assert_outcomes(passed=1)
         recorded.stdout.re_match_lines(
-            [r"upstream proxy \(record, .*: \d+ requests, 0 hits, [1-9]\d* misses"]
+            [r"pytest-upstream \(record, .*: \d+ requests, 0 hits, [1-9]\d* misses"]
         )
     replayed = pytester.runpytest_subprocess(
         "--upstream-proxy", "--upstream-mode", "replay", "-p", "no:cacheprovider"
     )
     replayed.assert_outcomes(passed=1)
-    replayed.stdout.re_match_lines([r"upstream proxy \(replay, .*: \d+ requests, \d+ hits, 0 misses"])
+    replayed.stdout.re_match_lines([r"pytest-upstream \(replay, .*: \d+ requests, \d+ hits, 0 misses"])
 
     # a test that needs something not recorded fails the run and is listed
     pytester.makepyfile(

@@ -331,7 +331,7 @@ def test_plugin_flag_routes_the_session(pytester: pytest.Pytester, upstream: Ups
     )
     result = pytester.runpytest_subprocess("--upstream-inprocess", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["upstream proxy (record, *): 3 requests, 2 hits, 1 misses*"])
+    result.stdout.fnmatch_lines(["pytest-upstream (record, *): 3 requests, 2 hits, 1 miss,*"])
     assert upstream.hits["/files/s.bin"] == 2  # the proxy's miss and the un-routed test
 
 

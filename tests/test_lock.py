@@ -261,9 +261,7 @@ def test_plugin_writes_one_deterministic_lock_and_replays_it(
     lock_file = pytester.path / "upstream.lock"
     first = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
     first.assert_outcomes(passed=3)
-    first.stdout.fnmatch_lines(
-        [f"upstream lock written: {lock_file} (5 entries: 5 added, 0 changed, 0 removed)"]
-    )
+    first.stdout.fnmatch_lines([f"lock file written: {lock_file} (5 entries: 5 added, 0 changed, 0 removed)"])
     recorded = lock_file.read_bytes()
     assert [e["path"] for e in json.loads(recorded)["entries"]] == [
         "a.bin",

@@ -593,7 +593,7 @@ def test_mvn_package_through_the_proxy_then_replay_without_upstream(
     replay.assert_outcomes(passed=1)
     # (the summary counts the answered 404s of Maven's checksum probes as errors)
     replay.stdout.fnmatch_lines(
-        ["upstream proxy (replay, *): * requests, * hits, 0 misses, 0 stale, 0 B from upstream*"]
+        ["pytest-upstream (replay, *): * requests, * hits, 0 misses, 0 stale, 0 B from upstream*"]
     )
     print(f"mvn package: record {record_time:.1f}s, replay {replay_time:.1f}s")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_upstream.pytest_plugin.harness import summary_lines
+
 from .upstreams import Upstream
 
 
@@ -62,7 +64,7 @@ def test_xdist_workers_share_the_cache_and_the_summary_adds_up(
     result.assert_outcomes(passed=4)
     # 8 requests in all; a.bin was fetched from the upstream exactly once across both workers
     result.stdout.re_match_lines(
-        [r"upstream proxy \(record, .*\) across 2 workers: 8 requests, 3 hits, 5 misses"]
+        [r"pytest-upstream \(record, .*\) across 2 workers: 8 requests, 3 hits, 5 misses"]
     )
     assert files_upstream.hits["/files/a.bin"] == 1
     assert all(files_upstream.hits[f"/files/f{n}.bin"] == 1 for n in range(4))
@@ -83,7 +85,7 @@ def test_replay_offline_after_record(pytester: pytest.Pytester, files_upstream: 
     )
     replay.assert_outcomes(passed=4)
     assert replay.ret == 0
-    replay.stdout.re_match_lines([r"upstream proxy \(replay, .*: 8 requests, 8 hits, 0 misses, 0 stale"])
+    replay.stdout.re_match_lines([r"pytest-upstream \(replay, .*: 8 requests, 8 hits, 0 misses, 0 stale"])
 
 
 HELPERS = """
@@ -175,7 +177,7 @@ def test_without_the_flag_nothing_starts(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:respx", "-p", "no:httpx")
     result.assert_outcomes(passed=1)
-    assert "upstream proxy" not in result.stdout.str()
+    assert "pytest-upstream" not in result.stdout.str()
 
 
 def test_bad_config_is_a_usage_error(pytester: pytest.Pytester) -> None:
@@ -204,7 +206,7 @@ def test_lazy_start_without_the_flag_under_xdist(pytester: pytest.Pytester, file
     )
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    result.stdout.re_match_lines([r"upstream proxy \(record, .*\)( across 2 workers)?: 2 requests"])
+    result.stdout.re_match_lines([r"pytest-upstream \(record, .*\)( across 2 workers)?: 2 requests"])
 
 
 def test_options_and_the_marker_are_registered_once(pytester: pytest.Pytester) -> None:
@@ -217,3 +219,26 @@ def test_options_and_the_marker_are_registered_once(pytester: pytest.Pytester) -
     usage = pytester.runpytest_subprocess("--help", "-p", "no:cacheprovider").stdout.str()
     for option in ("--upstream-proxy", "--upstream-inprocess", "--upstream-lock", "--upstream-block-network"):
         assert len(re.findall(rf"^  {option}\b", usage, re.MULTILINE)) == 1, option
+
+
+def test_the_summary_agrees_in_number_and_prints_sizes_one_way() -> None:
+    one = {"requests": 1, "hits": 1, "misses": 1, "stale": 0, "errors": 1, "not_found": 0}
+    report = {
+        "mode": "record",
+        "cache_dir": "/c",
+        "stats": {**one, "bytes_upstream": 249856, "bytes_cache": 512, "upstream_fetches": 1},
+        "replay_misses": [],
+        "misses_by_test": {"t.py::test_a": 1, "t.py::test_b": 2},
+    }
+    lines = summary_lines([report])
+    assert lines[0] == (
+        "pytest-upstream (record, cache /c): 1 request, 1 hit, 1 miss, 0 stale, "
+        "244.0 KiB from upstream, 512 B from cache, 1 error, 0 not found"
+    )
+    assert lines[1:] == [
+        "tests that needed the network (2):",
+        "  t.py::test_a: 1 miss",
+        "  t.py::test_b: 2 misses",
+    ]
+    two = summary_lines([report, report])[0]
+    assert "across 2 workers: 2 requests, 2 hits, 2 misses, 0 stale, 488.0 KiB from upstream" in two

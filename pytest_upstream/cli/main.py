@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pytest_upstream.config.auth import AUTH_MODES
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
@@ -23,8 +26,13 @@ from pytest_upstream.config.settings import (
     parse_proxy,
 )
 from pytest_upstream.config.sources import FORMATS, SOURCES
+from pytest_upstream.config.units import plural
+from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import CacheError
+
+if TYPE_CHECKING:
+    from pytest_upstream.server.proxy_server import ProxyServer
 
 ENV_CACHE = "UPSTREAM_PROXY_CACHE"
 ENV_MODE = "UPSTREAM_PROXY_MODE"
@@ -42,15 +50,40 @@ def resolve_settings(
     )
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+class ServeError(Exception):
+    """The server cannot start as asked (e.g. its port is taken): one line, exit 1."""
+
+
+def _serve_checks(args: argparse.Namespace, settings: Settings) -> bool:
+    """Refuse what cannot work before anything is printed or bound; True if a lock is written."""
+    writes_lock = settings.lock_file is not None and settings.mode in WRITING_MODES
+    if args.workers > 1 and writes_lock:
+        raise ConfigError("--workers above 1 cannot write a lock: each process sees only some requests")
+    return writes_lock
+
+
+def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
     from pytest_upstream.server.proxy_server import ProxyServer
 
+    try:
+        return ProxyServer(settings, host=host, port=port)
+    except OSError as exc:
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"port {port} on {host} is already in use (choose another --port, or 0)"
+            ) from None
+        raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
+    writes_lock = _serve_checks(args, settings)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
     )
-    server = ProxyServer(settings, host=args.host, port=args.port)
+    server = _bind(settings, args.host, args.port)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
         where = server.url(proxy.key)
@@ -58,13 +91,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             where = f"{server.base_url.removeprefix('http://')}/{proxy.key}/<image>"
         print(f"  {proxy.key:<20} {proxy.format:<8} {where} -> {proxy.url}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
-    writes_lock = settings.lock_file is not None and settings.mode in ("record", "refresh")
     if settings.lock_file is not None:
         what = "written at shutdown" if writes_lock else "replayed"
         print(f"  lock {settings.lock_file} ({what})", flush=True)
-    if args.workers > 1 and writes_lock:
-        server.stop()
-        raise ConfigError("--workers above 1 cannot write a lock: each process sees only some requests")
     children = _fork_workers(args.workers - 1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -122,12 +151,13 @@ def _cmd_lock_verify(args: argparse.Namespace) -> int:
         print(line)
     if problems:
         print(
-            f"lock {settings.lock_file}: {len(problems)} of {len(lock)} entries missing or corrupt "
+            f"lock {settings.lock_file}: {len(problems)} of {plural(len(lock), 'entry')} missing or corrupt "
             f"in cache {settings.cache_dir}",
             file=sys.stderr,
         )
         return 1
-    print(f"lock {settings.lock_file}: all {len(lock)} entries present and intact in {settings.cache_dir}")
+    every = "the only entry" if len(lock) == 1 else f"all {plural(len(lock), 'entry')}"
+    print(f"lock {settings.lock_file}: {every} present and intact in {settings.cache_dir}")
     return 0
 
 
@@ -232,22 +262,52 @@ def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cassettes.set_defaults(func=_cmd_import_cassettes)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's), as pip reports it."""
+    try:
+        return version("pytest-upstream")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (a free one) to 65535, refused by argparse before anything starts."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (got {port})")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-proxy", description="A pull-through cache for registries."
     )
     parser.add_argument("--config", metavar="FILE", help="pyproject.toml to read (default: ./pyproject.toml)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy until interrupted; prints its base URL")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
+    serve.add_argument("--port", type=_port, default=0, help="port (default 0: a free one)")
     serve.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE})")
     serve.add_argument("--mode", choices=MODES, help=f"record, replay or refresh (env {ENV_MODE})")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_positive,
         default=1,
         metavar="N",
         help="processes accepting on the same port (default 1; not with a lock being written)",
@@ -266,10 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = sub.add_parser("create", help="add an upstream proxy to pyproject.toml")
     create.add_argument("key", help="the proxy key (lowercase; see docs/configuration.md)")
-    create.add_argument("--source", required=True, choices=SOURCES)
-    create.add_argument("--url", help="upstream URL (custom sources)")
+    create.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="custom",
+        help="a built-in upstream, or custom (the default, as in the table): then --format and --url",
+    )
+    create.add_argument("--url", help="upstream URL (required for custom; a mirror for a built-in)")
     create.add_argument("--format", choices=FORMATS, help="registry format (custom sources)")
-    create.add_argument("--auth", choices=AUTH_MODES, default="anonymous")
+    create.add_argument(
+        "--auth", choices=AUTH_MODES, default="anonymous", help="how to log in upstream (default anonymous)"
+    )
     create.add_argument("--username-env", metavar="VAR", help="variable holding the username (basic)")
     create.add_argument("--password-env", metavar="VAR", help="variable holding the password (basic)")
     create.add_argument("--token-env", metavar="VAR", help="variable holding the token (bearer)")
@@ -281,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="show the upstream proxies and their URLs")
     lst.add_argument("--host", default="127.0.0.1")
-    lst.add_argument("--port", type=int, default=0, help="show URLs for a server on this port")
+    lst.add_argument("--port", type=_port, default=0, help="show URLs for a server on this port")
     lst.set_defaults(func=_cmd_list)
 
     _add_cache_parser(sub)
@@ -302,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LockError) as exc:
         print(f"upstream-proxy: error: {exc}", file=sys.stderr)
         return 2
-    except CacheError as exc:
+    except (CacheError, ServeError) as exc:
         print(f"upstream-proxy: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

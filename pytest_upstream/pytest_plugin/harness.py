@@ -20,7 +20,7 @@ from typing import Any
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings
-from pytest_upstream.config.units import human_size
+from pytest_upstream.config.units import human_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
 from pytest_upstream.repro.netguard import NetworkGuard
 from pytest_upstream.repro.report import misses_by_test, network_lines, usage
@@ -336,16 +336,18 @@ class UpstreamProxy:
 
 
 def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
+    """The terminal summary: totals over every worker's ``report()``, then what went wrong."""
     total = Stats()
     for report in reports:
         total.add(Stats(**report["stats"]))
     first = reports[0]
     workers = f" across {len(reports)} workers" if len(reports) > 1 else ""
     lines = [
-        f"upstream proxy ({first['mode']}, cache {first['cache_dir']}){workers}: "
-        f"{total.requests} requests, {total.hits} hits, {total.misses} misses, {total.stale} stale, "
+        f"pytest-upstream ({first['mode']}, cache {first['cache_dir']}){workers}: "
+        f"{plural(total.requests, 'request')}, {plural(total.hits, 'hit')}, {plural(total.misses, 'miss')}, "
+        f"{total.stale} stale, "
         f"{human_size(total.bytes_upstream)} from upstream, {human_size(total.bytes_cache)} from cache, "
-        f"{total.errors} errors, {total.not_found} not found"
+        f"{plural(total.errors, 'error')}, {total.not_found} not found"
     ]
     misses = [m for r in reports for m in r["replay_misses"]]
     if misses:

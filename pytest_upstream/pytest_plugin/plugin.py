@@ -120,4 +120,4 @@ def pytest_report_header(config: pytest.Config) -> str | None:
         return None
     lock = proxy.server.engine.settings.lock_file
     extra = (f", lock {lock}" if lock else "") + (", network blocked" if proxy.network_blocked else "")
-    return f"upstream proxy: {proxy.base_url} (mode {proxy.mode}, cache {Path(proxy.cache_dir)}{extra})"
+    return f"pytest-upstream: {proxy.base_url} (mode {proxy.mode}, cache {Path(proxy.cache_dir)}{extra})"

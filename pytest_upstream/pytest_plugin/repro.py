@@ -123,7 +123,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if lock_files and not interrupted:
         from pytest_upstream.repro.lock_tools import combined_lock, write_lock
 
-        config.stash[LOCK_NOTE] = "upstream lock written: " + write_lock(
+        config.stash[LOCK_NOTE] = "lock file written: " + write_lock(
             Path(lock_files[0]), combined_lock(reports)
         )
     if (path := report_path(config)) is not None:

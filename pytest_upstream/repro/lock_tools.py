@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pytest_upstream.config.units import plural
 from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 
 NOT_FOUND = "notfound"  # a remembered upstream 404: no bytes to check
@@ -52,7 +53,7 @@ def write_lock(path: Path, served: LockFile) -> str:
     added = sum(1 for i in after if i not in before)
     removed = sum(1 for i in before if i not in after)
     changed = sum(1 for i in after if i in before and before[i] != after[i])
-    return f"{path} ({len(after)} entries: {added} added, {changed} changed, {removed} removed)"
+    return f"{path} ({plural(len(after), 'entry')}: {added} added, {changed} changed, {removed} removed)"
 
 
 def blob_path(cache_dir: Path, sha256: str) -> Path:
@@ -78,14 +79,14 @@ def verify(lock: LockFile, cache_dir: Path) -> list[str]:
         if entry.kind == NOT_FOUND:
             continue
         what = f"{entry.key} {entry.path}" + (f" [{entry.variant}]" if entry.variant else "")
-        what += f" sha256 {entry.sha256} ({entry.size} bytes)"
+        what += f" sha256 {entry.sha256} ({plural(entry.size, 'byte')})"
         path = blob_path(cache_dir, entry.sha256)
         if not path.is_file():
             problems.append(f"missing: {what}")
             continue
         size = path.stat().st_size
         if size != entry.size:
-            problems.append(f"corrupt: {what}: the blob has {size} bytes")
+            problems.append(f"corrupt: {what}: the blob has {plural(size, 'byte')}")
         elif (actual := _sha256_file(path)) != entry.sha256:
             problems.append(f"corrupt: {what}: the blob hashes to {actual}")
     return problems

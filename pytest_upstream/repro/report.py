@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_upstream.config.settings import Settings
+from pytest_upstream.config.units import plural
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Kind, Resource
 from pytest_upstream.repro.served import ServedRecord
@@ -107,7 +108,7 @@ def network_lines(reports: Iterable[Mapping[str, Any]]) -> list[str]:
         lines.append(f"tests that needed the network ({len(misses)}):")
         for test in sorted(misses)[:_LISTED]:
             n = misses[test]
-            lines.append(f"  {test}: {n} miss{'es' if n != 1 else ''}")
+            lines.append(f"  {test}: {plural(n, 'miss')}")
         if len(misses) > _LISTED:
             lines.append(f"  ... and {len(misses) - _LISTED} more (--upstream-report FILE lists them all)")
     if blocked:

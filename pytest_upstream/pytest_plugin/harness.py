@@ -72,6 +72,12 @@ def forward_proxy_env(server: ProxyServer) -> dict[str, str]:
 
 
 class UpstreamProxy:
+    """The session's proxy server as a test sees it.
+
+    Named after the ``upstream_proxy`` fixture, it is the whole server: it serves every
+    configured upstream proxy (one per key), and ``url(key)`` is where each one answers.
+    """
+
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self._env = exported_env(server)

@@ -86,6 +86,10 @@ def test_replay_offline_after_record(pytester: pytest.Pytester, files_upstream: 
     replay.assert_outcomes(passed=4)
     assert replay.ret == 0
     replay.stdout.re_match_lines([r"pytest-upstream \(replay, .*: 8 requests, 8 hits, 0 misses, 0 stale"])
+    # the header names the server, its mode and cache, and that replay blocked the network
+    replay.stdout.fnmatch_lines(
+        ["pytest-upstream: http://127.0.0.1:* (mode replay, cache *cache-dir, network blocked)"]
+    )
 
 
 HELPERS = """

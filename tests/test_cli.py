@@ -125,3 +125,12 @@ def test_run_sh_without_a_command_prints_only_its_usage() -> None:
     assert lines[0].startswith("One entry point")
     assert [line.split()[1] for line in lines[1:]] == ["serve", "test", "fast"]
     assert "set -" not in result.stdout and "#" not in result.stdout
+
+
+def test_serve_on_an_address_this_machine_lacks_is_one_line(
+    here: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--host", "203.0.113.9"]) == 1  # TEST-NET-3: no interface has it
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("upstream-proxy: error: cannot listen on 203.0.113.9:0: ") and err.count("\n") == 1

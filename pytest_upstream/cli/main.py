@@ -68,12 +68,11 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
     try:
         return ProxyServer(settings, host=host, port=port)
     except OSError as exc:
-        where = f"{host}:{port}"
         if exc.errno == errno.EADDRINUSE:
             raise ServeError(
                 f"port {port} on {host} is already in use (choose another --port, or 0)"
             ) from None
-        raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -1,20 +1,29 @@
-"""The engine's parts on their own: the clock, the freshness policy, the render memo's key, and
-the seam that lets a format claim a root path prefix (so the engine knows no format by name)."""
+"""The engine's parts on their own: the clock, the freshness policy, the render memo's key, the
+seam that lets a format claim a root path prefix (so the engine knows no format by name), and a
+revalidation measured on the engine's clock."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
+from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.clock import ManualClock, SystemClock
+from pytest_upstream.engine.dispatch import Engine
+from pytest_upstream.engine.fetch import CACHE_HEADER
 from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import Kind, Resource
 from pytest_upstream.formats.docker import DockerFormat
 from pytest_upstream.formats.npm import PackumentView
+from pytest_upstream.messages import Headers, ProxyRequest
 from pytest_upstream.store.cache import Entry
 
 from .conftest import proxy_def
@@ -100,3 +109,61 @@ def test_docker_claims_the_v2_root_and_the_engine_names_no_format() -> None:
     for module in ENGINE.glob("*.py"):
         text = module.read_text().lower()
         assert "docker" not in text and "/v2" not in text, f"{module.name} knows a format by name"
+
+
+class _Revalidating(BaseHTTPRequestHandler):
+    """An upstream that answers 304 to a matching If-None-Match, and counts what it was asked."""
+
+    protocol_version = "HTTP/1.1"
+    asked: ClassVar[list[str]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.asked.append(self.headers.get("If-None-Match", ""))
+        if self.headers.get("If-None-Match") == '"v1"':
+            self.send_response(304)
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("ETag", '"v1"')
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"v1")
+
+
+def test_a_revalidated_entry_is_fresh_again_on_the_engine_clock(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Revalidating)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    _Revalidating.asked = []
+    clock = ManualClock(time.time() + 100_000)  # far from the wall clock: a wall-clock age would be stale
+    proxy = proxy_def(
+        key="g",
+        format="generic",
+        url=f"http://127.0.0.1:{server.server_address[1]}/",
+        mutable_paths=["*"],
+        metadata_ttl=60,
+    )
+    engine = Engine(Settings(cache_dir=tmp_path / "cache", mode="record", proxies=(proxy,)), clock=clock)
+
+    def cache_state() -> str:
+        reply = engine.handle(ProxyRequest("GET", "g", "m.json", "", Headers(), "http://proxy.test"))
+        assert reply.status == 200 and reply.file is not None and reply.file.read_bytes() == b"v1"
+        return reply.headers[CACHE_HEADER]
+
+    try:
+        assert cache_state() == "miss"
+        clock.advance(59)
+        assert cache_state() == "hit"
+        clock.advance(1)
+        assert cache_state() == "hit"  # revalidated: the upstream answered 304
+        assert _Revalidating.asked == ["", '"v1"']
+        clock.advance(59)
+        assert cache_state() == "hit"  # fresh again, counted from the revalidation
+        assert len(_Revalidating.asked) == 2
+    finally:
+        engine.close()
+        server.shutdown()
+        server.server_close()

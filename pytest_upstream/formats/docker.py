@@ -175,6 +175,7 @@ def _client_name(request: ProxyRequest, name: str) -> str:
 
 class DockerFormat(Format):
     name = "docker"
+    root_prefix = "v2"  # /v2/<key>/<name>/... is the OCI distribution API: the key comes second
 
     def describe(self, resource: Resource) -> dict[str, str]:
         for marker, field_name in (("/manifests/", "reference"), ("/blobs/", "digest")):
@@ -183,8 +184,6 @@ class DockerFormat(Format):
                 return {"name": name, field_name: ref}
         name, sep, _ = resource.path.partition("/tags/list")
         return {"name": name} if sep else {}
-
-    root_prefix = "v2"  # /v2/<key>/<name>/... is the OCI distribution API: the key comes second
 
     def __init__(self) -> None:
         self._tokens = Tokens()

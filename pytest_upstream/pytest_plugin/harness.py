@@ -21,7 +21,6 @@ from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings
 from pytest_upstream.config.units import human_size
-from pytest_upstream.engine.clock import Clock
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
 from pytest_upstream.repro.netguard import NetworkGuard
 from pytest_upstream.repro.report import misses_by_test, network_lines, usage
@@ -85,9 +84,8 @@ class UpstreamProxy:
         self._blocked_before: list[tuple[str, str]] = []  # from guards already removed
 
     @classmethod
-    def start(cls, settings: Settings, *, clock: Clock | None = None) -> UpstreamProxy:
-        """``clock``: the engine's time; a test of TTLs passes a ``ManualClock`` and advances it."""
-        proxy = cls(ProxyServer(settings, clock=clock).start())
+    def start(cls, settings: Settings) -> UpstreamProxy:
+        proxy = cls(ProxyServer(settings).start())
         proxy._apply_env()
         return proxy
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from pytest_upstream.config.settings import ProxyDefinition, Settings, parse_proxy
+from pytest_upstream.engine.clock import Clock
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .upstreams import Upstream
@@ -46,12 +47,16 @@ MakeProxy = Callable[..., ProxyServer]
 def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     """Start a ProxyServer on loopback; stopped at teardown.
 
-    ``make_proxy(proxy_def(...), ..., mode="record", cache=path)``
+    ``make_proxy(proxy_def(...), ..., mode="record", cache=path, clock=ManualClock())``
     """
     started: list[ProxyServer] = []
 
     def make(
-        *proxies: ProxyDefinition, mode: str = "record", cache: Path | None = None, lock_timeout: float = 30.0
+        *proxies: ProxyDefinition,
+        mode: str = "record",
+        cache: Path | None = None,
+        lock_timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> ProxyServer:
         settings = Settings(
             cache_dir=cache or tmp_path / "cache",
@@ -59,7 +64,7 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
             proxies=tuple(proxies),
             lock_timeout=lock_timeout,
         )
-        server = ProxyServer(settings).start()
+        server = ProxyServer(settings, clock=clock).start()
         started.append(server)
         return server
 

@@ -29,16 +29,15 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from unittest import mock
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import pytest_upstream.engine.engine
-import pytest_upstream.store.cache
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine.engine import CACHE_HEADER, Engine
+from pytest_upstream.engine.clock import ManualClock
+from pytest_upstream.engine.dispatch import Engine
+from pytest_upstream.engine.fetch import CACHE_HEADER
 from pytest_upstream.messages import Headers, ProxyRequest, Reply
 
 from . import upstreams
@@ -52,16 +51,6 @@ ARTIFACTS = ("art/x", "art/y")
 PATHS = META + ARTIFACTS
 
 Outcome = tuple[int, bytes | None, str | None]  # status, body (None for errors), cache state
-
-
-class FakeClock:
-    """Stands in for the ``time`` module in ``pytest_upstream.store.cache`` and ``.engine``."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
 
 
 class _Handler(upstreams._Handler):
@@ -124,19 +113,15 @@ class ModelUpstream(Upstream):
 class CacheModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.clock = FakeClock(1_000_000.0)
-        self._patches = [
-            mock.patch.object(pytest_upstream.store.cache, "time", self.clock),
-            mock.patch.object(pytest_upstream.engine.engine, "time", self.clock),
-        ]
-        for p in self._patches:
-            p.start()
+        self.clock = ManualClock(1_000_000.0)
         self.tmp = Path(tempfile.mkdtemp(prefix="cache-model-"))
         self.up = ModelUpstream().start()
         proxy = proxy_def(
             key=KEY, format="generic", url=self.up.url, mutable_paths=["meta/*"], metadata_ttl=TTL
         )
-        self.engine = Engine(Settings(cache_dir=self.tmp / "cache", mode="record", proxies=(proxy,)))
+        self.engine = Engine(
+            Settings(cache_dir=self.tmp / "cache", mode="record", proxies=(proxy,)), clock=self.clock
+        )
         # the model
         self.published: dict[str, bytes] = {}  # what the upstream serves (absent: 404)
         self.faulty: set[str] = set()  # paths the upstream answers 503 for
@@ -150,8 +135,6 @@ class CacheModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.engine.close()
         self.up.stop()
-        for p in reversed(self._patches):
-            p.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- the model's prediction ------------------------------------------
@@ -159,7 +142,7 @@ class CacheModel(RuleBasedStateMachine):
         """(status, body, cache state) and the number of upstream requests; updates the model."""
         entry = self.cached.get(path)
         if entry is not None and (
-            self.mode == "replay" or not path.startswith("meta/") or self.clock.now - entry[1] < TTL
+            self.mode == "replay" or not path.startswith("meta/") or self.clock.now() - entry[1] < TTL
         ):
             return (200, entry[0], "hit"), 0
         if self.mode == "replay":
@@ -169,7 +152,7 @@ class CacheModel(RuleBasedStateMachine):
             if path not in self.published:
                 return (404, None, None), contacts
             body = self.published[path]
-            self.cached[path] = (body, self.clock.now)
+            self.cached[path] = (body, self.clock.now())
             return (200, body, "miss"), contacts
         if entry is not None:  # metadata past its TTL, refetch failed
             return (200, entry[0], "stale"), contacts
@@ -268,14 +251,14 @@ class CacheModel(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([1.0, TTL - 1, TTL, TTL + 1, 10 * TTL]))
     def advance_clock(self, seconds: float) -> None:
-        self.clock.now += seconds
+        self.clock.advance(seconds)
 
     @rule(path=st.sampled_from(META), offset=st.sampled_from([-1.0, 0.0]))
     def request_at_ttl_boundary(self, path: str, offset: float) -> None:
         """Move the clock to one second before (age TTL-1: fresh) or exactly at (age TTL: expired)
         a cached path's expiry, if that is not in the past, and request it."""
         if path in self.cached:
-            self.clock.now = max(self.clock.now, self.cached[path][1] + TTL + offset)
+            self.clock.advance(max(0.0, self.cached[path][1] + TTL + offset - self.clock.now()))
         self.request(path)
 
     @precondition(lambda self: self.up_running)
@@ -297,7 +280,7 @@ class CacheModel(RuleBasedStateMachine):
         new_settings = dataclasses.replace(self.engine.settings, mode=self.mode)
         if new_engine:
             self.engine.close()
-            self.engine = Engine(new_settings)
+            self.engine = Engine(new_settings, clock=self.clock)
         else:
             self.engine.settings = new_settings
 

@@ -21,6 +21,7 @@ import pytest
 
 from pytest_upstream.config.settings import ConfigError, ProxyDefinition, Settings, parse_table
 from pytest_upstream.config.sources import IMAGE_DOMAINS
+from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.formats.base import FormatError
 from pytest_upstream.formats.docker import (
     ALL_MANIFESTS_ACCEPT,
@@ -30,9 +31,9 @@ from pytest_upstream.formats.docker import (
     OCI_MANIFEST,
     name_problem,
     normalize_accept,
-    parse_challenge,
     parse_digest,
 )
+from pytest_upstream.formats.docker_auth import parse_challenge
 from pytest_upstream.pytest_plugin.harness import UpstreamProxy
 from pytest_upstream.server.proxy_server import ProxyServer
 
@@ -475,23 +476,52 @@ def test_bearer_token_flow_caches_one_token_per_scope(make_proxy: MakeProxy) -> 
 def test_bearer_token_expiry_and_basic_credentials_at_the_realm(
     make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with FakeRegistry(auth="token", token_life=4) as fake:  # long enough for a busy CI machine
+    clock = ManualClock()
+    with FakeRegistry(auth="token", token_life=4) as fake:
         monkeypatch.setenv("REG_USER", fake.user[0])
         monkeypatch.setenv("REG_PASS", fake.user[1])
         fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
         proxy = make_proxy(
             docker_proxy(
                 fake.url, metadata_ttl=0, auth="basic", username_env="REG_USER", password_env="REG_PASS"
-            )
+            ),
+            clock=clock,
         )
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
+        clock.advance(3.5)
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
         assert len(fake.token_requests) == 1  # expires_in=4: used for at most 3.6 s
-        time.sleep(3.7)
+        clock.advance(0.2)
         assert http(v2(proxy, "oci/demo/app/manifests/v1"))[0] == 200
-        assert len(fake.token_requests) == 2
+        assert len(fake.token_requests) == 2  # the real token server was asked again
         basic = "Basic " + base64.b64encode(f"{fake.user[0]}:{fake.user[1]}".encode()).decode()
         assert all(h.get("Authorization") == basic for _, h in fake.token_requests)
+
+
+def test_an_error_on_a_reused_connection_names_its_own_image(
+    fake: FakeRegistry, make_proxy: MakeProxy
+) -> None:
+    """One keep-alive connection is one server thread: the second answer must not name the
+    image of the first (the format once kept the request's image in thread-local state)."""
+    fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
+    proxy = make_proxy(docker_proxy(fake.url), docker_proxy(fake.url, key="other"))
+    conn = HTTPConnection("127.0.0.1", port_of(proxy), timeout=30)
+    try:
+        conn.request("GET", "/v2/oci/demo/app/manifests/v1")
+        first = conn.getresponse()
+        assert (first.status, first.read()) == (200, MANIFEST)
+        proxy.engine.allowed_keys = frozenset({"other"})  # as a test's upstream marker narrows it
+        conn.request("GET", "/v2/oci/demo/elsewhere/manifests/v2")
+        second = conn.getresponse()
+        code, message = errors(second.read())
+        assert second.status == 403 and code == "DENIED"
+        assert message.startswith("manifest oci/demo/elsewhere:v2: ")
+        assert "demo/app" not in message
+        conn.request("GET", "/v2/oci/_catalog")  # names no image at all
+        third = conn.getresponse()
+        assert third.status == 403 and "demo/" not in errors(third.read())[1]
+    finally:
+        conn.close()
 
 
 def test_token_server_refusal_is_a_clear_502(make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch) -> None:

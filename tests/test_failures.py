@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine import engine
+from pytest_upstream.engine import fetch
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.store.cache import Cache
 
@@ -328,7 +328,7 @@ def test_pypi_wrong_hash_large_file_cuts_the_connection(
     upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
     size = 9 * 1024 * 1024
-    assert size > engine.VERIFY_BEFORE_SERVE_LIMIT
+    assert size > fetch.VERIFY_BEFORE_SERVE_LIMIT
     data = bytes(range(256)) * (size // 256)
     name = "big-1.0-py3-none-any.whl"
     upstream.files[f"/files/{name}"] = data

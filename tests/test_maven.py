@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from pytest_upstream.config.settings import DEFAULT_NEGATIVE_TTL, ConfigError, ProxyDefinition
+from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.formats.base import Kind, MalformedUpstream
 from pytest_upstream.formats.maven import (
     BadMavenPath,
@@ -293,11 +294,13 @@ def test_negative_cache_then_replay_answers_the_404(
 
 def test_negative_cache_expires(make_proxy: MakeProxy, upstream: Upstream) -> None:
     missing = "org/example/demo/9.9/demo-9.9.pom"
-    proxy = make_proxy(maven_def(upstream, negative_ttl=1.5))  # generous: CI machines are busy
+    clock = ManualClock()
+    proxy = make_proxy(maven_def(upstream, negative_ttl=1.5), clock=clock)
     assert get(proxy, missing).status_code == 404
+    clock.advance(1.4)
     assert get(proxy, missing).status_code == 404
     assert upstream.hits[f"/repo/{missing}"] == 1
-    time.sleep(1.7)
+    clock.advance(0.2)
     upstream.files[f"/repo/{missing}"] = b"<project/>"  # published meanwhile
     r = get(proxy, missing)
     assert (r.status_code, r.content) == (200, b"<project/>")
@@ -308,11 +311,13 @@ def test_metadata_404_is_not_remembered_longer_than_the_metadata_ttl(
     make_proxy: MakeProxy, upstream: Upstream
 ) -> None:
     path = "org/example/demo/maven-metadata.xml"
-    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5, negative_ttl=300))
+    clock = ManualClock()
+    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5, negative_ttl=300), clock=clock)
     assert get(proxy, path).status_code == 404
+    clock.advance(1.4)
     assert get(proxy, path).status_code == 404
     assert upstream.hits[f"/repo/{path}"] == 1
-    time.sleep(1.7)
+    clock.advance(0.2)
     upstream.files[f"/repo/{path}"] = METADATA
     assert get(proxy, path).content == METADATA
 
@@ -320,12 +325,14 @@ def test_metadata_404_is_not_remembered_longer_than_the_metadata_ttl(
 def test_metadata_is_refreshed_after_its_ttl(make_proxy: MakeProxy, upstream: Upstream) -> None:
     path = "org/example/demo/maven-metadata.xml"
     upstream.files[f"/repo/{path}"] = METADATA
-    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5))
+    clock = ManualClock()
+    proxy = make_proxy(maven_def(upstream, metadata_ttl=1.5), clock=clock)
     assert get(proxy, path).content == METADATA
     newer = METADATA.replace(b"1.0</version>", b"1.0</version><version>1.1</version>")
     upstream.files[f"/repo/{path}"] = newer
+    clock.advance(1.4)
     assert get(proxy, path).content == METADATA  # still fresh
-    time.sleep(1.7)
+    clock.advance(0.2)
     r = get(proxy, path)
     assert (r.content, r.headers["x-upstream-cache"]) == (newer, "miss")
     assert r.headers["content-type"] == "application/octet-stream"  # as the upstream sent it
@@ -601,10 +608,12 @@ def test_mvn_package_through_the_proxy_then_replay_without_upstream(
 @pytest.mark.slow
 def test_mvn_snapshot_redeploy_is_seen_after_the_metadata_ttl(make_proxy: MakeProxy, tmp_path: Path) -> None:
     require_maven()
+    clock = ManualClock()
     with maven_peers.nginx(tmp_path / "nginx") as upstream:
         server = make_proxy(
             proxy_def(key="central", source="maven-central", url=upstream.repo_url),
             proxy_def(key="snaps", format="maven", url=upstream.dav_url, metadata_ttl=1),
+            clock=clock,
         )
         harness = UpstreamProxy(server)
         lib = maven_peers.write_project(
@@ -633,7 +642,7 @@ def test_mvn_snapshot_redeploy_is_seen_after_the_metadata_ttl(make_proxy: MakePr
 
         (lib / "src/main/resources/lib.txt").write_text("v2\n")
         maven_peers.assert_success(maven_peers.mvn(lib, deploy_settings, *deploy))
-        time.sleep(1.1)  # the snaps proxy's metadata_ttl
+        clock.advance(1.1)  # the snaps proxy's metadata_ttl
         mark = server.served.mark()
         maven_peers.assert_success(maven_peers.mvn(app, app_settings, "-U", "compile"))
         assert maven_peers.jar_entry(resolved, "lib.txt") == "v2\n"

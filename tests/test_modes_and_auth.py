@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_upstream.engine.clock import ManualClock
+
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Upstream
 
@@ -47,10 +49,15 @@ def test_refresh_refetches_metadata_once_and_keeps_artifacts(
 
 
 def test_metadata_ttl_expiry_refetches(upstream: Upstream, make_proxy: MakeProxy) -> None:
+    clock = ManualClock()
     upstream.files["/m.json"] = b"v1"
-    proxy = make_proxy(generic(upstream.url, metadata_ttl=0))
+    proxy = make_proxy(generic(upstream.url, metadata_ttl=600), clock=clock)
     assert get(proxy.url("g") + "m.json")[1] == b"v1"
     upstream.files["/m.json"] = b"v2"
+    clock.advance(599)
+    status, body, headers = get(proxy.url("g") + "m.json")
+    assert (status, body, headers["X-Upstream-Cache"]) == (200, b"v1", "hit")
+    clock.advance(1)
     status, body, headers = get(proxy.url("g") + "m.json")
     assert (status, body, headers["X-Upstream-Cache"]) == (200, b"v2", "miss")
     assert upstream.hits["/m.json"] == 2

@@ -34,6 +34,7 @@ import httpx
 
 from pytest_upstream.clients.routes import Route, Router
 from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.engine.fetch import store_answer
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
@@ -173,9 +174,13 @@ def _values(value: Any) -> list[str]:
 class _OfflineContext:
     """A FormatContext that answers from the cache only (no upstream, any age)."""
 
-    def __init__(self, cache: Cache, proxy: ProxyDefinition) -> None:
+    def __init__(self, cache: Cache, proxy: ProxyDefinition, request: ProxyRequest) -> None:
         self.cache = cache
         self.proxy = proxy
+        self.request = request
+
+    def now(self) -> float:
+        return time.time()
 
     def cached(self, path: str, variant: str = "") -> Entry | None:
         entry = self.cache.lookup(self.proxy.key, path, variant)
@@ -270,7 +275,7 @@ class CassetteImporter:
             base_url="http://127.0.0.1",
         )
         try:
-            resource = fmt.resolve(request, _OfflineContext(self.cache, proxy))
+            resource = fmt.resolve(request, _OfflineContext(self.cache, proxy, request))
         except (FormatError, MalformedUpstream) as exc:
             self.report.skip(interaction, "unresolved", str(exc))
             return
@@ -291,18 +296,13 @@ class CassetteImporter:
                 self.report.already_cached += 1
                 return
             body = interaction.body
-            if res.kind is Kind.METADATA:
-                fmt.check(res, body)
-            expected = {**fmt.published_digests(res, interaction.headers), **res.expected}
             is_new = not self.cache.blob_path(hashlib.sha256(body).hexdigest()).is_file()
-            writer = self.cache.writer(tuple(expected))
-            writer.write(body)
-            sha, size = self.cache.commit_blob(writer, expected, res.upstream_url)
-            self.cache.store_entry(res.index_entry(proxy.key, interaction.headers, sha, size, time.time()))
+            # the live fetch's pipeline: the format's checks, published digests, blob and entry
+            entry = store_answer(self.cache, fmt, res, proxy.key, interaction.headers, [body], time.time())
         self.report.imported += 1
         if is_new:
             self.report.new_blobs += 1
-            self.report.new_bytes += size
+            self.report.new_bytes += entry.size
 
 
 def import_cassettes(paths: Iterable[Path], settings: Settings, *, key: str | None = None) -> ImportReport:

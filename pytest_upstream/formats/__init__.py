@@ -33,3 +33,14 @@ def get_format(name: str) -> Format | None:
         raise
     handler: Format = getattr(module, class_name)()
     return handler
+
+
+@functools.cache
+def root_routes() -> dict[str, Format]:
+    """First path segment -> the format that claims it for all its proxies (``Format.root_prefix``)."""
+    claimed = {}
+    for name in _MODULES:
+        fmt = get_format(name)
+        if fmt is not None and fmt.root_prefix:
+            claimed[fmt.root_prefix] = fmt
+    return claimed

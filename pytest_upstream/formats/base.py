@@ -7,17 +7,21 @@ the upstream publishes.  The engine does HTTP, caching, locking and streaming
 once for all of them.
 
 A format subclasses ``Format`` and overrides ``resolve`` (required) and any
-of the hooks whose default does not fit.
+of the hooks whose default does not fit.  A format object serves every request
+of every proxy of its format, on many threads at once: what a hook learns about
+one request comes from that request's context (``FormatContext``), never from
+state on the format object.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.store.cache import Entry
 
@@ -64,7 +68,9 @@ class Resource:
     request_headers: dict[str, str] = field(default_factory=dict)
     expected: dict[str, str] = field(default_factory=dict)  # algorithm -> hex digest
     content_type: str | None = None  # default when the upstream sends none
-    render_as: str = ""  # representation chosen for the client (e.g. HTML or JSON)
+    # The representation chosen for the client (e.g. HTML or JSON), for ``render`` and
+    # ``reply_headers``: any hashable value (a string, a frozen dataclass), part of the render memo's key.
+    render_as: Hashable = ""
     keep_headers: tuple[str, ...] = ()  # upstream response headers stored and replayed
     negative_ttl: float | None = None  # cache an upstream 404 for this long (None: never)
 
@@ -90,9 +96,14 @@ class Resource:
 
 
 class FormatContext(Protocol):
-    """What a format may ask of the engine while resolving a request."""
+    """One request, as a format's hooks see it: created per request, never shared between requests."""
 
+    request: ProxyRequest  # after routing: ``key`` is the proxy's, ``path`` what follows it
     proxy: ProxyDefinition
+
+    def now(self) -> float:
+        """The engine clock's time (seconds since the epoch): tests advance it instead of sleeping."""
+        ...
 
     def cached(self, path: str, variant: str = "") -> Entry | None:
         """The cache entry for a path of this proxy, if one is stored and intact."""
@@ -107,6 +118,16 @@ class Format:
     """Defaults for every hook; a format overrides what differs."""
 
     name = ""
+    # A first path segment this format claims for all its proxies (docker: "v2", the OCI API's
+    # /v2/<key>/...); requests under it go to ``route`` before any proxy key is looked up.
+    root_prefix = ""
+
+    def route(
+        self, request: ProxyRequest, settings: Settings
+    ) -> tuple[ProxyDefinition, ProxyRequest] | Reply:
+        """For a request under ``/<root_prefix>/`` (``request.path`` is what follows): the proxy
+        that serves it and the request as that proxy's ``resolve`` should see it, or a reply."""
+        return Reply.text(404, f"/{request.key}/ is not routed by the {self.name} format")
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         """Map a proxy request to an upstream resource, or answer it directly."""
@@ -148,20 +169,20 @@ class Format:
         ``kind`` of ``resource`` are set (it is rebuilt from a served record)."""
         return {}
 
-    def error(self, status: int, message: str, code: str = "") -> Reply:
+    def error(self, ctx: FormatContext, status: int, message: str, code: str = "") -> Reply:
         """An error in the shape this format's clients print usefully."""
         return Reply.text(status, message)
 
-    def upstream_headers(self, proxy: ProxyDefinition, resource: Resource) -> dict[str, str]:
+    def upstream_headers(self, ctx: FormatContext, resource: Resource) -> dict[str, str]:
         """Credentials for an upstream request: the proxy's auth mode, sent only to the
         configured URL's origin (an index may link files on other hosts, which must
         not see the credentials)."""
-        if not same_origin(resource.upstream_url, proxy.url):
+        if not same_origin(resource.upstream_url, ctx.proxy.url):
             return {}
-        return proxy.auth.headers()
+        return ctx.proxy.auth.headers()
 
     def reauthenticate(
-        self, proxy: ProxyDefinition, resource: Resource, challenge: httpx.Response, client: UpstreamClient
+        self, ctx: FormatContext, resource: Resource, challenge: httpx.Response, client: UpstreamClient
     ) -> dict[str, str] | None:
         """Headers to retry with after a 401 (e.g. a registry's token flow), or None to give up."""
         return None

@@ -1,11 +1,13 @@
 """The pull side of the OCI distribution API (registry API v2), for Docker Hub and any OCI registry.
 
-Proxy layout under ``/v2/<key>/`` (the engine routes ``/v2/<key>/<rest>`` here
-with ``request.path = <rest>``); ``<name>`` is the repository name as the
-client spells it, mapped to ``library/<name>`` for official Docker Hub images.
-The registry mirror proxy (``Settings.registry_mirror``) is also reached
-without its key, ``/v2/<name>/...`` (``request.keyless``), when the first
-component of ``<name>`` is not a docker proxy's key:
+Proxy layout under ``/v2/<key>/``: the format claims the ``v2`` root prefix
+(``DockerFormat.route``), so the engine hands it every ``/v2/...`` request and
+it picks the proxy, then resolves ``<rest>`` of ``/v2/<key>/<rest>``; ``<name>``
+is the repository name as the client spells it, mapped to ``library/<name>``
+for official Docker Hub images.  The registry mirror proxy
+(``Settings.registry_mirror``) is also reached without its key,
+``/v2/<name>/...`` (``request.keyless``), when the first component of
+``<name>`` is not a docker proxy's key:
 
 * ``<name>/manifests/<tag>``: metadata (refetched after the proxy's TTL),
   cached once per *negotiated media type*: the variant is the client's
@@ -33,7 +35,7 @@ registry's own error code and message on with the upstream's status (a 429
 still serves a stale copy when there is one).  Upstream auth: ``bearer`` sends a static token; ``basic``
 sends the credentials directly (htpasswd registries) and to the token realm;
 any mode follows a ``WWW-Authenticate: Bearer`` challenge by fetching a token
-from the realm, cached per (proxy, repository scope) until it expires.
+from the realm, cached per (proxy, repository scope) until it expires (``docker_auth``).
 """
 
 from __future__ import annotations
@@ -41,15 +43,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-from pytest_upstream.config.auth import AuthSpec
-from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.docker_auth import Tokens
 from pytest_upstream.messages import ProxyRequest, Reply
 
 if TYPE_CHECKING:
@@ -86,8 +86,6 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_ANY = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 DIGEST_HEX = {"sha256": 64, "sha512": 128}
-_TOKEN_MARGIN = 10.0  # seconds before a token's expiry at which it is no longer sent
-_DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
 
 
 # -- validation --------------------------------------------------------------------------
@@ -145,30 +143,29 @@ def _base_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-# -- bearer tokens -----------------------------------------------------------------------
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="…",service="…"`` -> ("bearer", {"realm": …, "service": …})."""
-    scheme, _, rest = header.strip().partition(" ")
-    params: dict[str, str] = {}
-    for match in re.finditer(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))', rest):
-        value = match.group(2) if match.group(2) is not None else match.group(3)
-        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
-    return scheme.lower(), params
-
-
-@dataclass(frozen=True)
-class _Token:
-    value: str
-    expires: float  # time.monotonic()
-
-
 @dataclass(frozen=True)
 class _Target:
-    """What the request being resolved on this thread is about (for error messages)."""
+    """What a request is about, for error messages: read from the request itself, so an error
+    names the image of the request that failed, never one served earlier on the same thread."""
 
     what: str  # "manifest" | "blob" | "tags"
     image: str  # <key>/<name> (or <name> when keyless) as the client spells it
     reference: str
+
+
+def _target(request: ProxyRequest) -> _Target | None:
+    """The manifest, blob or tag list a request path names (as ``resolve`` reads it), or None."""
+    parts = request.path.rstrip("/").split("/")
+    if len(parts) < 3:
+        return None
+    name = _client_name(request, "/".join(parts[:-2]))
+    if parts[-2] == "manifests":
+        return _Target("manifest", name, parts[-1])
+    if parts[-2] == "blobs":
+        return _Target("blob", name, parts[-1])
+    if parts[-2:] == ["tags", "list"]:
+        return _Target("tags", name, "tags/list")
+    return None
 
 
 def _client_name(request: ProxyRequest, name: str) -> str:
@@ -178,6 +175,7 @@ def _client_name(request: ProxyRequest, name: str) -> str:
 
 class DockerFormat(Format):
     name = "docker"
+    root_prefix = "v2"  # /v2/<key>/<name>/... is the OCI distribution API: the key comes second
 
     def describe(self, resource: Resource) -> dict[str, str]:
         for marker, field_name in (("/manifests/", "reference"), ("/blobs/", "digest")):
@@ -188,13 +186,35 @@ class DockerFormat(Format):
         return {"name": name} if sep else {}
 
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, str, AuthSpec, str], _Token] = {}
-        self._tokens_lock = threading.Lock()
-        self._current = threading.local()
+        self._tokens = Tokens()
+
+    # -- routing -----------------------------------------------------------------------
+    def route(
+        self, request: ProxyRequest, settings: Settings
+    ) -> tuple[ProxyDefinition, ProxyRequest] | Reply:
+        """``/v2/<key>/<rest>`` to the docker proxy ``<key>``; when the first component is not a
+        docker proxy's key, the whole path is a repository of the registry mirror proxy
+        (``Settings.registry_mirror``), as the Docker daemon's ``registry-mirrors`` and
+        containerd mirrors ask for it."""
+        if request.path == "":
+            return Reply(200, {"Content-Type": "application/json", **API_HEADERS}, body=b"{}")
+        key, _, rest = request.path.partition("/")
+        proxy = settings.proxy(key)
+        keyless = proxy is None or proxy.format != self.name
+        if keyless:
+            proxy, rest = settings.registry_mirror(), request.path
+        if proxy is None:
+            known = ", ".join(p.key for p in settings.proxies if p.format == self.name) or "none"
+            return _error_reply(
+                404,
+                "NAME_UNKNOWN",
+                f"no docker upstream proxy with key {key!r} (configured: {known}), and no registry "
+                "mirror for keyless /v2/<name>/... (mark a docker proxy with mirror = true)",
+            )
+        return proxy, replace(request, key=proxy.key, path=rest, keyless=keyless)
 
     # -- resolve ---------------------------------------------------------------------
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
-        self._current.target = None
         key, path = request.key, request.path
         root = "/v2" if request.keyless else f"/v2/{key}"
         if path in ("", "/"):  # /v2/<key>/: the API version check, scoped to one proxy
@@ -233,7 +253,6 @@ class DockerFormat(Format):
 
     def _manifest(self, request: ProxyRequest, ctx: FormatContext, name: str, reference: str) -> Resource:
         proxy = ctx.proxy
-        self._current.target = _Target("manifest", _client_name(request, name), reference)
         upstream = self._upstream_name(request, proxy, name)
         if ":" in reference:
             algo, hexdigest = parse_digest(reference)
@@ -266,7 +285,6 @@ class DockerFormat(Format):
 
     def _blob(self, request: ProxyRequest, ctx: FormatContext, name: str, digest: str) -> Resource:
         proxy = ctx.proxy
-        self._current.target = _Target("blob", _client_name(request, name), digest)
         upstream = self._upstream_name(request, proxy, name)
         algo, hexdigest = parse_digest(digest)
         return Resource(
@@ -280,7 +298,6 @@ class DockerFormat(Format):
     def _tags(self, request: ProxyRequest, ctx: FormatContext, name: str) -> Resource:
         proxy = ctx.proxy
         client = _client_name(request, name)
-        self._current.target = _Target("tags", client, "tags/list")
         upstream = self._upstream_name(request, proxy, name)
         query = _tags_query(parse_qsl(request.query, keep_blank_values=True))
         query = f"?{query}" if query else ""
@@ -298,7 +315,7 @@ class DockerFormat(Format):
         """A tag list's ``Link: <…/tags/list?n=…&last=…>; rel="next"`` leads back through the proxy."""
         out = dict(stored)
         link = out.pop("Link", None)
-        if link is not None and resource.render_as:
+        if link is not None and isinstance(resource.render_as, str) and resource.render_as:
             if rewritten := _rewrite_link(link, resource.render_as):
                 out["Link"] = rewritten
             else:
@@ -347,93 +364,33 @@ class DockerFormat(Format):
         return {algo: hexdigest}
 
     # -- errors -----------------------------------------------------------------------
-    def error(self, status: int, message: str, code: str = "") -> Reply:
-        target: _Target | None = getattr(self._current, "target", None) if status != 405 else None
+    def error(self, ctx: FormatContext, status: int, message: str, code: str = "") -> Reply:
+        target = _target(ctx.request) if status != 405 else None
         if target is not None:
             shown = target.image
             if target.what != "tags":  # image:tag or image@digest
                 shown += ("@" if ":" in target.reference else ":") + target.reference
             message = f"{target.what} {shown}: {message}"
-        code = code or _default_code(status, target)
-        body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
-        return Reply(status, {"Content-Type": "application/json; charset=utf-8", **API_HEADERS}, body=body)
+        return _error_reply(status, code or _default_code(status, target), message)
 
     # -- upstream auth ------------------------------------------------------------------
-    def upstream_headers(self, proxy: ProxyDefinition, resource: Resource) -> dict[str, str]:
-        if proxy.auth.mode != "bearer":
-            token = self._cached_token(_token_key(proxy, resource))
+    def upstream_headers(self, ctx: FormatContext, resource: Resource) -> dict[str, str]:
+        if ctx.proxy.auth.mode != "bearer":
+            token = self._tokens.cached(ctx, resource)
             if token is not None:
                 return {"Authorization": f"Bearer {token}"}
-        return proxy.auth.headers()
-
-    def _cached_token(self, key: tuple[str, str, AuthSpec, str]) -> str | None:
-        with self._tokens_lock:
-            token = self._tokens.get(key)
-            if token is None:
-                return None
-            if token.expires <= time.monotonic():
-                del self._tokens[key]
-                return None
-            return token.value
+        return ctx.proxy.auth.headers()
 
     def reauthenticate(
-        self, proxy: ProxyDefinition, resource: Resource, challenge: httpx.Response, client: UpstreamClient
+        self, ctx: FormatContext, resource: Resource, challenge: httpx.Response, client: UpstreamClient
     ) -> dict[str, str] | None:
-        scheme, params = parse_challenge(challenge.headers.get("www-authenticate", ""))
-        if scheme != "bearer" or proxy.auth.mode == "bearer":
-            return None  # Basic was already sent (or a static token was): retrying cannot help
-        realm = params.get("realm", "")
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise FormatError(
-                502, f"upstream {resource.upstream_url} sent a Bearer challenge without a usable realm"
-            )
-        query = [(k, params[k]) for k in ("service", "scope") if params.get(k)]
-        if "scope" not in params:
-            query.append(("scope", _scope(resource)))
-        url = realm + ("&" if parts.query else "?") + urlencode(query)
-        headers = {"Accept": "application/json"}
-        if proxy.auth.mode == "basic":
-            headers.update(proxy.auth.headers())
-        try:
-            with client.stream(url, headers=headers, timeout=proxy.timeout) as resp:
-                body = resp.read()
-                status = resp.status_code
-        except Exception as exc:  # UpstreamError and friends: say which step failed
-            raise FormatError(502, f"token server {realm} for {proxy.key!r}: {exc}") from exc
-        if status != 200:
-            raise FormatError(
-                502,
-                f"token server {realm} refused a token for {params.get('scope') or _scope(resource)} "
-                f"({status}); check the auth settings of proxy {proxy.key!r}",
-            )
-        try:
-            data = json.loads(body)
-            value = data.get("token") or data.get("access_token")
-            life = float(data.get("expires_in") or _DEFAULT_TOKEN_LIFE)
-        except (ValueError, AttributeError, TypeError):
-            value = None
-            life = 0.0
-        if not isinstance(value, str) or not value:
-            raise FormatError(502, f"token server {realm} answered without a token")
-        expires = time.monotonic() + max(life - min(_TOKEN_MARGIN, life / 10), 0.0)
-        with self._tokens_lock:
-            self._tokens[_token_key(proxy, resource)] = _Token(value, expires)
-        return {"Authorization": f"Bearer {value}"}
+        return self._tokens.fetch(ctx, resource, challenge, client)
 
 
-def _token_key(proxy: ProxyDefinition, resource: Resource) -> tuple[str, str, AuthSpec, str]:
-    """Tokens are cached per proxy (its key, upstream and credentials) and pull scope."""
-    return (proxy.key, proxy.url, proxy.auth, _scope(resource))
-
-
-def _scope(resource: Resource) -> str:
-    """The pull scope of a resource: ``repository:<upstream name>:pull``."""
-    path = resource.path.split("?", 1)[0]
-    for marker in ("/manifests/", "/blobs/", "/tags/list"):
-        if marker in path:
-            return f"repository:{path.rsplit(marker, 1)[0]}:pull"
-    return "registry:catalog:*"
+def _error_reply(status: int, code: str, message: str) -> Reply:
+    """The registry API's JSON error, which docker and containerd print."""
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+    return Reply(status, {"Content-Type": "application/json; charset=utf-8", **API_HEADERS}, body=body)
 
 
 def _tags_query(pairs: list[tuple[str, str]]) -> str:

@@ -280,10 +280,14 @@ def abbreviate(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _render_as(rep: str, request: ProxyRequest) -> str:
-    """The representation plus the proxy URL the client used: rendered tarball URLs are
-    absolute, and the engine memoises renders by ``render_as``."""
-    return json.dumps([rep, request.proxy_url])
+@dataclass(frozen=True)
+class PackumentView:
+    """How one client gets a packument (``Resource.render_as``): the representation, and the
+    proxy URL the client used, because rendered tarball URLs are absolute."""
+
+    representation: str  # "full", "abbreviated", or "version" (one version's manifest)
+    proxy_url: str
+    version: str = ""
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:
@@ -317,7 +321,7 @@ class NpmFormat(Format):
             raise FormatError(400, f"invalid package name: {exc}") from None
         if rest == []:
             rep = choose_representation(request.headers.get("accept"))
-            return self._packument_resource(ctx.proxy, name, _render_as(rep, request))
+            return self._packument_resource(ctx.proxy, name, PackumentView(rep, request.proxy_url))
         if len(rest) == 2 and rest[0] == "-" and rest[1]:
             return self._tarball(ctx, name, rest[1])
         if len(rest) == 1 and _VERSION_SPEC.fullmatch(rest[0]):
@@ -340,7 +344,9 @@ class NpmFormat(Format):
             "(it serves packuments and tarballs, for installs)",
         )
 
-    def _packument_resource(self, proxy: ProxyDefinition, name: PackageName, render_as: str = "") -> Resource:
+    def _packument_resource(
+        self, proxy: ProxyDefinition, name: PackageName, render_as: PackumentView | None = None
+    ) -> Resource:
         base = proxy.url if proxy.url.endswith("/") else proxy.url + "/"
         return Resource(
             name.full,
@@ -348,7 +354,7 @@ class NpmFormat(Format):
             Kind.METADATA,
             request_headers=dict(_PACKUMENT_HEADERS),
             content_type=FULL,
-            render_as=render_as,
+            render_as=render_as or "",
             # an unknown package: remembered (and replayed) like the maven format does
             negative_ttl=min(proxy.negative_ttl, proxy.metadata_ttl),
         )
@@ -360,7 +366,7 @@ class NpmFormat(Format):
         version = doc.get("dist-tags", {}).get(spec, spec)
         if version not in doc["versions"]:
             raise FormatError(404, f"{name.full} has no version or dist-tag {spec!r}")
-        return self._packument_resource(ctx.proxy, name, _render_as(f"version:{version}", request))
+        return self._packument_resource(ctx.proxy, name, PackumentView("version", request.proxy_url, version))
 
     def _tarball(self, ctx: FormatContext, name: PackageName, file: str) -> Resource:
         path = f"{name.full}/-/{file}"
@@ -418,21 +424,21 @@ class NpmFormat(Format):
         parse_packument(body, resource.path)
 
     def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
-        if not resource.render_as:
+        view = resource.render_as
+        if not isinstance(view, PackumentView):
             return None  # fetched for a tarball or version look-up: never served as is
-        rep, proxy_url = json.loads(resource.render_as)
         name = parse_name(resource.path)
-        doc = rewrite_tarballs(parse_packument(body, name.full), name, proxy_url)
-        if rep == "abbreviated":
+        doc = rewrite_tarballs(parse_packument(body, name.full), name, view.proxy_url)
+        if view.representation == "abbreviated":
             return _dumps(abbreviate(doc)), ABBREVIATED
-        if rep.startswith("version:"):
-            version = rep[len("version:") :]
+        if view.representation == "version":
+            version = view.version
             if version not in doc["versions"]:  # the packument changed since resolve looked
                 raise FormatError(404, f"{name.full} has no version {version!r}")
             return _dumps(doc["versions"][version]), FULL
         return _dumps(doc), FULL
 
-    def error(self, status: int, message: str, code: str = "") -> Reply:
+    def error(self, ctx: FormatContext, status: int, message: str, code: str = "") -> Reply:
         if status == 405:
             message += (
                 "; npm publish, unpublish, adduser/login, dist-tag and audit are not supported by this "

@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine.engine import Engine
+from pytest_upstream.engine.clock import Clock
+from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
 from pytest_upstream.repro.served import ServedLog
@@ -346,9 +347,16 @@ class ProxyServer:
     """The proxy on ``host:port`` (port 0 picks a free one), in a background thread."""
 
     def __init__(
-        self, settings: Settings, *, host: str = "127.0.0.1", port: int = 0, served: ServedLog | None = None
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        served: ServedLog | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        self.engine = Engine(settings, log_=served)
+        """``clock``: the engine's time (TTLs, ages, token expiry); tests pass a ``ManualClock``."""
+        self.engine = Engine(settings, log_=served, clock=clock)
         self._server = _Server((host, port), _Handler)
         self._server.engine = self.engine
         self._server.refused = []

@@ -1,0 +1,266 @@
+"""The engine's front: from a ``ProxyRequest`` to a ``Reply``.
+
+It finds the proxy (or the format that claims the first path segment, ``Format.root_prefix``), checks the key
+is allowed and the method is a read, lets the format resolve the request in a fresh per-request
+context, finds the answer (the cache, the lock file, or the fetch pipeline, by mode and
+freshness), and shapes every failure into the format's error reply, in one place.  What it
+answered goes to the recorders.  It knows nothing of HTTP servers, pytest or any one format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from pytest_upstream.config.auth import CredentialsError
+from pytest_upstream.config.settings import MODES, Settings
+from pytest_upstream.engine.clock import Clock, SystemClock
+from pytest_upstream.engine.context import RequestContext
+from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
+from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
+from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
+from pytest_upstream.engine.recorders import Answer, LockRecorder, Recorders, ServedRecorder
+from pytest_upstream.engine.render import RenderMemo
+from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
+from pytest_upstream.formats import get_format, root_routes
+from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.messages import ProxyRequest, Reply
+from pytest_upstream.repro.lockfile import LockFile
+from pytest_upstream.repro.served import ServedLog
+from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
+from pytest_upstream.upstream.client import UpstreamClient
+
+log = logging.getLogger("pytest_upstream")
+
+
+class Engine:
+    def __init__(
+        self, settings: Settings, *, log_: ServedLog | None = None, clock: Clock | None = None
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.cache = Cache(settings.cache_dir)
+        self.client = UpstreamClient()
+        self.served = log_ or ServedLog()
+        # The lock file (docs/reproducible-builds.md): replay serves exactly what it names;
+        # the lock recorder collects what every answer came from, for a record or refresh run to save.
+        self.lock = load_lock(settings)
+        self._lock_recorder = LockRecorder()
+        self.recorders = Recorders(ServedRecorder(self.served), self._lock_recorder)
+        self.freshness = Freshness(self.clock)
+        self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders)
+        self.renders = RenderMemo()
+        self.allowed_keys: frozenset[str] | None = None  # None: all; a test's marker may narrow it
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        """Switch modes between requests (the pytest plugin does it per test)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        self.settings = replace(self.settings, mode=mode)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def remember(self, key: str, res: Resource, entry: Entry) -> None:
+        """Note the stored bytes (or remembered 404) a request was answered from."""
+        self.recorders.used(key, res, entry)
+
+    def recorded_lock(self) -> LockFile:
+        """What this engine answered from so far: the lock a record or refresh run saves."""
+        return self._lock_recorder.snapshot()
+
+    # -- dispatch ------------------------------------------------------------
+    def handle(self, req: ProxyRequest) -> Reply:
+        settings = self.settings
+        router = root_routes().get(req.key)
+        if router is not None:
+            routed = router.route(req, settings)
+            if isinstance(routed, Reply):
+                return routed
+            proxy, req = routed
+        else:
+            found = settings.proxy(req.key)
+            if found is None:
+                known = ", ".join(p.key for p in settings.proxies) or "none"
+                return Reply.text(404, f"no upstream proxy with key {req.key!r} (configured: {known})")
+            proxy = found
+        fmt = get_format(proxy.format)
+        if fmt is None:
+            return Reply.text(
+                501, f"format {proxy.format!r} (proxy {proxy.key!r}) is not supported yet by this version"
+            )
+        ctx = RequestContext(req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata)
+        return self._handle_in(ctx)
+
+    def _handle_in(self, ctx: RequestContext) -> Reply:
+        req, proxy, fmt = ctx.request, ctx.proxy, ctx.fmt
+        if self.allowed_keys is not None and proxy.key not in self.allowed_keys:
+            allowed = ", ".join(sorted(self.allowed_keys)) or "none"
+            return self._fail(
+                ctx,
+                None,
+                403,
+                f"upstream proxy {proxy.key!r} is not allowed now: the running test "
+                f"({self.served.current_test or 'unknown'}) may use only {allowed} (upstream marker)",
+            )
+        if req.method not in ("GET", "HEAD"):
+            reply = fmt.error(
+                ctx, 405, f"{req.method} is not allowed: {proxy.key!r} is a read-only upstream proxy"
+            )
+            reply.headers["Allow"] = "GET, HEAD"
+            return reply
+        resource: Resource | None = None
+        try:
+            target = fmt.resolve(req, ctx)
+            if isinstance(target, Reply):
+                return target
+            resource = target
+            return self._serve(ctx, resource)
+        except FormatError as exc:
+            return self._fail(ctx, resource, exc.status, str(exc), cache=exc.cache, code=exc.code)
+        except ReplayMiss as exc:
+            return self._fail(ctx, resource, 504, str(exc), cache="miss")
+        except UpstreamFailed as exc:
+            if (err := exc.passthrough) is not None:
+                return self._fail(ctx, resource, err.status, str(err), cache=err.cache, code=err.code)
+            return self._fail(ctx, resource, 502, str(exc))
+        except (MalformedUpstream, DigestMismatch, CredentialsError) as exc:
+            return self._fail(ctx, resource, 502, str(exc))
+        except LockTimeout as exc:
+            return self._fail(ctx, resource, 504, str(exc))
+        except CacheError as exc:
+            log.exception("cache failure")
+            return self._fail(ctx, resource, 500, f"cache error: {exc}")
+
+    def _fail(
+        self,
+        ctx: RequestContext,
+        res: Resource | None,
+        status: int,
+        msg: str,
+        cache: str = "error",
+        code: str = "",
+    ) -> Reply:
+        self.recorders.answered(Answer(ctx.request, ctx.request.path, res, cache, status, error=msg))
+        return ctx.fmt.error(ctx, status, msg, code)
+
+    # -- answering -----------------------------------------------------------
+    def _serve(self, ctx: RequestContext, res: Resource) -> Reply:
+        streamed = self._try_stream(ctx, res)
+        if isinstance(streamed, Reply):
+            return streamed
+        obtained = streamed or self.obtain(ctx, res)
+        entry = obtained.entry
+        blob = obtained.blob or self.cache.verified_blob(entry)
+        if blob is None:  # corrupt on disk and removed: fetch again once
+            obtained = self.obtain(ctx, res)
+            entry = obtained.entry
+            blob = self.cache.verified_blob(entry)
+            if blob is None:
+                raise UpstreamFailed(
+                    f"cached copy of {res.upstream_url} is corrupt and could not be refetched"
+                )
+        headers = {CACHE_HEADER: obtained.cache}
+        if obtained.cache == "stale":
+            headers["X-Upstream-Error"] = obtained.note
+            headers["Warning"] = '110 - "Response is Stale"'
+        if entry.last_modified:
+            headers["Last-Modified"] = entry.last_modified
+        rendered = (
+            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob) if entry.is_metadata else None
+        )
+        if rendered is not None:
+            body, ctype, etag = rendered
+            headers.update({"Content-Type": ctype, "ETag": etag, "Vary": "Accept"})
+            reply = Reply(200, headers, body=body)
+            size = len(body)
+        else:
+            headers.update(
+                {
+                    "Content-Type": entry.content_type or res.content_type or "application/octet-stream",
+                    "ETag": f'"sha256-{entry.sha256}"',
+                    "Accept-Ranges": "bytes",
+                }
+            )
+            headers.update(ctx.fmt.reply_headers(res, entry.headers))
+            reply = Reply(200, headers, file=blob, length=entry.size)
+            size = entry.size
+        self.recorders.answered(Answer(ctx.request, res.path, res, obtained.cache, 200, size, entry.sha256))
+        self.recorders.used(ctx.proxy.key, res, entry)
+        return reply
+
+    def _metadata(self, ctx: RequestContext, resource: Resource) -> tuple[Entry, bytes]:
+        """``FormatContext.metadata``: what a format reads to resolve a request."""
+        obtained = self.obtain(ctx, resource)
+        path = obtained.blob or self.cache.verified_blob(obtained.entry)
+        if path is None:
+            raise UpstreamFailed(f"cached copy of {resource.upstream_url} vanished; retry")
+        self.recorders.used(ctx.proxy.key, resource, obtained.entry)
+        return obtained.entry, path.read_bytes()
+
+    def _usable(self, ctx: RequestContext, res: Resource) -> tuple[Entry, Path] | None:
+        """The intact cached (or locked) entry and blob, or None; raises 404 for a remembered
+        not-found answer."""
+        proxy = ctx.proxy
+        if self.lock is not None and ctx.mode == "replay":
+            return locked_blob(self.settings, self.lock, self.cache, self.recorders, proxy, res)
+        entry = self.cache.lookup(proxy.key, res.path, res.variant)
+        if entry is None:
+            return None
+        if entry.kind == NOT_FOUND:
+            if self.freshness.not_found_holds(ctx.mode, res, entry):
+                self.recorders.used(proxy.key, res, entry)
+                age = self.freshness.age(entry)
+                raise FormatError(
+                    404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
+                )
+            return None
+        blob = self.cache.verified_blob(entry)
+        return None if blob is None else (entry, blob)
+
+    def obtain(self, ctx: RequestContext, res: Resource) -> Obtained:
+        """Get a resource into the cache (or find it there) without streaming."""
+        proxy = ctx.proxy
+        found = self._usable(ctx, res)
+        if found is not None and (
+            ctx.mode == "replay" or self.freshness.fresh(ctx.mode, proxy, res, found[0])
+        ):
+            return Obtained(found[0], "hit", blob=found[1])
+        if ctx.mode == "replay":
+            raise ReplayMiss(miss_message(self.settings, self.lock, proxy, res))
+        with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
+            again = self._usable(ctx, res)
+            entry = again[0] if again else None
+            if entry is not None and self.freshness.fresh(ctx.mode, proxy, res, entry):
+                return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
+            return self.fetcher.fetch_whole(ctx, res, entry)
+
+    def _try_stream(self, ctx: RequestContext, res: Resource) -> Reply | Obtained | None:
+        """For an artifact miss: a Reply whose body streams while it is stored (``Fetcher.stream``).
+
+        None when ``obtain`` should serve it (a hit, metadata, a HEAD, replay mode, or another
+        process fetched it while we waited for the lock).
+        """
+        if res.kind is not Kind.ARTIFACT or ctx.request.method != "GET" or ctx.mode == "replay":
+            return None
+        if self._usable(ctx, res) is not None:
+            return None
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(
+                self.cache.locked(ctx.proxy.key, res.path, res.variant, self.settings.lock_timeout)
+            )
+            if self._usable(ctx, res) is not None:
+                stack.close()
+                return None
+        except BaseException:
+            stack.close()
+            raise
+        return self.fetcher.stream(ctx, res, stack)

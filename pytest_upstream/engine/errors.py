@@ -1,0 +1,20 @@
+"""Why the engine could not answer a request from the cache or the upstream.
+
+Raised deep in the fetch pipeline or the replay of a lock file, and turned into the format's
+error reply in one place (``dispatch.Engine``).
+"""
+
+from __future__ import annotations
+
+from pytest_upstream.formats.base import FormatError
+
+
+class ReplayMiss(Exception):
+    """Replay mode, and what was asked for was not recorded (answered 504)."""
+
+
+class UpstreamFailed(Exception):
+    """No usable answer from the upstream; carries what the client should read."""
+
+    # The format's own answer (Format.upstream_error) when no stale copy can be served.
+    passthrough: FormatError | None = None

@@ -1,0 +1,255 @@
+"""The one fetch-and-store pipeline: ask the upstream (retrying once after an auth challenge),
+check its status, verify the bytes and store blob and index entry, whole or while streaming them
+to the client.  ``store_answer`` is also how imported cassettes enter the cache, so an imported
+answer is checked and indexed exactly like a live one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+
+from pytest_upstream.engine.context import RequestContext
+from pytest_upstream.engine.errors import UpstreamFailed
+from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
+from pytest_upstream.engine.recorders import Answer, Recorders
+from pytest_upstream.formats.base import Format, FormatError, Kind, Resource
+from pytest_upstream.messages import Reply
+from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.upstream.client import UpstreamClient, UpstreamError, iter_body
+
+CACHE_HEADER = "X-Upstream-Cache"
+USER_AGENT = "pytest-upstream"
+# Artifacts whose digest the upstream publishes are downloaded whole and
+# verified before the first byte is sent when they are at most this big, so
+# a mismatch is a clean 502.  Larger ones stream to the client while they
+# are written; on a mismatch the connection is cut (the client sees a
+# truncated body) and nothing is stored.
+VERIFY_BEFORE_SERVE_LIMIT = 8 * 1024 * 1024
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass
+class Obtained:
+    entry: Entry
+    cache: str  # hit | miss | stale
+    note: str = ""  # why a stale copy was served
+    blob: Path | None = None  # the verified blob, when already checked
+
+
+def store_answer(
+    cache: Cache,
+    fmt: Format,
+    res: Resource,
+    key: str,
+    headers: Mapping[str, str],
+    chunks: Iterable[bytes],
+    fetched_at: float,
+) -> Entry:
+    """Check and verify a 200 answer read whole, then store its blob and index entry.
+
+    Raises MalformedUpstream (the format's ``check``) or DigestMismatch; nothing is stored then.
+    """
+    expected = {**fmt.published_digests(res, headers), **res.expected}
+    writer = cache.writer(tuple(expected))
+    try:
+        body = bytearray() if res.kind is Kind.METADATA else None
+        for chunk in chunks:
+            writer.write(chunk)
+            if body is not None:
+                body += chunk
+        if body is not None:
+            fmt.check(res, bytes(body))
+        sha, size = cache.commit_blob(writer, expected, res.upstream_url)
+    finally:
+        writer.discard()
+    return cache.store_entry(res.index_entry(key, headers, sha, size, fetched_at))
+
+
+class Fetcher:
+    def __init__(
+        self, cache: Cache, client: UpstreamClient, freshness: Freshness, recorders: Recorders
+    ) -> None:
+        self.cache = cache
+        self.client = client
+        self.freshness = freshness
+        self.recorders = recorders
+
+    # -- asking --------------------------------------------------------------
+    def open(
+        self, stack: contextlib.ExitStack, ctx: RequestContext, res: Resource, stale: Entry | None
+    ) -> httpx.Response:
+        """Send the upstream request (retrying once after an auth challenge) inside ``stack``."""
+        self.recorders.fetching(res.upstream_url)
+        headers = {"User-Agent": USER_AGENT, **res.request_headers, **ctx.fmt.upstream_headers(ctx, res)}
+        if stale is not None and stale.is_metadata:
+            if stale.etag:
+                headers["If-None-Match"] = stale.etag
+            if stale.last_modified:
+                headers["If-Modified-Since"] = stale.last_modified
+        timeout = ctx.proxy.timeout
+        resp = stack.enter_context(self.client.stream(res.upstream_url, headers=headers, timeout=timeout))
+        if resp.status_code == 401:
+            retry = ctx.fmt.reauthenticate(ctx, res, resp, self.client)
+            if retry is not None:
+                resp.close()
+                headers.update(retry)
+                resp = stack.enter_context(
+                    self.client.stream(res.upstream_url, headers=headers, timeout=timeout)
+                )
+        return resp
+
+    def check_status(self, ctx: RequestContext, res: Resource, resp: httpx.Response) -> None:
+        """Return for a 200; raise what the client should be told otherwise (remembering a 404)."""
+        status, proxy = resp.status_code, ctx.proxy
+        if status == 200:
+            return
+        if status in _RETRYABLE_STATUS or status >= 500:
+            what = "rate limited" if status == 429 else f"answered {status}"
+            failed = UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r} {what}")
+            if status < 500:  # 429: the format may pass the upstream's error on (when nothing is stale)
+                failed.passthrough = ctx.fmt.upstream_error(res, status, _error_body(resp))
+            raise failed
+        resp.read()
+        if status in (404, 410):
+            if res.negative_ttl is not None:
+                self._remember_not_found(ctx, res)
+            raise FormatError(404, f"not found upstream: {res.upstream_url} answered {status}", cache="miss")
+        if status in (401, 403):
+            raise FormatError(
+                502,
+                f"upstream {res.upstream_url} refused access ({status}); check the auth "
+                f"settings of proxy {proxy.key!r}",
+            )
+        if 400 <= status < 500 and (passthrough := ctx.fmt.upstream_error(res, status, resp.content[:65536])):
+            raise passthrough
+        raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
+
+    def _remember_not_found(self, ctx: RequestContext, res: Resource) -> None:
+        entry = Entry(
+            key=ctx.proxy.key,
+            path=res.path,
+            variant=res.variant,
+            upstream_url=res.upstream_url,
+            sha256=self.cache.store_bytes(b""),
+            size=0,
+            kind=NOT_FOUND,
+            fetched_at=ctx.now(),
+        )
+        self.recorders.used(ctx.proxy.key, res, self.cache.store_entry(entry, durable=False))
+
+    # -- whole answers -------------------------------------------------------
+    def fetch_whole(self, ctx: RequestContext, res: Resource, stale: Entry | None) -> Obtained:
+        """Download, verify and store; on upstream failure fall back to ``stale``."""
+        proxy = ctx.proxy
+        try:
+            with contextlib.ExitStack() as stack:
+                resp = self.open(stack, ctx, res, stale)
+                if resp.status_code == 304 and stale is not None:
+                    self.freshness.mark_refreshed(ctx.mode, proxy, res)
+                    return Obtained(self.cache.store_entry(replace(stale, fetched_at=ctx.now())), "hit")
+                self.check_status(ctx, res, resp)
+                return self.store(ctx, res, resp)
+        except (UpstreamError, UpstreamFailed) as exc:
+            if stale is not None:
+                self.freshness.mark_refreshed(ctx.mode, proxy, res)
+                return Obtained(stale, "stale", f"{proxy.key}: upstream {res.upstream_url}: {exc}")
+            if isinstance(exc, UpstreamFailed):
+                raise
+            raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r}: {exc}") from exc
+
+    def store(self, ctx: RequestContext, res: Resource, resp: httpx.Response) -> Obtained:
+        entry = store_answer(
+            self.cache, ctx.fmt, res, ctx.proxy.key, resp.headers, iter_body(resp), ctx.now()
+        )
+        self.freshness.mark_refreshed(ctx.mode, ctx.proxy, res)
+        return Obtained(entry, "miss")
+
+    # -- streamed answers ----------------------------------------------------
+    def stream(self, ctx: RequestContext, res: Resource, stack: contextlib.ExitStack) -> Reply | Obtained:
+        """An artifact miss, with its per-entry lock held in ``stack``: a Reply whose body streams
+        while it is stored, or the stored entry for a small artifact with a published digest
+        (verified before the first byte is sent).  ``stack`` is closed when the stream ends."""
+        try:
+            resp = self.open(stack, ctx, res, None)
+            self.check_status(ctx, res, resp)
+            length = _declared_length(resp)
+            if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
+                with stack:
+                    return self.store(ctx, res, resp)
+        except UpstreamError as exc:
+            stack.close()
+            raise UpstreamFailed(f"upstream {res.upstream_url} for {ctx.proxy.key!r}: {exc}") from exc
+        except BaseException:
+            stack.close()
+            raise
+        headers = {
+            CACHE_HEADER: "miss",
+            "Content-Type": resp.headers.get("content-type")
+            or res.content_type
+            or "application/octet-stream",
+            **ctx.fmt.reply_headers(res, _kept_headers(res, resp)),
+        }
+        return Reply(200, headers, stream=self._tee(ctx, res, resp, stack), length=length)
+
+    def _tee(
+        self, ctx: RequestContext, res: Resource, resp: httpx.Response, stack: contextlib.ExitStack
+    ) -> Iterator[bytes]:
+        """Yield upstream chunks while writing them to the cache; commit at the end.
+
+        Raises (so the server cuts the connection) on a truncated body or a
+        digest mismatch; nothing is stored then.  The last chunk is held back
+        until the blob is verified and indexed, so a client never receives a
+        whole body that failed verification, and one that did receive a whole
+        body finds it in the cache.
+        """
+        req = ctx.request
+        held = b""
+        with stack:
+            writer = self.cache.writer(tuple(res.expected))
+            try:
+                for chunk in iter_body(resp):
+                    writer.write(chunk)
+                    if held:
+                        yield held
+                    held = chunk
+                sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
+            except Exception as exc:
+                self.recorders.answered(Answer(req, res.path, res, "error", 502, error=str(exc)))
+                raise
+            finally:
+                writer.discard()
+            entry = self.cache.store_entry(res.index_entry(ctx.proxy.key, resp.headers, sha, size, ctx.now()))
+        self.recorders.answered(Answer(req, res.path, res, "miss", 200, size, sha))
+        self.recorders.used(ctx.proxy.key, res, entry)
+        if held:
+            yield held
+
+
+def _kept_headers(res: Resource, resp: httpx.Response) -> dict[str, str]:
+    return {name: resp.headers[name] for name in res.keep_headers if name in resp.headers}
+
+
+def _error_body(resp: httpx.Response, limit: int = 65536) -> bytes:
+    """The start of an error answer's body (a registry's JSON errors), read at most ``limit``."""
+    body = b""
+    with contextlib.suppress(UpstreamError, httpx.HTTPError):
+        for chunk in iter_body(resp):
+            body += chunk
+            if len(body) >= limit:
+                break
+    return body[:limit]
+
+
+def _declared_length(resp: httpx.Response) -> int | None:
+    """Content-Length, when it describes the bytes we will relay (no content coding)."""
+    if resp.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return None
+    try:
+        return int(resp.headers["content-length"])
+    except (KeyError, ValueError):
+        return None

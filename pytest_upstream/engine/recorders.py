@@ -1,0 +1,124 @@
+"""Observers of what the engine answered: the served log (tests' assertions, the report and the
+summary line) and the lock-file recorder (what a record or refresh run saves).
+
+The engine tells them two things: every answer it gave (``answered``), and every stored object an
+answer came from, including metadata a format read to resolve a request (``used``).  A recorder
+decides what it keeps; the engine knows none of their formats.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from pytest_upstream.formats.base import Resource
+from pytest_upstream.messages import ProxyRequest
+from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
+from pytest_upstream.repro.served import ServedLog, ServedRecord
+from pytest_upstream.store.cache import Entry
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One reply (or failure to give one), as the recorders see it."""
+
+    request: ProxyRequest
+    path: str  # the cache's name when resolved, else the path the client asked for
+    resource: Resource | None
+    cache: str  # hit | miss | stale | error
+    status: int
+    size: int = 0
+    sha256: str = ""
+    error: str = ""
+
+
+class Recorder(Protocol):
+    def fetching(self, url: str) -> None: ...
+
+    def answered(self, answer: Answer) -> None: ...
+
+    def used(self, key: str, resource: Resource, entry: Entry) -> None: ...
+
+
+class ServedRecorder:
+    """Every answer into the ``ServedLog``; a HEAD counts no bytes."""
+
+    def __init__(self, log: ServedLog) -> None:
+        self.log = log
+
+    def fetching(self, url: str) -> None:
+        self.log.upstream_fetch(url)
+
+    def answered(self, answer: Answer) -> None:
+        res, req = answer.resource, answer.request
+        self.log.add(
+            ServedRecord(
+                key=req.key,
+                path=answer.path,
+                cache=answer.cache,
+                status=answer.status,
+                size=0 if req.method == "HEAD" else answer.size,
+                method=req.method,
+                upstream_url=res.upstream_url if res else "",
+                sha256=answer.sha256,
+                kind=res.kind.value if res else "",
+                variant=res.variant if res else "",
+                error=answer.error,
+                test=self.log.current_test,
+            )
+        )
+
+    def used(self, key: str, resource: Resource, entry: Entry) -> None:
+        """The log lists replies only."""
+
+
+class LockRecorder:
+    """The stored bytes (or remembered 404) every answer came from (docs/reproducible-builds.md)."""
+
+    def __init__(self) -> None:
+        self._recorded = LockFile()
+        self._lock = threading.Lock()
+
+    def fetching(self, url: str) -> None:
+        """The lock names objects, which ``used`` reports."""
+
+    def answered(self, answer: Answer) -> None:
+        """The lock names objects, which ``used`` reports."""
+
+    def used(self, key: str, resource: Resource, entry: Entry) -> None:
+        locked = LockFileEntry(
+            key,
+            resource.path,
+            resource.variant,
+            entry.sha256,
+            entry.size,
+            entry.kind,
+            content_type=entry.content_type,
+            headers=tuple(sorted(entry.headers.items())),
+        )
+        with self._lock:
+            self._recorded.add(locked)
+
+    def snapshot(self) -> LockFile:
+        with self._lock:
+            return LockFile(self._recorded)
+
+
+class Recorders:
+    """The engine's observers, told in order."""
+
+    def __init__(self, *recorders: Recorder) -> None:
+        self._recorders = recorders
+
+    def fetching(self, url: str) -> None:
+        for recorder in self._recorders:
+            recorder.fetching(url)
+
+    def answered(self, answer: Answer) -> None:
+        for recorder in self._recorders:
+            recorder.answered(answer)
+
+    def used(self, key: str, resource: Resource, entry: Entry) -> None:
+        for recorder in self._recorders:
+            recorder.used(key, resource, entry)

@@ -1,0 +1,125 @@
+"""A registry's bearer-token flow (the distribution token spec), for the docker format.
+
+Any auth mode follows a ``WWW-Authenticate: Bearer realm=...`` challenge by asking the realm for
+a pull token (anonymously, or with the proxy's Basic credentials), and the token is cached per
+(proxy, repository scope) until shortly before it expires.  Expiry is measured with the request
+context's clock, so a test can let a token run out without waiting for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit
+
+from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.formats.base import FormatContext, FormatError, Resource
+
+if TYPE_CHECKING:
+    import httpx
+
+    from pytest_upstream.upstream.client import UpstreamClient
+
+_TOKEN_MARGIN = 10.0  # seconds before a token's expiry at which it is no longer sent
+_DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
+
+TokenKey = tuple[str, str, AuthSpec, str]
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="…",service="…"`` -> ("bearer", {"realm": …, "service": …})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    for match in re.finditer(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))', rest):
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+    return scheme.lower(), params
+
+
+def scope(resource: Resource) -> str:
+    """The pull scope of a resource: ``repository:<upstream name>:pull``."""
+    path = resource.path.split("?", 1)[0]
+    for marker in ("/manifests/", "/blobs/", "/tags/list"):
+        if marker in path:
+            return f"repository:{path.rsplit(marker, 1)[0]}:pull"
+    return "registry:catalog:*"
+
+
+def token_key(ctx: FormatContext, resource: Resource) -> TokenKey:
+    """Tokens are cached per proxy (its key, upstream and credentials) and pull scope."""
+    return (ctx.proxy.key, ctx.proxy.url, ctx.proxy.auth, scope(resource))
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires: float  # on the context's clock
+
+
+class Tokens:
+    """The tokens fetched so far, shared by every request of every docker proxy."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[TokenKey, _Token] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, ctx: FormatContext, resource: Resource) -> str | None:
+        key = token_key(ctx, resource)
+        with self._lock:
+            token = self._tokens.get(key)
+            if token is None:
+                return None
+            if token.expires <= ctx.now():
+                del self._tokens[key]
+                return None
+            return token.value
+
+    def fetch(
+        self, ctx: FormatContext, resource: Resource, challenge: httpx.Response, client: UpstreamClient
+    ) -> dict[str, str] | None:
+        """Answer a 401's Bearer challenge with a token from its realm; None when retrying cannot help."""
+        proxy = ctx.proxy
+        scheme, params = parse_challenge(challenge.headers.get("www-authenticate", ""))
+        if scheme != "bearer" or proxy.auth.mode == "bearer":
+            return None  # Basic was already sent (or a static token was): retrying cannot help
+        realm = params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise FormatError(
+                502, f"upstream {resource.upstream_url} sent a Bearer challenge without a usable realm"
+            )
+        query = [(k, params[k]) for k in ("service", "scope") if params.get(k)]
+        if "scope" not in params:
+            query.append(("scope", scope(resource)))
+        url = realm + ("&" if parts.query else "?") + urlencode(query)
+        headers = {"Accept": "application/json"}
+        if proxy.auth.mode == "basic":
+            headers.update(proxy.auth.headers())
+        try:
+            with client.stream(url, headers=headers, timeout=proxy.timeout) as resp:
+                body = resp.read()
+                status = resp.status_code
+        except Exception as exc:  # UpstreamError and friends: say which step failed
+            raise FormatError(502, f"token server {realm} for {proxy.key!r}: {exc}") from exc
+        if status != 200:
+            raise FormatError(
+                502,
+                f"token server {realm} refused a token for {params.get('scope') or scope(resource)} "
+                f"({status}); check the auth settings of proxy {proxy.key!r}",
+            )
+        try:
+            data = json.loads(body)
+            value = data.get("token") or data.get("access_token")
+            life = float(data.get("expires_in") or _DEFAULT_TOKEN_LIFE)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+            life = 0.0
+        if not isinstance(value, str) or not value:
+            raise FormatError(502, f"token server {realm} answered without a token")
+        expires = ctx.now() + max(life - min(_TOKEN_MARGIN, life / 10), 0.0)
+        with self._lock:
+            self._tokens[token_key(ctx, resource)] = _Token(value, expires)
+        return {"Authorization": f"Bearer {value}"}

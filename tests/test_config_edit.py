@@ -494,3 +494,20 @@ def test_entries_spelt_two_ways_are_refused_not_rewritten(tmp_path: Path) -> Non
             edit()
         assert path.read_text(encoding="utf-8") == original
     assert files_in(tmp_path) == ["pyproject.toml"]
+
+
+def test_add_after_an_entry_followed_directly_by_a_header(tmp_path: Path) -> None:
+    """No blank line between the last entry and the next table, and text like a header in a string
+    after it: the new block still goes right after the entry, and removing it leaves a valid file."""
+    entry = (
+        '[tool.pytest-upstream]\nmode = "record"\n[[tool.pytest-upstream.proxy]]\nkey = "a"\nsource = "npm"\n'
+    )
+    rest = '[tool.x]\ny = """\n# not a comment\n[[tool.pytest-upstream.proxy]]\n"""\n'
+    path = tmp_path / "pyproject.toml"
+    path.write_text(entry + rest, encoding="utf-8")
+    add_proxy(path, definition())
+    assert path.read_text(encoding="utf-8") == entry + "\n" + block() + "\n" + rest
+    assert [p.key for p in load_settings(path).proxies] == ["a", "internal"]
+    remove_proxy(path, "internal")
+    assert path.read_text(encoding="utf-8") == entry + "\n" + rest  # one blank line where it was
+    assert [p.key for p in load_settings(path).proxies] == ["a"]

@@ -277,22 +277,23 @@ def _node(doc: tomlkit.TOMLDocument, *names: str | int) -> Any:
     return node
 
 
-def _marked(old: str, names: tuple[str | int, ...], mark: Callable[[Any], bool]) -> int | None:
+def _marked(old: str, names: tuple[str | int, ...], mark: Callable[[Any], str | None]) -> int | None:
     """The offset in ``old`` of a marker that ``mark`` puts into the node at ``names``.
 
-    The node is looked up in a fresh parse, ``mark`` adds ``_MARK`` to it, and the
-    document is rendered: everything before the marker renders unchanged, so where
-    it appears is an offset in ``old``.  None when ``mark`` declines or the marker does
-    not render; ``_Unsupported`` when anything else in the rendering moved.
+    The node is looked up in a fresh parse, ``mark`` adds a text starting with ``_MARK`` to
+    it (and returns that text), and the document is rendered: everything before the marker
+    renders unchanged, so where it appears is an offset in ``old``.  None when ``mark``
+    declines or the marker does not render; ``_Unsupported`` when anything else moved.
     """
     doc = tomlkit.parse(old)
-    if not mark(_node(doc, *names)):
+    marker = mark(_node(doc, *names))
+    if marker is None:
         return None
     text = doc.as_string()
     at = text.find(_MARK)
     if at < 0:
         return None
-    if text.count(_MARK) != 1 or text.replace(_MARK, "") != old:
+    if text.count(_MARK) != 1 or text[:at] + text[at + len(marker) :] != old:
         raise _Unsupported
     return at
 
@@ -300,11 +301,11 @@ def _marked(old: str, names: tuple[str | int, ...], mark: Callable[[Any], bool])
 def _header_start(old: str, names: tuple[str | int, ...]) -> int | None:
     """Where the header line of the table at ``names`` starts (None: it has no header)."""
 
-    def mark(table: Any) -> bool:
+    def mark(table: Any) -> str | None:
         if not isinstance(table, Table):
-            return False
+            return None
         table.trivia.indent = _MARK + table.trivia.indent
-        return True
+        return _MARK
 
     at = _marked(old, names, mark)
     return at if at is not None and old[at:].lstrip(" \t").startswith("[") else None
@@ -330,14 +331,16 @@ def _body_end(old: str, names: tuple[str | int, ...]) -> tuple[int, list[str]]:
     """
     trivia: list[str] = []
 
-    def mark(table: Any) -> bool:
+    def mark(table: Any) -> str | None:
         body = table.value.body
         cut = len(body)
         while cut and body[cut - 1][0] is None and isinstance(body[cut - 1][1], _TRIVIA):
             cut -= 1
         trivia.extend(item.as_string() for _, item in body[cut:])
-        body.insert(cut, (None, Whitespace(_MARK)))
-        return True
+        # A line of its own: tomlkit adds a newline before the next header after a body
+        # that does not end in one, and would move the text after the marker.
+        body.insert(cut, (None, Whitespace(_MARK + "\n")))
+        return _MARK + "\n"
 
     at = _marked(old, names, mark)
     if at is None:

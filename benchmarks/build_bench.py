@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime as dt
 import json
 import os
 import random
@@ -47,7 +46,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -56,17 +54,15 @@ from pathlib import Path
 from subprocess import PIPE
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import DOC, ProxyProcess, busy, free_port, log, machine, stop, work_dir, write_section
 
-from pytest_upstream.clients.maven_settings import settings_xml  # noqa: E402
-from tests import maven_peers  # noqa: E402
-from tests.peers import free_port, wait_http  # noqa: E402
-from tests.test_maven import GREETER, GREETER_TEST  # noqa: E402
-from tests.test_npm import VERDACCIO, npm_env  # noqa: E402
+from pytest_upstream.clients.maven_settings import settings_xml
+from tests import maven_peers
+from tests.peers import wait_http
+from tests.test_maven import GREETER, GREETER_TEST
+from tests.test_npm import VERDACCIO, npm_env
 
 SECTION = "## Build tools: mvn and npm"
-DOC = ROOT / "docs" / "benchmarks.md"
 CASES = ("direct", "cold", "warm")
 CASE_LABEL = {"direct": "direct", "cold": "proxy cold", "warm": "proxy warm"}
 MAVEN_KEY, NPM_KEY = "central", "npm"
@@ -89,64 +85,10 @@ NPM_PACKAGES: dict[str, list[str]] = {
 NPM_ROOT_DEP = "bench-app"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-# -- the proxy -------------------------------------------------------------------
-def proxy_command() -> list[str]:
-    script = Path(sys.executable).parent / "upstream-proxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pytest_upstream"]
-
-
-class Proxy:
-    """``upstream-proxy --config FILE serve --port 0 --cache DIR`` as a child process."""
-
-    def __init__(self, config: Path, cache: Path, stderr: Path) -> None:
-        self._stderr = open(stderr, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*proxy_command(), "--config", str(config), "serve", "--port", "0", "--cache", str(cache)],
-            stdin=subprocess.DEVNULL,
-            stdout=PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().strip()
-        if not first.startswith("http://"):
-            self.stop()
-            raise RuntimeError(f"upstream-proxy did not print its URL (got {first!r}); see {stderr}")
-        self.base_url = first.rstrip("/")
-        # The rest of stdout (a few lines) is left in the pipe: it never fills up.
-
-    def url(self, key: str) -> str:
-        return f"{self.base_url}/{key}/"
-
-    def stop(self) -> None:
-        stop(self.proc)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
 @contextlib.contextmanager
-def proxy(work: Path, config: Path, cache: Path) -> Iterator[Proxy]:
-    p = Proxy(config, cache, work / "proxy-stderr.log")
-    try:
+def proxy(work: Path, config: Path, cache: Path) -> Iterator[ProxyProcess]:
+    with ProxyProcess(config, cache, work / "proxy-stderr.log") as p:
         yield p
-    finally:
-        p.stop()
 
 
 # -- results ---------------------------------------------------------------------
@@ -482,27 +424,11 @@ def tool_versions() -> str:
 
 
 def machine_line(load_start: tuple[float, ...], tools: str, took: float) -> str:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "?"
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        ram = f"{kb / 1024 / 1024:.1f} GiB"
-    os_name = "Linux"
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip('"')
-    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load_end = os.getloadavg()
+    m = machine()
     return (
-        f"**Machine:** {cpu}, {os.cpu_count()} cores, {ram} RAM, {os_name}, kernel "
+        f"**Machine:** {m['CPU']}, {m['Cores']} cores, {m['RAM']} RAM, {m['OS']}, kernel "
         f"{os.uname().release}; Python {sys.version.split()[0]}; {tools}. Load average (1 min) "
-        f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end. {date}, run time {took:.0f} s."
+        f"{load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end. {m['Date']}, run time {took:.0f} s."
     )
 
 
@@ -520,7 +446,7 @@ def render(builds: list[Build], machine: str, load_start: float, reps: int, quic
         + (" **Quick mode: one round, not for comparison.**" if quick else "")
     )
     out += ["", machine, ""]
-    if max(os.getloadavg()[0], load_start) > (os.cpu_count() or 1):
+    if busy(os.getloadavg()[0], load_start):
         out += [
             "*The machine was busy with other work during this run (load average above the core count): "
             "single runs vary by several seconds; compare the medians, and the raw numbers round by round.*",
@@ -589,28 +515,6 @@ def render(builds: list[Build], machine: str, load_start: float, reps: int, quic
     return "\n".join(out)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the section starting at SECTION (up to the next level-2 heading), or append it."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = doc.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    body = text.rstrip("\n") + "\n"
-    if start is None:
-        new = doc.rstrip("\n") + "\n\n" + body
-    else:
-        end, fence = len(lines), False
-        for i in range(start + 1, len(lines)):
-            if lines[i].startswith("```"):
-                fence = not fence
-            elif not fence and lines[i].startswith("## "):
-                end = i
-                break
-        new = "".join(lines[:start]) + body + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_name(f".{path.name}.build-bench.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -633,28 +537,19 @@ def main() -> int:
     load_start = os.getloadavg()
     tools = tool_versions()
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="upstream-build-bench-", dir=args.tmp))
     builds: list[Build] = []
-    try:
+    with work_dir("upstream-build-bench-", args.tmp, logs=["proxy-stderr.log"]) as work:
         if "m" in args.only:
             builds.append(bench_maven(work, reps))
         if "n" in args.only:
             builds.append(bench_npm(work, reps))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tail = (work / "proxy-stderr.log").read_text(errors="replace").splitlines()[-40:]
-            if tail:
-                log("last lines of the proxies' stderr:\n" + "\n".join(tail))
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
     text = render(builds, machine_line(load_start, tools, took), load_start[0], reps, args.quick)
     if output is None:
         print(text)
     else:
-        write_section(output, text)
-        log(f"wrote the section {SECTION!r} into {output}")
+        write_section(output, "build_bench.py", text)
+        log(f"wrote its section of {output}")
     log(f"done in {took:.0f} s")
     return 0
 

@@ -42,23 +42,17 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import DOC, ProxyProcess, busy, free_port, log, stop, work_dir, write_section
 
-from tests.oci import build_image, http, push_http, wait_listening  # noqa: E402
-from tests.peers import free_port  # noqa: E402
+from tests.oci import build_image, http, push_http, wait_listening
 
 MiB = 1024 * 1024
 NAME, TAG = "bench/app", "v1"
 KEY = "bench"
-BEGIN = "<!-- docker_bench.py: begin (this section is rewritten by benchmarks/docker_bench.py) -->"
-END = "<!-- docker_bench.py: end -->"
 SKOPEO_TIMEOUT = 300
 
 
@@ -73,21 +67,7 @@ FULL = Profile(layers_mib=(5, 10, 20), warm_reps=3, clients=8)
 QUICK = Profile(layers_mib=(1, 1, 2), warm_reps=1, clients=4)
 
 
-def log(msg: str) -> None:
-    print(f"[docker_bench] {msg}", file=sys.stderr, flush=True)
-
-
 # -- processes ---------------------------------------------------------------------------
-def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 class Distribution:
     """``docker-registry serve`` on loopback: the upstream, or (``remote``) a pull-through cache."""
 
@@ -140,38 +120,16 @@ class Distribution:
         self._err.close()
 
 
-class OurProxy:
-    """``upstream-proxy --config FILE serve --port 0 --cache DIR`` as a child process."""
-
-    def __init__(self, work: Path, name: str, upstream: str) -> None:
-        base = work / name
-        base.mkdir(parents=True)
-        config = base / "pyproject.toml"
-        config.write_text(
-            "[tool.pytest-upstream]\n\n[[tool.pytest-upstream.proxy]]\n"
-            f'key = "{KEY}"\nformat = "docker"\nurl = "{upstream}/"\n'
-        )
-        script = Path(sys.executable).parent / "upstream-proxy"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "pytest_upstream"]
-        self._err = (base / "proxy.err").open("wb")
-        self.proc = subprocess.Popen(
-            [*command, "--config", str(config), "serve", "--port", "0", "--cache", str(base / "cache")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().strip()
-        if not first.startswith("http://"):
-            self.stop()
-            raise RuntimeError(f"upstream-proxy did not print its URL (got {first!r}); see {base}")
-        self.url = first.rstrip("/")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # never block on a full pipe
-
-    def stop(self) -> None:
-        stop(self.proc)
-        self._err.close()
+def our_proxy(work: Path, name: str, upstream: str) -> ProxyProcess:
+    """``upstream-proxy serve`` with one docker proxy, ``bench``, on a fresh cache."""
+    base = work / name
+    base.mkdir(parents=True)
+    config = base / "pyproject.toml"
+    config.write_text(
+        "[tool.pytest-upstream]\n\n[[tool.pytest-upstream.proxy]]\n"
+        f'key = "{KEY}"\nformat = "docker"\nurl = "{upstream}/"\n'
+    )
+    return ProxyProcess(config, base / "cache", base / "proxy.err")
 
 
 # -- pulls ---------------------------------------------------------------------------------
@@ -331,9 +289,9 @@ class Results:
 
 def run(work: Path, profile: Profile) -> Results:
     res = Results()
-    children: list[Distribution | OurProxy] = []
+    children: list[Distribution | ProxyProcess] = []
 
-    def track(child: Distribution | OurProxy) -> Distribution | OurProxy:
+    def track(child: Distribution | ProxyProcess) -> Distribution | ProxyProcess:
         children.append(child)
         return child
 
@@ -353,11 +311,11 @@ def run(work: Path, profile: Profile) -> Results:
         direct = f"127.0.0.1:{upstream.port}/{NAME}:{TAG}"
 
         # (a) warm pulls
-        ours = OurProxy(work, "ours-warm", upstream.url)
+        ours = our_proxy(work, "ours-warm", upstream.url)
         track(ours)
         dist = Distribution(work, "dist-warm", remote=upstream.url)
         track(dist)
-        ours_image = f"{ours.url.split('://', 1)[1]}/{KEY}/{NAME}:{TAG}"
+        ours_image = f"{ours.base_url.split('://', 1)[1]}/{KEY}/{NAME}:{TAG}"
         dist_image = f"127.0.0.1:{dist.port}/{NAME}:{TAG}"
         mark = upstream.log_size()
         puller.timed(ours_image)  # fill (not counted)
@@ -382,11 +340,11 @@ def run(work: Path, profile: Profile) -> Results:
 
         # (b) cold concurrent pulls: fresh caches, one cache at a time
         log(f"(b) {profile.clients} concurrent cold pulls through each")
-        ours = OurProxy(work, "ours-cold", upstream.url)
+        ours = our_proxy(work, "ours-cold", upstream.url)
         track(ours)
         mark = upstream.log_size()
         res.cold_ours = puller.concurrent(
-            f"{ours.url.split('://', 1)[1]}/{KEY}/{NAME}:{TAG}", profile.clients
+            f"{ours.base_url.split('://', 1)[1]}/{KEY}/{NAME}:{TAG}", profile.clients
         )
         res.up_ours = Upstream.count(upstream.log_since(mark))
         ours.stop()
@@ -425,7 +383,7 @@ def render(res: Results, profile: Profile, quick: bool, took: float, load: tuple
         f"Measured by `benchmarks/docker_bench.py`{' --quick' if quick else ''} on "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC in {took:.0f} s (skopeo {skopeo_v}, "
         f"distribution {dist_v}, {os.cpu_count()} cores, load average {load[0]} at start, {load[1]} "
-        "at end). The other sections of this file come from `benchmarks/run.py`.",
+        "at end). Each section of this file is written by its own script in `benchmarks/`.",
         "",
         *(
             [
@@ -433,7 +391,7 @@ def render(res: Results, profile: Profile, quick: bool, took: float, load: tuple
                 "are noisy.*",
                 "",
             ]
-            if max(float(load[0].split(",")[0]), float(load[1].split(",")[0])) > (os.cpu_count() or 1)
+            if busy(float(load[0].split(",")[0]), float(load[1].split(",")[0]))
             else []
         ),
         f"Image: one OCI manifest, a config and {res.layers} layers of random bytes "
@@ -497,19 +455,7 @@ def render(res: Results, profile: Profile, quick: bool, took: float, load: tuple
         "/tmp/venv/bin/python benchmarks/docker_bench.py --quick  # smoke check, prints only",
         "```",
     ]
-    return "\n".join([BEGIN, *out, END, ""])
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the section between the markers, or append it; the rest of the file stays."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    return "\n".join(out)
 
 
 def loadavg() -> str:
@@ -532,18 +478,15 @@ def main() -> int:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/peers/docker.sh first")
     profile = QUICK if args.quick else FULL
-    output = args.output or (None if args.quick else ROOT / "docs" / "benchmarks.md")
+    output = args.output or (None if args.quick else DOC)
     load_start = loadavg()
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="docker-bench-", dir=args.tmp))
-    try:
+    with work_dir("docker-bench-", args.tmp, logs=["*/proxy.err", "*/registry.err"]) as work:
         res = run(work, profile)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     section = render(res, profile, args.quick, time.monotonic() - started, (load_start, loadavg()))
     print(section)
     if output is not None:
-        write_section(output, section)
+        write_section(output, "docker_bench.py", section)
         log(f"wrote its section of {output}")
     return 0
 

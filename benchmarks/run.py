@@ -2,7 +2,7 @@
 """Loopback benchmarks: pytest-upstream against nginx, in one run, as ratios.
 
     benchmarks/setup.sh                       # once: nginx, wrk, curl (apt-get)
-    /tmp/venv/bin/python benchmarks/run.py    # ~2 minutes, writes docs/benchmarks.md
+    /tmp/venv/bin/python benchmarks/run.py    # ~2 minutes, writes its section of docs/benchmarks.md
     /tmp/venv/bin/python benchmarks/run.py --quick   # smoke check: small sizes, prints only
 
 What is measured (see docs/benchmarks.md for the numbers and the targets):
@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import hashlib
 import os
-import platform
 import re
 import shutil
 import signal
@@ -39,18 +37,15 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import DOC, ProxyProcess, busy, free_port, log, machine, stop, wait_port, work_dir, write_section
 
-from fixtures.build_wheels import write_tree  # noqa: E402
-from pytest_upstream.formats.pypi import parse_page, render_html  # noqa: E402
+from fixtures.build_wheels import write_tree
+from pytest_upstream.formats.pypi import parse_page, render_html
 
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
@@ -71,38 +66,6 @@ class Profile:
 
 FULL = Profile(100 * MiB, 1024 * MiB, hit_reps=7, miss_reps=5, wrk_seconds=5, wrk_rounds=3)
 QUICK = Profile(10 * MiB, 64 * MiB, hit_reps=3, miss_reps=2, wrk_seconds=2, wrk_rounds=1)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout}s")
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 # -- clients ---------------------------------------------------------------
@@ -260,71 +223,11 @@ http {{
         return self
 
     def stop(self) -> None:
-        stop_process(self.proc, signal.SIGQUIT)
+        stop(self.proc, signal.SIGQUIT)
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "-v"], capture_output=True, text=True)
         return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
-
-
-def proxy_command() -> list[str]:
-    script = Path(sys.executable).parent / "upstream-proxy"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pytest_upstream"]
-
-
-class Proxy:
-    """``upstream-proxy --config FILE serve --port 0 --cache DIR`` as a child process."""
-
-    def __init__(self, config: Path, cache: Path, stderr: Path, workers: int = 1) -> None:
-        self.cache = cache
-        self._stderr = open(stderr, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                *proxy_command(),
-                "--config",
-                str(config),
-                "serve",
-                "--port",
-                "0",
-                "--cache",
-                str(cache),
-                "--workers",
-                str(workers),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().strip()
-        if not first.startswith("http://"):
-            self.stop()
-            raise RuntimeError(f"upstream-proxy did not print its URL (got {first!r}); see {stderr}")
-        self.base_url = first
-        self.port = int(first.rsplit(":", 1)[1].strip("/"))
-        # Drain the rest of stdout so the child can never block on a full pipe.
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_stored(self, key: str, count: int, timeout: float = 60.0) -> None:
-        """Wait until ``count`` entries of ``key`` are indexed (the blob is committed then)."""
-        deadline = time.monotonic() + timeout
-        base = self.cache / "entries" / key
-        while time.monotonic() < deadline:
-            if base.is_dir() and sum(1 for _ in base.rglob("*.json")) >= count:
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"the proxy did not index {count} entries under {base} within {timeout}s")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self._stderr.close()
 
 
 # -- memory sampling -------------------------------------------------------
@@ -558,15 +461,15 @@ class Bench:
         self.config = work / "pyproject.toml"
         self.logs = work / "proxy-stderr.log"
         self._caches = 0
-        self.proxies: list[Proxy] = []
+        self.proxies: list[ProxyProcess] = []
 
-    def new_proxy(self, workers: int = 1, cache: Path | None = None) -> Proxy:
+    def new_proxy(self, workers: int = 1, cache: Path | None = None) -> ProxyProcess:
         self._caches += 1
-        proxy = Proxy(self.config, cache or self.work / f"cache-{self._caches}", self.logs, workers)
+        proxy = ProxyProcess(self.config, cache or self.work / f"cache-{self._caches}", self.logs, workers)
         self.proxies.append(proxy)
         return proxy
 
-    def drop_proxy(self, proxy: Proxy) -> None:
+    def drop_proxy(self, proxy: ProxyProcess) -> None:
         proxy.stop()
         self.proxies.remove(proxy)
         shutil.rmtree(proxy.cache, ignore_errors=True)
@@ -590,7 +493,7 @@ class Bench:
         write_config(self.config, self.nginx.port)
         self.nginx.start()
 
-    def warm_up(self, proxy: Proxy) -> None:
+    def warm_up(self, proxy: ProxyProcess) -> None:
         """One small miss and one hit, so the measured request finds a warmed-up process."""
         expect(http_get(proxy.port, f"/files/{self.small}"), "warm-up", 1024)
         expect(http_get(proxy.port, f"/files/{self.small}"), "warm-up", 1024, "hit")
@@ -747,7 +650,7 @@ class Bench:
                     prx2.append(run_wrk(f"http://{HOST}:{two.port}{path}", self.p.wrk_seconds))
                     ref.append(run_wrk(f"http://{HOST}:{bare_port}/", self.p.wrk_seconds))
             finally:
-                stop_process(bare)
+                stop(bare)
                 two.stop()  # not drop_proxy: the cache is the first proxy's
                 self.proxies.remove(two)
             expect(http_get(proxy.port, path, accept), "page after wrk", self.page_size, "hit")
@@ -800,7 +703,7 @@ class Bench:
         size = self.p.big_bytes
         label = f"{size // MiB} MiB" if size < 1024 * MiB else f"{size / (1024 * MiB):g} GiB"
 
-        def measure(proxy: Proxy, cache: str) -> tuple[float, float, float, Fetch]:
+        def measure(proxy: ProxyProcess, cache: str) -> tuple[float, float, float, Fetch]:
             before = proc_status_kb(proxy.pid)
             with RssSampler(proxy.pid) as sampler:
                 f = expect(http_get(proxy.port, f"/files/{self.big}"), f"1 GiB {cache}", size, cache)
@@ -816,10 +719,10 @@ class Bench:
             self.warm_up(proxy)
             base_miss, miss_hwm, miss_peak, f_miss = measure(proxy, "miss")
             cache_dir = proxy.cache
-            stop_process(proxy.proc)  # keep the cache: the hit is served by a new process
+            stop(proxy.proc)  # keep the cache: the hit is served by a new process
             proxy._stderr.close()
             self.proxies.remove(proxy)
-            hit_proxy = Proxy(self.config, cache_dir, self.logs)
+            hit_proxy = ProxyProcess(self.config, cache_dir, self.logs)
             self.proxies.append(hit_proxy)
             self.warm_up(hit_proxy)
             base_hit, hit_hwm, hit_peak, f_hit = measure(hit_proxy, "hit")
@@ -890,35 +793,9 @@ Two workers, like nginx's two, meet the target; 0.25x would need a different ser
 
 # -- report ----------------------------------------------------------------
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "unknown"
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        ram = f"{kb / 1024 / 1024:.1f} GiB"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {
-        "CPU": cpu,
-        "Cores": str(os.cpu_count()),
-        "RAM": ram,
-        "Kernel": f"{platform.system()} {platform.release()}",
-        "OS": _os_name(),
-        "Python": f"{platform.python_version()} ({sys.executable})",
-        "Load average at start": load,
-        "Date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def _os_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip('"')
-    return platform.platform()
+    info = machine()
+    date = info.pop("Date")
+    return {**info, "Load average at start": ", ".join(f"{x:.2f}" for x in os.getloadavg()), "Date": date}
 
 
 def tool_versions(nginx: Nginx) -> str:
@@ -931,7 +808,7 @@ def tool_versions(nginx: Nginx) -> str:
 def render_report(
     info: dict[str, str], tools: str, profile: Profile, quick: bool, r: Results, took: float
 ) -> str:
-    out = ["# Benchmarks", ""]
+    out = []
     out.append(
         "Loopback (127.0.0.1) measurements of the proxy against nginx, taken in one run of "
         "`benchmarks/run.py` and compared as ratios, because absolute numbers on a shared "
@@ -945,7 +822,7 @@ def render_report(
         if k == "Load average at start":
             out.append(f"| Load average at end | {', '.join(f'{x:.2f}' for x in os.getloadavg())} |")
     out += [f"| Tools | {tools} |", f"| Run time | {took:.0f} s |"]
-    if max(os.getloadavg()[0], float(info["Load average at start"].split(",")[0])) > (os.cpu_count() or 1):
+    if busy(os.getloadavg()[0], float(info["Load average at start"].split(",")[0])):
         out += [
             "",
             "*The machine was busy with other work during this run (load average above the core count): "
@@ -995,28 +872,15 @@ def render_report(
         "",
         "```sh",
         "benchmarks/setup.sh                             # nginx, wrk, curl via apt-get (if missing)",
-        "/tmp/venv/bin/python benchmarks/run.py          # full run, about 2 minutes; rewrites this file",
+        "/tmp/venv/bin/python benchmarks/run.py          # full run, about 2 minutes; rewrites this section",
         "/tmp/venv/bin/python benchmarks/run.py --quick  # smoke check (10 MiB / 64 MiB, 2 s wrk), prints",
         "```",
         "",
         "Needs about 1.3 GiB free under the temp dir (`--tmp DIR`); everything is removed afterwards. "
-        "`--output FILE` writes the report elsewhere.",
+        "`--output FILE` writes the section into another file.",
         "",
     ]
     return "\n".join(out)
-
-
-OTHER_SECTIONS = "<!-- sections below are written by other benchmark scripts; run.py keeps them -->"
-
-
-def _kept_sections(output: Path) -> str:
-    """The part of an existing report that other scripts own (docker, build tools)."""
-    try:
-        text = output.read_text()
-    except FileNotFoundError:
-        text = ""
-    _, marker, tail = text.partition(OTHER_SECTIONS)
-    return "\n" + OTHER_SECTIONS + tail if marker else "\n" + OTHER_SECTIONS + "\n"
 
 
 def main() -> int:
@@ -1040,43 +904,35 @@ def main() -> int:
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         sys.exit("nginx not found: run benchmarks/setup.sh first")
     profile = QUICK if args.quick else FULL
-    output = args.output or (None if args.quick else ROOT / "docs" / "benchmarks.md")
+    output = args.output or (None if args.quick else DOC)
     info = machine_info()
     results = Results()
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="upstream-bench-", dir=args.tmp))
-    bench = Bench(work, profile, results)
-    try:
-        bench.prepare()
-        tools = tool_versions(bench.nginx)
-        steps = {
-            "0": bench.client_check,
-            "a": bench.warm_hit,
-            "b": bench.cold_miss,
-            "c": bench.index_rps,
-            "d": bench.memory,
-        }
-        for key, step in steps.items():
-            if key in args.only:
-                log(f"running {step.__name__}")
-                step()
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tail = bench.logs.read_text(errors="replace").splitlines()[-40:]
-            if tail:
-                log("last lines of the proxies' stderr:\n" + "\n".join(tail))
-        raise
-    finally:
-        bench.close()
-        shutil.rmtree(work, ignore_errors=True)
+    with work_dir("upstream-bench-", args.tmp, logs=["proxy-stderr.log"]) as work:
+        bench = Bench(work, profile, results)
+        try:
+            bench.prepare()
+            tools = tool_versions(bench.nginx)
+            steps = {
+                "0": bench.client_check,
+                "a": bench.warm_hit,
+                "b": bench.cold_miss,
+                "c": bench.index_rps,
+                "d": bench.memory,
+            }
+            for key, step in steps.items():
+                if key in args.only:
+                    log(f"running {step.__name__}")
+                    step()
+        finally:
+            bench.close()
     took = time.monotonic() - started
     report = render_report(info, tools, profile, args.quick, results, took)
     if output is None:
         print(report)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report + _kept_sections(output))
-        log(f"wrote {output}")
+        write_section(output, "run.py", report)
+        log(f"wrote its section of {output}")
     missed = [row.label for row in results.rows if row.ok is False]
     log(f"done in {took:.0f} s; {len(missed)} target(s) missed")
     return 0

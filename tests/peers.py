@@ -65,31 +65,6 @@ def pypiserver(packages: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def pip_env(index_url: str | None = None) -> dict[str, str]:
-    """An environment in which pip sees only the index we give it.
-
-    This machine's pip reads extra local wheel folders from PIP_FIND_LINKS
-    and a global config; either would let pip bypass the proxy.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
-    env["PIP_CONFIG_FILE"] = os.devnull
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PIP_NO_CACHE_DIR"] = "1"
-    if index_url:
-        env["PIP_INDEX_URL"] = index_url
-    return env
-
-
-def pip_install(target: Path, *requirements: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-compile", "--target", str(target), *requirements],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def spawn_serve(config: Path, *args: str) -> subprocess.Popen[str]:
     """``upstream-proxy --config FILE serve --port 0 ARGS`` in a child process (see ``serve_url``)."""
     return subprocess.Popen(

@@ -20,12 +20,9 @@ state and how often the upstream was asked for the path:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import shutil
-import socket
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -40,7 +37,6 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.engine.fetch import CACHE_HEADER
 from pytest_upstream.messages import Headers, ProxyRequest, Reply
 
-from . import upstreams
 from .conftest import proxy_def
 from .upstreams import Fault, Upstream
 
@@ -53,69 +49,12 @@ PATHS = META + ARTIFACTS
 Outcome = tuple[int, bytes | None, str | None]  # status, body (None for errors), cache state
 
 
-class _Handler(upstreams._Handler):
-    """The test upstream's handler, plus two things this model needs.
-
-    TCP_NODELAY, so a response is not held back ~40 ms by Nagle and delayed
-    ACKs (headers and body are separate writes); and a registry of open
-    connections, so that ``stop()`` really stops: without it a keep-alive
-    connection in the engine's pool is still answered after ``stop()``.
-    """
-
-    server: upstreams._Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up = self.server.upstream
-        assert isinstance(up, ModelUpstream)
-        with up.lock:
-            up.connections.add(self.connection)
-
-    def finish(self) -> None:
-        up = self.server.upstream
-        assert isinstance(up, ModelUpstream)
-        with up.lock:
-            up.connections.discard(self.connection)
-        super().finish()
-
-
-class _Server(upstreams._Server):
-    def handle_error(self, request: object, client_address: object) -> None:
-        """Quiet: connections cut by ``stop()`` are expected here, other errors are not."""
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)  # type: ignore[arg-type]
-
-
-class ModelUpstream(Upstream):
-    def __init__(self) -> None:
-        super().__init__()
-        self.connections: set[socket.socket] = set()
-
-    def start(self) -> ModelUpstream:
-        self.stopped = False
-        self._server = _Server(("127.0.0.1", self.port), _Handler)
-        self._server.upstream = self
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        super().stop()
-        with self.lock:
-            open_connections = list(self.connections)
-        for conn in open_connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
 class CacheModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = ManualClock(1_000_000.0)
         self.tmp = Path(tempfile.mkdtemp(prefix="cache-model-"))
-        self.up = ModelUpstream().start()
+        self.up = Upstream().start()
         proxy = proxy_def(
             key=KEY, format="generic", url=self.up.url, mutable_paths=["meta/*"], metadata_ttl=TTL
         )

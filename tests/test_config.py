@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pytest_upstream.config.settings import (
     ConfigError,
     ProxyDefinition,
     Settings,
+    default_cache_dir,
     load_settings,
     parse_proxy,
 )
@@ -60,6 +62,21 @@ def test_no_pyproject_means_builtin_proxies(tmp_path: Path) -> None:
         "maven-central": "maven",
     }
     assert all(p.auth == AuthSpec() for p in settings.proxies)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux default is documented")
+def test_default_cache_dir_on_linux(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/configuration.md: $XDG_CACHE_HOME/pytest-upstream, else ~/.cache/pytest-upstream."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "pytest-upstream"
+    assert load_settings(search_dir=tmp_path).cache_dir == tmp_path / "xdg" / "pytest-upstream"
+    for unusable in ("", "relative/cache"):  # the XDG spec: a relative path is ignored
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        assert default_cache_dir() == tmp_path / "home" / ".cache" / "pytest-upstream"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "pytest-upstream"
+    assert not (tmp_path / "home").exists()  # naming it creates nothing
 
 
 def test_pyproject_without_table_means_builtin_proxies(tmp_path: Path) -> None:

@@ -434,3 +434,80 @@ def test_any_sequence_of_edits_matches_a_model(ops: list[tuple[bool, str]]) -> N
         for key in [k for k in model if k in KEYS]:
             remove_proxy(path, key)
         assert path.read_text(encoding="utf-8") == PYPROJECT
+
+
+# --------------------------------------------------------------------------- positions from tomlkit's model
+
+
+def test_remove_an_entry_with_a_multi_line_array_and_comment_like_strings(tmp_path: Path) -> None:
+    """Positions come from tomlkit's model, so text that looks like a header or a comment inside a
+    value does not move the cut."""
+    first = (
+        "# first\n"
+        "[[tool.pytest-upstream.proxy]]\n"
+        'key = "a"\n'
+        'source = "custom"\n'
+        'format = "generic"\n'
+        'url = "https://a.example/#[[not.a.header]]"\n'
+        "mutable_paths = [\n"
+        '    "latest",  # a comment inside the array\n'
+        "# a comment line inside the array\n"
+        '    "[[x]]",\n'
+        "]\n"
+        "# trailing, stays\n"
+    )
+    second = '\n[[tool.pytest-upstream.proxy]]\nkey = "b"\nsource = "npm"\n'
+    path = tmp_path / "pyproject.toml"
+    path.write_text(first + second, encoding="utf-8")
+    remove_proxy(path, "a")
+    assert path.read_text(encoding="utf-8") == "# trailing, stays\n" + second
+    assert [p.key for p in load_settings(path).proxies] == ["b"]
+
+
+def test_add_after_an_entry_that_ends_in_a_multi_line_array(tmp_path: Path) -> None:
+    original = (
+        "[[tool.pytest-upstream.proxy]]\n"
+        'key = "a"\n'
+        'source = "npm"\n'
+        'mutable_paths = [\n    "x",\n    "[tool.ruff]",\n]\n'
+        "\n# ruff\n[tool.ruff]\nx = 1\n"
+    )
+    path = tmp_path / "pyproject.toml"
+    path.write_text(original, encoding="utf-8")
+    add_proxy(path, definition())
+    assert path.read_text(encoding="utf-8") == original.replace("\n\n# ruff", "\n\n" + block() + "\n# ruff")
+    remove_proxy(path, "internal")
+    assert path.read_text(encoding="utf-8") == original
+
+
+def test_entries_spelt_two_ways_are_refused_not_rewritten(tmp_path: Path) -> None:
+    """tomlkit renders one array of tables under one spelling; a file that mixes two cannot be
+    edited as a splice, so it is left alone."""
+    original = (
+        '[[tool."pytest-upstream".proxy]]\nkey = "a"\nsource = "npm"\n\n'
+        '[[tool.pytest-upstream.proxy]]\nkey = "b"\nsource = "npm"\n'
+    )
+    path = tmp_path / "pyproject.toml"
+    path.write_text(original, encoding="utf-8")
+    for edit in (lambda: remove_proxy(path, "a"), lambda: add_proxy(path, definition())):
+        with pytest.raises(ConfigError, match="edit it by hand"):
+            edit()
+        assert path.read_text(encoding="utf-8") == original
+    assert files_in(tmp_path) == ["pyproject.toml"]
+
+
+def test_add_after_an_entry_followed_directly_by_a_header(tmp_path: Path) -> None:
+    """No blank line between the last entry and the next table, and text like a header in a string
+    after it: the new block still goes right after the entry, and removing it leaves a valid file."""
+    entry = (
+        '[tool.pytest-upstream]\nmode = "record"\n[[tool.pytest-upstream.proxy]]\nkey = "a"\nsource = "npm"\n'
+    )
+    rest = '[tool.x]\ny = """\n# not a comment\n[[tool.pytest-upstream.proxy]]\n"""\n'
+    path = tmp_path / "pyproject.toml"
+    path.write_text(entry + rest, encoding="utf-8")
+    add_proxy(path, definition())
+    assert path.read_text(encoding="utf-8") == entry + "\n" + block() + "\n" + rest
+    assert [p.key for p in load_settings(path).proxies] == ["a", "internal"]
+    remove_proxy(path, "internal")
+    assert path.read_text(encoding="utf-8") == entry + "\n" + rest  # one blank line where it was
+    assert [p.key for p in load_settings(path).proxies] == ["a"]

@@ -1,6 +1,6 @@
 """The docker format: the pull side of the OCI distribution API through the proxy.
 
-Fast tests run against ``FakeRegistry`` (tests/fake_registry.py); the slow ones
+Fast tests run against ``FakeRegistry`` (tests/upstreams.py); the slow ones
 against CNCF distribution (``docker-registry``) with skopeo as the client.
 """
 
@@ -38,7 +38,6 @@ from pytest_upstream.pytest_plugin.harness import UpstreamProxy
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
-from .fake_registry import FakeRegistry, digest_of
 from .oci import (
     DOCKER_LAYER,
     PUSH_PASS,
@@ -58,6 +57,7 @@ from .oci import (
     write_layout,
 )
 from .peers import free_port, require_peer
+from .upstreams import FakeRegistry, Fault, digest_of
 
 SHA = "sha256:" + "ab" * 32
 LAYER = b"layer bytes " * 1000
@@ -663,11 +663,13 @@ def test_the_mirror_flag_and_its_rules(fake: FakeRegistry, make_proxy: MakeProxy
 
 def test_upstream_4xx_pass_the_registrys_error_on(fake: FakeRegistry, make_proxy: MakeProxy) -> None:
     busy = registry_error("TOOMANYREQUESTS", "You have reached your pull rate limit.")
-    fake.fail["/v2/demo/app/manifests/bad"] = (400, registry_error("MANIFEST_INVALID", "manifest invalid"))
-    fake.fail["/v2/demo/app/manifests/busy"] = (429, busy)
-    fake.fail[f"/v2/demo/app/blobs/{SHA}"] = (429, busy)
-    fake.fail["/v2/demo/app/manifests/odd"] = (418, b"<html>teapot</html>")
-    fake.fail["/v2/demo/app/manifests/down"] = (503, registry_error("UNAVAILABLE", "maintenance"))
+    fake.faults["/v2/demo/app/manifests/bad"] = Fault(
+        400, registry_error("MANIFEST_INVALID", "manifest invalid")
+    )
+    fake.faults["/v2/demo/app/manifests/busy"] = Fault(429, busy)
+    fake.faults[f"/v2/demo/app/blobs/{SHA}"] = Fault(429, busy)
+    fake.faults["/v2/demo/app/manifests/odd"] = Fault(418, b"<html>teapot</html>")
+    fake.faults["/v2/demo/app/manifests/down"] = Fault(503, registry_error("UNAVAILABLE", "maintenance"))
     proxy = make_proxy(docker_proxy(fake.url, metadata_ttl=0))
     for path, status, code, needle in [
         ("manifests/bad", 400, "MANIFEST_INVALID", "answered 400 MANIFEST_INVALID: manifest invalid"),
@@ -688,7 +690,7 @@ def test_upstream_4xx_pass_the_registrys_error_on(fake: FakeRegistry, make_proxy
     fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
     url = v2(proxy, "oci/demo/app/manifests/v1")
     assert http(url, headers={"Accept": OCI_MANIFEST})[2]["X-Upstream-Cache"] == "miss"
-    fake.fail["/v2/demo/app/manifests/v1"] = (429, busy)
+    fake.faults["/v2/demo/app/manifests/v1"] = Fault(429, busy)
     for method in ("GET", "HEAD"):
         status, body, headers = http(url, headers={"Accept": OCI_MANIFEST}, method=method)
         assert (status, headers["X-Upstream-Cache"]) == (200, "stale")

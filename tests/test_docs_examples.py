@@ -21,7 +21,8 @@ import pytest
 
 from fixtures.build_wheels import Dist, write_files
 
-from .peers import pip_env, pip_install, pypiserver, serve_process
+from .peers import pypiserver, serve_process
+from .pip_setup import pip_env, pip_install
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -18,7 +18,6 @@ import urllib3
 
 from pytest_upstream.clients import inprocess
 from pytest_upstream.clients.inprocess import InProcessRouting, suspended
-from pytest_upstream.clients.routes import dist_project
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import Upstream
@@ -225,6 +224,15 @@ def test_a_requests_mock_started_inside_still_wins(upstream: Upstream, make_prox
         ("http://py.test/packages/some.pkg-2.0.tar.gz", "py/files/some-pkg/some.pkg-2.0.tar.gz"),
         ("http://py.test/x/p-1.0-py3-none-any.whl.metadata", "py/files/p/p-1.0-py3-none-any.whl.metadata"),
         ("http://py.test/files/my-proj/my_proj-1.0.zip", "py/files/my-proj/my_proj-1.0.zip"),
+        ("http://py.test/files/My.Proj/my_proj-1.0.zip", "py/files/my-proj/my_proj-1.0.zip"),
+        (  # the file name is read decoded, the path stays raw
+            "http://py.test/p/pkg-1.0%2Blocal-py3-none-any.whl",
+            "py/files/pkg/pkg-1.0%2Blocal-py3-none-any.whl",
+        ),
+        ("http://py.test/p/old-0.9.tar.bz2", "py/files/old/old-0.9.tar.bz2"),
+        ("http://py.test/p/x-1.0-py3.8.egg", "py/files/x/x-1.0-py3.8.egg"),
+        ("http://py.test/p/noversion.tar.gz", None),  # not a distribution file name
+        ("http://py.test/p/README.txt", None),
         ("http://py.test/pypi/x/json", None),
         ("http://docker.test/v2/library/alpine/manifests/3", None),  # docker is not routed
         ("http://127.0.0.1:9/loop/a", None),  # the proxy's own origin is never routed
@@ -263,21 +271,6 @@ def test_locations_point_back_under_the_source_url() -> None:
     assert routing.source_location("/g/a/b") == "http://up.test/base/a/b"
     assert routing.source_location("/other/a") == "/other/a"
     assert routing.source_location("https://elsewhere.test/x") == "https://elsewhere.test/x"
-
-
-@pytest.mark.parametrize(
-    ("filename", "project"),
-    [
-        ("numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl", "numpy"),
-        ("zope.interface-6.0.tar.gz", "zope.interface"),
-        ("backports_zoneinfo-0.2.1.zip", "backports_zoneinfo"),
-        ("pkg-1.0-py3-none-any.whl.metadata", "pkg"),
-        ("README.txt", None),
-        ("noversion.tar.gz", None),
-    ],
-)
-def test_dist_project(filename: str, project: str | None) -> None:
-    assert dist_project(filename) == project
 
 
 def _plugin_project(path: Path, upstream_url: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.build_wheels import Dist, write_files
+from fixtures.build_wheels import Dist
 from pytest_upstream.cli.main import main as cli_main
 from pytest_upstream.config.settings import ConfigError, Settings, parse_table
 from pytest_upstream.repro.lock_tools import write_lock
@@ -27,7 +27,8 @@ from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import proxy_def
-from .peers import pip_env, pip_install, pypiserver, serve_process
+from .peers import pypiserver, serve_process
+from .pip_setup import importable_in_subprocesses, installed, pip_env, pip_install, publish, pypi_project
 from .upstreams import Upstream
 
 Serve = Callable[..., ProxyServer]
@@ -305,51 +306,17 @@ def test_plugin_writes_one_deterministic_lock_and_replays_it(
 
 # -- the whole story with pip -------------------------------------------------------------
 PIP_TEST = """
-import os, subprocess, sys
+import os
+
+from tests.pip_setup import pip_env, pip_install
 
 def test_install(upstream_proxy):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_")) or k == "PIP_INDEX_URL"}
-    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     if upstream_proxy.mode == "replay":  # the network is blocked by default; pip must not mind
         assert os.environ["HTTP_PROXY"] == upstream_proxy.base_url
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-compile", "--target", os.environ["DEMO_TARGET"],
-         "upstream-demo-a"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    env = pip_env(os.environ["PIP_INDEX_URL"])
+    result = pip_install(os.environ["DEMO_TARGET"], "upstream-demo-a", env=env)
     assert result.returncode == 0, result.stderr
 """
-
-
-def _project(path: Path, index_url: str, cache: Path) -> None:
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [tool.pytest-upstream]
-            cache = "{cache}"
-            lock = "upstream.lock"
-            [[tool.pytest-upstream.proxy]]
-            key = "local"
-            source = "custom"
-            format = "pypi"
-            url = "{index_url}"
-            """
-        )
-    )
-
-
-def _installed(target: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(target)): sha(p.read_bytes())
-        for p in sorted(target.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
-def _publish(out: Path, *dists: Dist) -> None:
-    write_files(out, *([list(dists)] if dists else []))
-    for meta in (out / "files").glob("*.metadata"):
-        meta.unlink()  # pypiserver serves wheels only
 
 
 @pytest.mark.slow
@@ -357,14 +324,15 @@ def test_replay_installs_the_locked_release_after_a_newer_one_is_published(
     pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out, cache = tmp_path / "upstream-files", tmp_path / "shared-cache"
-    _publish(out)
+    publish(out)
+    importable_in_subprocesses(monkeypatch)
     b1 = (out / "files" / "upstream_demo_b-1.0-py3-none-any.whl").read_bytes()
     pytester.makepyfile(test_pip=PIP_TEST)
     lock_file = pytester.path / "upstream.lock"
     run = ("--upstream-proxy", "-p", "no:cacheprovider")
 
     with pypiserver(out / "files") as index_url:
-        _project(pytester.path / "pyproject.toml", index_url, cache)
+        pypi_project(pytester.path / "pyproject.toml", index_url, cache, lock="upstream.lock")
         monkeypatch.setenv("DEMO_TARGET", str(tmp_path / "t-record"))
         pytester.runpytest_subprocess(*run).assert_outcomes(passed=1)
         recorded = lock_file.read_text()
@@ -379,10 +347,10 @@ def test_replay_installs_the_locked_release_after_a_newer_one_is_published(
         assert (wheel_b["sha256"], wheel_b["size"]) == (sha(b1), len(b1))
 
         # upstream-demo-b 2.0 is published; a second project on the same cache refreshes and gets it
-        _publish(out, Dist("upstream-demo-b", "2.0", code="VALUE = 'b-2.0'\n"))
+        publish(out, Dist("upstream-demo-b", "2.0", code="VALUE = 'b-2.0'\n"))
         other = tmp_path / "other"
         other.mkdir()
-        _project(other / "pyproject.toml", index_url, cache)
+        pypi_project(other / "pyproject.toml", index_url, cache, lock="upstream.lock")
         with serve_process(other / "pyproject.toml", "--mode", "refresh") as base:
             result = pip_install(
                 tmp_path / "t-other", "upstream-demo-b", env=pip_env(f"{base}/local/simple/")
@@ -394,14 +362,14 @@ def test_replay_installs_the_locked_release_after_a_newer_one_is_published(
     # upstream stopped: the first project's replay installs what its lock names, byte for byte
     monkeypatch.setenv("DEMO_TARGET", str(tmp_path / "t-replay"))
     pytester.runpytest_subprocess(*run, "--upstream-mode", "replay").assert_outcomes(passed=1)
-    assert _installed(tmp_path / "t-replay") == _installed(tmp_path / "t-record")
+    assert installed(tmp_path / "t-replay") == installed(tmp_path / "t-record")
     assert "b-1.0" in (tmp_path / "t-replay" / "upstream_demo_b" / "__init__.py").read_text()
     assert lock_file.read_text() == recorded
     assert cli_main(["--config", str(pytester.path / "pyproject.toml"), "lock", "verify"]) == 0
 
     # refresh picks the new release up and rewrites the lock
     with pypiserver(out / "files") as index_url:
-        _project(pytester.path / "pyproject.toml", index_url, cache)
+        pypi_project(pytester.path / "pyproject.toml", index_url, cache, lock="upstream.lock")
         monkeypatch.setenv("DEMO_TARGET", str(tmp_path / "t-refresh"))
         pytester.runpytest_subprocess(*run, "--upstream-mode", "refresh").assert_outcomes(passed=1)
     assert "b-2.0" in (tmp_path / "t-refresh" / "upstream_demo_b" / "__init__.py").read_text()

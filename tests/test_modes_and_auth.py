@@ -131,7 +131,7 @@ def test_builtin_pypi_source_with_real_pip(tmp_path: Path) -> None:
     from pytest_upstream.config.settings import Settings, builtin_proxies
     from pytest_upstream.server.proxy_server import ProxyServer
 
-    from .peers import pip_env, pip_install
+    from .pip_setup import pip_env, pip_install
 
     with ProxyServer(Settings(cache_dir=tmp_path / "c", proxies=builtin_proxies())) as server:
         result = pip_install(tmp_path / "t", "six", env=pip_env(server.url("pypi") + "simple/"))

@@ -10,6 +10,7 @@ from urllib.parse import quote
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.utils import canonicalize_name
 
 from pytest_upstream.formats.base import MalformedUpstream
 from pytest_upstream.formats.pypi import (
@@ -18,7 +19,7 @@ from pytest_upstream.formats.pypi import (
     FileLink,
     Page,
     choose_representation,
-    normalize,
+    parse_dist_filename,
     parse_page,
     render_html,
     render_json,
@@ -34,7 +35,7 @@ PIP_ACCEPT = f"{JSON_V1}, {HTML_V1}; q=0.1, text/html; q=0.01"
 UV_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, text/html;q=0.01"
 
 
-# -- normalize ------------------------------------------------------------------
+# -- names and file names (packaging) --------------------------------------------
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -48,9 +49,52 @@ UV_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, text/html;q=0.01"
         ("Upstream_Demo.A", "upstream-demo-a"),
     ],
 )
-def test_normalize(name: str, expected: str) -> None:
-    assert normalize(name) == expected
-    assert normalize(normalize(name)) == expected
+def test_normalized_names_are_pep_503(name: str, expected: str) -> None:
+    """The proxy serves projects under packaging's canonical name (its URLs rely on it)."""
+    assert canonicalize_name(name) == expected
+    assert canonicalize_name(expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("filename", "parsed"),
+    [
+        ("numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl", ("numpy", "2.0.0")),
+        ("demo-1.2.3-1-py3-none-any.whl.metadata", ("demo", "1.2.3")),  # build tag; PEP 658
+        ("Zope.Interface-6.0-py3-none-any.whl", ("zope-interface", "6.0")),
+        ("pkg-1.0+local-py3-none-any.whl", ("pkg", "1.0+local")),
+        ("my-dist-2.0rc1.tar.gz", ("my-dist", "2.0rc1")),  # sdist names may hold '-'
+        ("backports_zoneinfo-0.2.1.zip", ("backports-zoneinfo", "0.2.1")),
+        ("demo-1.0-RC1.tar.gz", None),  # '-' in the version: packaging takes "RC1" as one
+        ("Demo-1.0.RC1.tar.gz", ("demo", "1.0rc1")),  # versions are normalised too
+        # legacy archives and eggs, as PyPI still serves them for old releases
+        ("old-0.9.tar.bz2", ("old", "0.9")),
+        ("old-0.9.tgz", ("old", "0.9")),
+        ("old-0.9.tar.xz", ("old", "0.9")),
+        ("old-0.9.tar", ("old", "0.9")),
+        ("x-1.0-py3.8.egg", ("x", "1.0")),
+        ("x-1.0.egg", ("x", "1.0")),
+        # not distributions: no version, not PEP 440, bad wheel names, other files
+        ("demo.zip", None),
+        ("noversion.tar.gz", None),
+        ("foo-2004d.tar.gz", None),
+        ("x.egg", None),
+        ("demo-1.0-py3-none.whl", None),
+        ("demo-one-py3-none-any.whl", None),
+        ("de__mo-1.0-py3-none-any.whl", None),
+        ("-1.0.tar.gz", None),
+        ("README.txt", None),
+        ("demo-1.0.tar.gz.asc", None),
+        ("", None),
+    ],
+)
+def test_parse_dist_filename(filename: str, parsed: tuple[str, str] | None) -> None:
+    assert parse_dist_filename(filename) == parsed
+
+
+@given(st.text(max_size=40))
+def test_parse_dist_filename_never_raises(filename: str) -> None:
+    parsed = parse_dist_filename(filename)
+    assert parsed is None or (canonicalize_name(parsed[0]) == parsed[0] and parsed[1])
 
 
 # -- Accept negotiation -----------------------------------------------------------

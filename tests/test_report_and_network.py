@@ -18,7 +18,7 @@ import pytest
 
 from fixtures.build_wheels import write_tree
 from pytest_upstream.formats.base import Kind, Resource
-from pytest_upstream.formats.pypi import PyPIFormat, file_version
+from pytest_upstream.formats.pypi import PyPIFormat
 from pytest_upstream.repro.netguard import (
     NetworkBlockedError,
     NetworkGuard,
@@ -153,12 +153,12 @@ def test_proxy_refuses_forward_proxy_requests_naming_the_host(
         ("files/demo/demo-1.2.3-1-py3-none-any.whl.metadata", {"name": "demo", "version": "1.2.3"}),
         ("files/my-dist/my-dist-2.0rc1.tar.gz", {"name": "my-dist", "version": "2.0rc1"}),
         ("files/demo/demo.zip", {"name": "demo"}),
+        ("files/x/x-1.0-py3.8.egg", {"name": "x", "version": "1.0"}),
         ("simple/", {}),
     ],
 )
 def test_pypi_describe(path: str, described: dict[str, str]) -> None:
     assert PyPIFormat().describe(Resource(path, "http://127.0.0.1/x", Kind.ARTIFACT)) == described
-    assert file_version("x-1.0-py3.8.egg") == "1.0"
 
 
 # -- through the plugin: marker, report, network ----------------------------------------------

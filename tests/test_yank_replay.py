@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from fixtures.build_wheels import Dist, build_wheel
 
-from .peers import pip_env, pip_install, serve_process
+from .peers import serve_process
+from .pip_setup import installed, pip_env, pip_install, pypi_project
 from .upstreams import Upstream
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,6 @@ def publish(up: Upstream, dists: list[Dist], yanked: dict[str, str]) -> None:
         up.content_types[f"/simple/{name}/"] = "text/html"
 
 
-def installed(target: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(target)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(target.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
 def locked_files(lock: Path) -> set[str]:
     entries = json.loads(lock.read_text())["entries"]
     return {e["path"].rsplit("/", 1)[1] for e in entries if e["path"].startswith("files/")}
@@ -57,19 +49,7 @@ def test_replay_with_a_lock_ignores_newer_and_yanked_releases(tmp_path: Path) ->
     lock = tmp_path / "upstream.lock"
     cache = tmp_path / "shared-cache"
     with Upstream() as up:
-        config.write_text(
-            textwrap.dedent(
-                f"""
-                [tool.pytest-upstream]
-                cache = "{cache}"
-                [[tool.pytest-upstream.proxy]]
-                key = "local"
-                source = "custom"
-                format = "pypi"
-                url = "{up.url}/simple/"
-                """
-            )
-        )
+        pypi_project(config, f"{up.url}/simple/", cache)
         publish(up, [A, B["1.0"], B["1.1"]], {})
         with serve_process(config, "--lock", str(lock)) as base:  # record
             result = pip_install(tmp_path / "t1", "upstream-demo-a", env=pip_env(f"{base}/local/simple/"))

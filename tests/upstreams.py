@@ -1,29 +1,45 @@
-"""A small, controllable upstream HTTP server for tests, on loopback.
+"""Small, controllable fake upstreams for fast tests, on loopback: one server, one fault model.
 
-It serves files from a dict, counts requests per path, and can misbehave on
-request: answer a status, cut a body short under a full Content-Length,
-slow down, or be stopped altogether.  Real protocol peers (pip, pypiserver)
-are used in the end-to-end tests; this one exists to inject faults.
+``Upstream`` serves files from a dict; ``FakeRegistry`` is an ``Upstream`` that answers an
+OCI registry's pull API instead (manifests, blobs, paginated tags, Basic or token auth).
+Both count requests per path, record every request's headers, and misbehave on request
+(``Fault``): answer a status (and body), cut a body short under a full Content-Length, slow
+down, or be stopped altogether (open connections are cut, like a host going down).  Real
+protocol peers (pip, pypiserver, registries) are used in the end-to-end tests; these exist
+to inject faults and to count.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import socket
+import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
 class Fault:
     status: int | None = None  # answer this status instead
+    body: bytes | None = None  # ... with this body (default "fault <status>")
     truncate_at: int | None = None  # send this many bytes, then close (Content-Length says more)
     delay: float = 0.0  # seconds to sleep before answering
     chunk_delay: float = 0.0  # seconds between 64 KiB chunks
+    headers: dict[str, str] = field(default_factory=dict)  # added to the answer
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -34,12 +50,21 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stalls
+        up = self.server.upstream
+        with up.lock:
+            up.connections.add(self.connection)
+
+    def finish(self) -> None:
+        up = self.server.upstream
+        with up.lock:
+            up.connections.discard(self.connection)
+        super().finish()
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
 
     def do_GET(self) -> None:
         up = self.server.upstream
@@ -49,35 +74,26 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         path = self.path
+        headers = dict(self.headers.items())
         with up.lock:
             up.hits[path] += 1
-            up.request_headers.append((path, dict(self.headers.items())))
-            body = up.files.get(path)
+            up.request_headers.append((path, headers))
             fault = up.faults.get(path) or up.default_fault
-            content_type = up.content_types.get(path, "application/octet-stream")
         if fault and fault.delay:
             time.sleep(fault.delay)
         if fault and fault.status:
-            data = f"fault {fault.status}\n".encode()
-            self.send_response(fault.status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        if body is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "10")
-            self.end_headers()
-            self.wfile.write(b"not found\n")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (fault.headers if fault else {}).items():
+            body = fault.body if fault.body is not None else f"fault {fault.status}\n".encode()
+            answer = Answer(fault.status, body)
+        else:
+            answer = up.answer(path, headers)
+        self.send_response(answer.status)
+        for name, value in {**answer.headers, **(fault.headers if fault else {})}.items():
             self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
         if self.command == "HEAD":
             return
+        body = answer.body
         limit = fault.truncate_at if fault and fault.truncate_at is not None else len(body)
         step = 64 * 1024
         for start in range(0, limit, step):
@@ -87,16 +103,25 @@ class _Handler(BaseHTTPRequestHandler):
         if limit < len(body):
             self.wfile.flush()
             self.close_connection = True
-            self.connection.shutdown(2)
+            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     upstream: Upstream
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: connections cut by ``stop()`` or a truncating fault are expected."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class Upstream:
-    """``with Upstream() as up: up.files["/a"] = b"..."; up.url + "/a"``."""
+    """``with Upstream() as up: up.files["/a"] = b"..."; up.url + "/a"``.
+
+    ``hits`` and ``request_headers`` are keyed by the request target (path and query).
+    Subclasses answer differently by overriding ``answer``; faults apply to every answer.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -105,9 +130,9 @@ class Upstream:
         self.default_fault: Fault | None = None
         self.hits: Counter[str] = Counter()
         self.request_headers: list[tuple[str, dict[str, str]]] = []
+        self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.port = 0
         self.stopped = False
 
@@ -115,25 +140,166 @@ class Upstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Upstream:
+    def answer(self, path: str, headers: dict[str, str]) -> Answer:
+        """The answer to GET ``path`` (HEAD sends its headers only), before faults."""
+        with self.lock:
+            body = self.files.get(path)
+            content_type = self.content_types.get(path, "application/octet-stream")
+        if body is None:
+            return Answer(404, b"not found\n")
+        return Answer(200, body, {"Content-Type": content_type})
+
+    def start(self) -> Self:
         self.stopped = False
         self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.upstream = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True).start()
         return self
 
     def stop(self) -> None:
-        """Stop answering (connections are refused); ``start()`` again reuses the port."""
+        """Stop answering and cut open connections; ``start()`` again reuses the port."""
         self.stopped = True
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self.lock:
+            open_connections = list(self.connections)
+        for conn in open_connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
-    def __enter__(self) -> Upstream:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- an OCI registry (pull side) -------------------------------------------------------------
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _registry_error(status: int, code: str, headers: dict[str, str] | None = None) -> Answer:
+    body = json.dumps({"errors": [{"code": code, "message": code.lower()}]}).encode()
+    return Answer(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+@dataclass
+class Manifest:
+    bodies: dict[str, bytes]  # media type -> body; the first listed is the default
+    digest_header: str | None = "auto"  # "auto": the body's digest; None: no header; else as given
+
+
+class FakeRegistry(Upstream):
+    """Manifests (one body per accepted media type, negotiated like a real registry), blobs
+    (optionally by a 307 to another host), tags (paginated like distribution: ``n``, ``last``
+    and a ``Link`` to the next page) and a token endpoint.  ``auth`` is ``""``, ``"basic"``
+    (one user) or ``"token"`` (Bearer challenge, tokens from ``/token``, Basic accepted there).
+    """
+
+    TOKEN_PATH = "/token"
+
+    def __init__(self, auth: str = "", token_life: int = 300) -> None:
+        super().__init__()
+        self.auth = auth
+        self.token_life = token_life
+        self.user = ("reg-user", "reg-pass-0d1e")
+        self.manifests: dict[tuple[str, str], Manifest] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.tags: dict[str, list[str]] = {}
+        self.redirect_blobs_to: str | None = None  # base URL: blobs answer 307 to <base>/<digest>
+        self.tags_page: int | None = None  # page size when the client sends no n (None: all tags)
+        self.link_extra = ""  # appended to the next-page Link's query (e.g. "&cursor=x")
+        self._issued = 0
+
+    @property
+    def requests(self) -> list[tuple[str, dict[str, str]]]:
+        """The registry API requests (target, headers), token requests left out."""
+        return [(p, h) for p, h in self.request_headers if not self._is_token(p)]
+
+    @property
+    def token_requests(self) -> list[tuple[str, dict[str, str]]]:
+        """The token endpoint's requests (query, headers)."""
+        return [(urllib.parse.urlsplit(p).query, h) for p, h in self.request_headers if self._is_token(p)]
+
+    def _is_token(self, target: str) -> bool:
+        return urllib.parse.urlsplit(target).path == self.TOKEN_PATH
+
+    def add_manifest(
+        self, name: str, ref: str, *bodies: tuple[str, bytes], digest_header: str | None = "auto"
+    ) -> None:
+        self.manifests[(name, ref)] = Manifest(dict(bodies), digest_header)
+
+    def issue(self) -> str:
+        with self.lock:
+            self._issued += 1
+            return f"tok-{self._issued}"
+
+    def valid_tokens(self) -> set[str]:
+        return {f"tok-{i}" for i in range(1, self._issued + 1)}
+
+    def answer(self, path: str, headers: dict[str, str]) -> Answer:
+        url = urllib.parse.urlsplit(path)
+        auth = headers.get("Authorization")
+        if url.path == self.TOKEN_PATH:
+            if auth not in (None, _basic(*self.user)):
+                return _registry_error(401, "UNAUTHORIZED")
+            body = json.dumps({"token": self.issue(), "expires_in": self.token_life}).encode()
+            return Answer(200, body, {"Content-Type": "application/json"})
+        parts = url.path.split("/")
+        if self.auth == "basic" and auth != _basic(*self.user):
+            return _registry_error(401, "UNAUTHORIZED", {"WWW-Authenticate": 'Basic realm="fake"'})
+        if self.auth == "token" and (auth or "").removeprefix("Bearer ") not in self.valid_tokens():
+            scope = "/".join(parts[2:-2])
+            challenge = (
+                f'Bearer realm="{self.url}/token",service="fake-registry",scope="repository:{scope}:pull"'
+            )
+            return _registry_error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+        if parts[:2] != ["", "v2"] or len(parts) < 5:
+            return _registry_error(404, "NAME_UNKNOWN")
+        name, what, ref = "/".join(parts[2:-2]), parts[-2], parts[-1]
+        if [what, ref] == ["tags", "list"]:
+            return self._tags(name, dict(urllib.parse.parse_qsl(url.query)))
+        if what == "blobs":
+            if ref not in self.blobs:
+                return _registry_error(404, "BLOB_UNKNOWN")
+            if self.redirect_blobs_to:
+                return Answer(307, b"", {"Location": f"{self.redirect_blobs_to}/{ref}"})
+            ctype = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": ref}
+            return Answer(200, self.blobs[ref], ctype)
+        manifest = self.manifests.get((name, ref))
+        if what != "manifests" or manifest is None:
+            return _registry_error(404, "MANIFEST_UNKNOWN")
+        accepted = [a.split(";")[0].strip() for a in headers.get("Accept", "").split(",")]
+        ctype = next((t for t in manifest.bodies if t in accepted), next(iter(manifest.bodies)))
+        body = manifest.bodies[ctype]
+        out = {"Content-Type": ctype}
+        if manifest.digest_header == "auto":
+            out["Docker-Content-Digest"] = digest_of(body)
+        elif manifest.digest_header is not None:
+            out["Docker-Content-Digest"] = manifest.digest_header
+        return Answer(200, body, out)
+
+    def _tags(self, name: str, query: dict[str, str]) -> Answer:
+        if name not in self.tags:
+            return _registry_error(404, "NAME_UNKNOWN")
+        tags = sorted(self.tags[name])
+        if "last" in query:
+            tags = [t for t in tags if t > query["last"]]
+        n = int(query["n"]) if "n" in query else self.tags_page
+        out = {"Content-Type": "application/json"}
+        if n is not None and len(tags) > n:
+            tags = tags[:n]
+            # as distribution writes it: url.Values.Encode() sorts the keys
+            next_query = urllib.parse.urlencode({"last": tags[-1], "n": n}) + self.link_extra
+            out["Link"] = f'</v2/{name}/tags/list?{next_query}>; rel="next"'
+        return Answer(200, json.dumps({"name": name, "tags": tags}).encode(), out)

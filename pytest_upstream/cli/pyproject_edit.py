@@ -2,69 +2,54 @@
 
 A pyproject.toml belongs to its owner: comments, key order, spacing and the
 other tools' tables must survive an edit untouched.  So an edit here is a
-*splice*: the new file is the old text with one contiguous run of lines
-inserted (add) or cut out (remove), and every byte outside that run is kept.
+*splice*: the new file is the old text with one contiguous run inserted (add)
+or cut out (remove), and every byte outside that run is kept.
 
-Where the entries are written as ``[[...proxy]]`` blocks (the usual layout and
-the one ``add_proxy`` creates) the splice point is found by a small line
-classifier that knows just enough TOML (strings, multi-line strings, brackets)
-to tell a table header from text that merely looks like one.  Where they are
-written inline (``proxy = [{...}]``) tomlkit, which round-trips a document
-byte for byte, edits the array and the result is checked to be a single
-contiguous change.
+Where that run lies is read from tomlkit's document model, which round-trips a
+file byte for byte: a marker put into a fresh parse (before an entry's header,
+after its last key) shows, in tomlkit's rendering, the offset of that point in
+the file, and the comments and blank lines after an entry's last key are the
+trailing ``Comment``/``Whitespace`` items of its table.  Comment lines directly
+above a header describe it and go with it; trailing comments stay.  Entries
+written inline (``proxy = [{...}]``) are edited as a tomlkit array.
 
-Nothing is trusted blindly: before writing, the new text is parsed with
-tomllib (the parser ``load_settings`` uses) and must equal the old data with
-exactly the one entry added or removed, and the resulting table must pass
-``config.parse_table``.  A layout this module cannot edit safely is refused
-with a ConfigError rather than rewritten.  The write is atomic (temporary file
-in the same directory, then ``os.replace``), so a reader never sees half a file.
+Nothing is trusted blindly: the marked rendering must equal the file with the
+marker taken out, the result must be one splice of the old text, it must parse
+with tomllib (the parser ``load_settings`` uses) to exactly the old data with
+the one entry added or removed, and the table must pass ``config.parse_table``.
+A layout this module cannot edit safely is refused with a ConfigError rather
+than rewritten.  The file is replaced with ``store.files.atomic_write``, only if
+nobody changed it meanwhile, keeping its permission bits (and a symlink).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import re
-import secrets
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tomlkit
 import tomlkit.exceptions
-from tomlkit.items import Array
+from tomlkit.items import AoT, Array, Comment, Table, Whitespace
 
 from pytest_upstream.config.settings import TABLE, ConfigError, ProxyDefinition, Settings, parse_table
+from pytest_upstream.store.files import atomic_write
 
 __all__ = ["add_proxy", "remove_proxy"]
 
 _PROXY_PATH = ("tool", TABLE, "proxy")
 _SECTION = f"[[tool.{TABLE}.proxy]]"
-
-# One key part of a table header: bare, "basic" or 'literal'.  Decoding is left
-# to tomllib; this only has to find where the header ends.
-_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
-_HEADER = re.compile(
-    rf"(?P<open>\[\[?)(?P<name>[ \t]*{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})*[ \t]*)(?P<close>\]\]?)"
-    r"[ \t]*(?:#.*)?"
-)
-
-LineKind = Literal["blank", "comment", "header", "other"]
+_MARK = "\x00"  # cannot occur in a TOML file (control characters are not allowed anywhere)
+_TRIVIA = (Whitespace, Comment)
 
 
-@dataclass(frozen=True)
-class _Line:
-    start: int
-    end: int  # exclusive, includes the line's "\n"
-    kind: LineKind
-    path: tuple[str, ...] = ()  # for headers: the dotted table name, decoded
-    is_array: bool = False  # for headers: ``[[...]]`` rather than ``[...]``
+class _Unsupported(Exception):
+    """The layout is not one this module can edit as a single splice."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -89,12 +74,11 @@ def add_proxy(path: Path, definition: ProxyDefinition) -> None:
     new_entry = definition.as_table()
     expected = copy.deepcopy(old_data)
     _proxy_list(expected, create=True).append(new_entry)
-    settings = _validate(expected, path)
-    _check_round_trip(settings, definition, where)
+    _check_round_trip(_validate(expected, path), definition, where)
 
-    new = _insert(old, old_data, new_entry, path, where)
-    _verify(new, expected, path, where)
-    _write_atomic(path, new, old)
+    new = _edited(old, where, lambda doc: _insert(old, doc, new_entry))
+    _verify(old, new, expected, path, where)
+    _write(path, new, old)
 
 
 def remove_proxy(path: Path, key: str) -> None:
@@ -125,9 +109,9 @@ def remove_proxy(path: Path, key: str) -> None:
     del _proxy_list(expected, create=False)[index]
     _validate(expected, path)
 
-    new = _delete(old, index, len(entries), path, where)
-    _verify(new, expected, path, where)
-    _write_atomic(path, new, old)
+    new = _edited(old, where, lambda doc: _delete(old, doc, index))
+    _verify(old, new, expected, path, where)
+    _write(path, new, old)
 
 
 # --------------------------------------------------------------------------- reading and checking
@@ -241,8 +225,11 @@ def _prune(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _verify(new: str, expected: dict[str, Any], path: Path, where: str) -> None:
-    """The edited text must parse to exactly the expected data; else nothing is written."""
+def _verify(old: str, new: str, expected: dict[str, Any], path: Path, where: str) -> None:
+    """The edit must be one splice and parse to exactly the expected data; else nothing is written."""
+    longer, shorter = (new, old) if len(new) > len(old) else (old, new)
+    if len(longer) == len(shorter) or not _is_one_splice(longer, shorter):
+        raise ConfigError(f"{where}: the edit would reformat other parts of the file; edit it by hand")
     try:
         got = tomllib.loads(new)
     except tomllib.TOMLDecodeError as exc:
@@ -252,240 +239,6 @@ def _verify(new: str, expected: dict[str, Any], path: Path, where: str) -> None:
     if _comparable(_prune(got)) != _comparable(_prune(expected)):
         raise ConfigError(f"{where}: cannot edit this file's layout automatically; edit it by hand")
     _validate(got, path)
-
-
-# --------------------------------------------------------------------------- locating lines
-
-
-def _lines(text: str) -> list[_Line]:
-    """Classify each line as blank, comment, table header or other.
-
-    Tracks just enough state (open multi-line strings, bracket depth of
-    multi-line arrays) that a ``[`` or ``#`` inside a value is not mistaken
-    for a header or a comment line.
-    """
-    result: list[_Line] = []
-    in_string: str | None = None  # the delimiter of an open multi-line string
-    depth = 0
-    pos = 0
-    while pos < len(text):
-        newline = text.find("\n", pos)
-        end = len(text) if newline == -1 else newline + 1
-        line = text[pos:end]
-        body = line.strip(" \t\r\n")
-        kind: LineKind = "other"
-        header: tuple[tuple[str, ...], bool] | None = None
-        if in_string is None and depth == 0:
-            if not body:
-                kind = "blank"
-            elif body.startswith("#"):
-                kind = "comment"
-            elif body.startswith("[") and (header := _header(body)) is not None:
-                kind = "header"
-        if header is not None:
-            result.append(_Line(pos, end, kind, header[0], header[1]))
-        else:
-            result.append(_Line(pos, end, kind))
-            in_string, depth = _scan(line, in_string, depth)
-        pos = end
-    return result
-
-
-def _header(body: str) -> tuple[tuple[str, ...], bool] | None:
-    """The decoded name of a ``[table]`` / ``[[array]]`` header line, or None."""
-    m = _HEADER.fullmatch(body)
-    if m is None or len(m["open"]) != len(m["close"]):
-        return None
-    try:
-        node: Any = tomllib.loads(m["open"] + m["name"] + m["close"])
-    except tomllib.TOMLDecodeError:
-        return None
-    names: list[str] = []
-    while isinstance(node, dict) and len(node) == 1:
-        name, node = next(iter(node.items()))
-        names.append(name)
-        if isinstance(node, list):
-            return tuple(names), True
-    return tuple(names), False
-
-
-def _scan(line: str, in_string: str | None, depth: int) -> tuple[str | None, int]:
-    """Advance the string/bracket state over one line of TOML."""
-    i = 0
-    n = len(line)
-    while i < n:
-        if in_string is not None:
-            j = i
-            closed = False
-            while j < n:
-                if in_string == '"""' and line[j] == "\\":
-                    j += 2
-                elif line.startswith(in_string, j):
-                    j += 3
-                    # Up to two more quotes may stand before the delimiter ('""""' ends with a quote).
-                    extra = 0
-                    while extra < 2 and j < n and line[j] == in_string[0]:
-                        j += 1
-                        extra += 1
-                    closed = True
-                    break
-                else:
-                    j += 1
-            if not closed:
-                return in_string, depth
-            in_string = None
-            i = j
-            continue
-        c = line[i]
-        if c == "#":
-            break
-        if line.startswith('"""', i) or line.startswith("'''", i):
-            in_string = line[i : i + 3]
-            i += 3
-        elif c == '"':
-            i += 1
-            while i < n and line[i] != '"':
-                i += 2 if line[i] == "\\" else 1
-            i += 1
-        elif c == "'":
-            close = line.find("'", i + 1)
-            i = n if close == -1 else close + 1
-        else:
-            if c in "[{":
-                depth += 1
-            elif c in "]}":
-                depth = max(depth - 1, 0)
-            i += 1
-    return in_string, depth
-
-
-def _proxy_headers(lines: list[_Line]) -> list[int]:
-    return [
-        i
-        for i, line in enumerate(lines)
-        if line.kind == "header" and line.is_array and line.path == _PROXY_PATH
-    ]
-
-
-def _next_header(lines: list[_Line], after: int) -> int:
-    for i in range(after + 1, len(lines)):
-        if lines[i].kind == "header":
-            return i
-    return len(lines)
-
-
-def _skip_back(lines: list[_Line], index: int, floor: int, kind: LineKind) -> int:
-    """Move ``index`` up over lines of ``kind``, never to or above ``floor``."""
-    while index - 1 > floor and lines[index - 1].kind == kind:
-        index -= 1
-    return index
-
-
-def _newline(text: str) -> str:
-    """The file's own line ending, so an added entry does not mix CRLF and LF."""
-    return "\r\n" if "\r\n" in text else "\n"
-
-
-def _ends_with_blank_line(text: str) -> bool:
-    lines = text.replace("\r\n", "\n").split("\n")
-    # text ends with "\n", so lines[-1] == "" and lines[-2] is the last line.
-    return len(lines) >= 2 and not lines[-2].strip(" \t")
-
-
-# --------------------------------------------------------------------------- the edits
-
-
-def _insert(old: str, old_data: dict[str, Any], entry: dict[str, Any], path: Path, where: str) -> str:
-    lines = _lines(old)
-    headers = _proxy_headers(lines)
-    table = _table(old_data, path)
-    if table is not None and "proxy" in table and not headers:
-        # Entries written inline (``proxy = [{...}]``): append to that array.
-        return _tomlkit_edit(old, lambda array: array.append(_inline(entry)), where, inserting=True)
-
-    anchor: int | None = headers[-1] if headers else None
-    if anchor is None:
-        tables = [
-            i
-            for i, line in enumerate(lines)
-            if line.kind == "header" and not line.is_array and line.path == _PROXY_PATH[:-1]
-        ]
-        anchor = tables[-1] if tables else None
-    if anchor is None:
-        pos = len(old)
-    else:
-        # End of the anchor's section, less the blank lines and the comment
-        # lines that sit directly above (and describe) the next header.
-        nxt = _next_header(lines, anchor)
-        cut = _skip_back(lines, nxt, anchor, "comment") if nxt < len(lines) else nxt
-        cut = _skip_back(lines, cut, anchor, "blank")
-        pos = lines[cut].start if cut < len(lines) else len(old)
-
-    nl = _newline(old)
-    block = tomlkit.dumps({"tool": {TABLE: {"proxy": [entry]}}}).replace("\n", nl)
-    before, after = old[:pos], old[pos:]
-    lead = ""
-    if before and not before.endswith("\n"):
-        lead += nl
-    if before.strip() and not _ends_with_blank_line(before + lead):
-        lead += nl
-    trail = nl if after.strip() and not after.startswith(("\n", "\r\n")) else ""
-    return before + lead + block + trail + after
-
-
-def _delete(old: str, index: int, count: int, path: Path, where: str) -> str:
-    lines = _lines(old)
-    headers = _proxy_headers(lines)
-    if not headers:
-        return _tomlkit_edit(old, lambda array: array.pop(index), where, inserting=False)
-    if len(headers) != count:
-        raise ConfigError(f"{where}: cannot locate the entry's {_SECTION} block; edit the file by hand")
-
-    h = headers[index]
-    # The entry is its header, the comment lines directly above it, and its
-    # section up to the last key line; trailing comments are left alone.
-    start = h
-    while start > 0 and lines[start - 1].kind == "comment":
-        start -= 1
-    nxt = _next_header(lines, h)
-    end = h + 1
-    for i in range(h + 1, nxt):
-        if lines[i].kind == "other":
-            end = i + 1
-    # Keep a single blank line where the entry was, and none at the end of the file.
-    after_blank = end
-    while after_blank < len(lines) and lines[after_blank].kind == "blank":
-        after_blank += 1
-    if after_blank == len(lines):
-        end = after_blank
-        while start > 0 and lines[start - 1].kind == "blank":
-            start -= 1
-    elif start == 0 or lines[start - 1].kind == "blank":
-        end = after_blank
-    return old[: lines[start].start] + old[lines[end - 1].end :]
-
-
-def _inline(entry: dict[str, Any]) -> Any:
-    table = tomlkit.inline_table()
-    table.update(entry)
-    return table
-
-
-def _tomlkit_edit(old: str, edit: Callable[[Array], object], where: str, *, inserting: bool) -> str:
-    """Edit an inline ``proxy = [...]`` array with tomlkit; accept only a contiguous change."""
-    try:
-        doc = tomlkit.parse(old)
-        array = doc["tool"][TABLE]["proxy"]
-    except (tomlkit.exceptions.TOMLKitError, KeyError, TypeError):
-        raise ConfigError(f"{where}: cannot edit this file's layout automatically; edit it by hand") from None
-    if not isinstance(array, Array):
-        raise ConfigError(f"{where}: cannot edit this file's layout automatically; edit it by hand")
-    edit(array)
-    new = doc.as_string()
-    longer, shorter = (new, old) if inserting else (old, new)
-    if len(longer) <= len(shorter) or not _is_one_splice(longer, shorter):
-        raise ConfigError(f"{where}: the edit would reformat other parts of the file; edit it by hand")
-    return new
 
 
 def _is_one_splice(longer: str, shorter: str) -> bool:
@@ -500,63 +253,205 @@ def _is_one_splice(longer: str, shorter: str) -> bool:
     return prefix + suffix == len(shorter)
 
 
+# --------------------------------------------------------------------------- the document model
+
+
+def _edited(old: str, where: str, edit: Callable[[tomlkit.TOMLDocument], str]) -> str:
+    """Run ``edit`` on a tomlkit parse of ``old``; a layout it cannot handle is refused."""
+    try:
+        return edit(tomlkit.parse(old))
+    except (_Unsupported, tomlkit.exceptions.TOMLKitError, KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot edit this file's layout automatically; edit it by hand") from None
+
+
+def _node(doc: tomlkit.TOMLDocument, *names: str | int) -> Any:
+    """``doc[names[0]][names[1]]...`` (an int indexes an array of tables), or None if missing."""
+    node: Any = doc
+    for name in names:
+        if isinstance(name, int):
+            node = node[name] if isinstance(node, AoT) and name < len(node) else None
+        elif isinstance(node, dict) and name in node:
+            node = node[name]
+        else:
+            return None
+    return node
+
+
+def _marked(old: str, names: tuple[str | int, ...], mark: Callable[[Any], str | None]) -> int | None:
+    """The offset in ``old`` of a marker that ``mark`` puts into the node at ``names``.
+
+    The node is looked up in a fresh parse, ``mark`` adds a text starting with ``_MARK`` to
+    it (and returns that text), and the document is rendered: everything before the marker
+    renders unchanged, so where it appears is an offset in ``old``.  None when ``mark``
+    declines or the marker does not render; ``_Unsupported`` when anything else moved.
+    """
+    doc = tomlkit.parse(old)
+    marker = mark(_node(doc, *names))
+    if marker is None:
+        return None
+    text = doc.as_string()
+    at = text.find(_MARK)
+    if at < 0:
+        return None
+    if text.count(_MARK) != 1 or text[:at] + text[at + len(marker) :] != old:
+        raise _Unsupported
+    return at
+
+
+def _header_start(old: str, names: tuple[str | int, ...]) -> int | None:
+    """Where the header line of the table at ``names`` starts (None: it has no header)."""
+
+    def mark(table: Any) -> str | None:
+        if not isinstance(table, Table):
+            return None
+        table.trivia.indent = _MARK + table.trivia.indent
+        return _MARK
+
+    at = _marked(old, names, mark)
+    return at if at is not None and old[at:].lstrip(" \t").startswith("[") else None
+
+
+def _header_text(old: str, names: tuple[str | int, ...], table: Table) -> str:
+    """The ``[[...]]`` of a header as written in the file: its line less indent and comment."""
+    start = _header_start(old, names)
+    if start is None:
+        raise _Unsupported
+    line = _line_at(old, start)
+    tail = table.trivia.comment_ws + table.trivia.comment + table.trivia.trail
+    if not line.endswith(tail):
+        raise _Unsupported
+    return line.removesuffix(tail).strip(" \t")
+
+
+def _body_end(old: str, names: tuple[str | int, ...]) -> tuple[int, list[str]]:
+    """The end of the last key line of the table at ``names``, and the trivia lines after it.
+
+    The trivia are the table's trailing ``Whitespace``/``Comment`` items: the blank and
+    comment lines up to the next header (tomlkit keeps them with the table above).
+    """
+    trivia: list[str] = []
+
+    def mark(table: Any) -> str | None:
+        body = table.value.body
+        cut = len(body)
+        while cut and body[cut - 1][0] is None and isinstance(body[cut - 1][1], _TRIVIA):
+            cut -= 1
+        trivia.extend(item.as_string() for _, item in body[cut:])
+        # A line of its own: tomlkit adds a newline before the next header after a body
+        # that does not end in one, and would move the text after the marker.
+        body.insert(cut, (None, Whitespace(_MARK + "\n")))
+        return _MARK + "\n"
+
+    at = _marked(old, names, mark)
+    if at is None:
+        raise _Unsupported
+    return at, trivia
+
+
+def _entry_names(index: int) -> tuple[str | int, ...]:
+    """The path ``_node`` follows to entry ``index`` of the proxy array of tables."""
+    return (*_PROXY_PATH, index)
+
+
+# --------------------------------------------------------------------------- the edits
+
+
+def _insert(old: str, doc: tomlkit.TOMLDocument, entry: dict[str, Any]) -> str:
+    proxies = _node(doc, *_PROXY_PATH)
+    if isinstance(proxies, Array):  # entries written inline: append to that array
+        inline = tomlkit.inline_table()
+        inline.update(entry)
+        proxies.append(inline)
+        return doc.as_string()  # _verify checks that this is one splice
+    nl = "\r\n" if "\r\n" in old else "\n"  # the file's own line ending
+    header, *lines = tomlkit.dumps({"tool": {TABLE: {"proxy": [entry]}}}).splitlines(keepends=True)
+    if isinstance(proxies, AoT) and len(proxies):
+        names = _entry_names(len(proxies) - 1)
+        header = _header_text(old, names, proxies[-1]) + "\n"  # as the file spells it, so
+        pos, trivia = _body_end(old, names)  # tomlkit reads the entries as one array again
+    elif _header_start(old, _PROXY_PATH[:-1]) is not None:
+        pos, trivia = _body_end(old, _PROXY_PATH[:-1])
+    else:
+        pos, trivia = len(old), []
+    # After the anchor's last key, less the comment lines that sit directly above (and
+    # describe) the next header and the blank lines before them.
+    keep = list(trivia)
+    if pos + sum(map(len, trivia)) < len(old):
+        while keep and keep[-1].lstrip(" \t").startswith("#"):
+            keep.pop()
+    while keep and not keep[-1].strip(" \t\r\n"):
+        keep.pop()
+    pos += sum(map(len, keep))
+
+    block = "".join([header, *lines]).replace("\n", nl)
+    before, after = old[:pos], old[pos:]
+    lead = "" if not before or before.endswith("\n") else nl
+    if before.strip() and not _ends_with_blank_line(before + lead):
+        lead += nl
+    trail = nl if after.strip() and not after.startswith(("\n", "\r\n")) else ""
+    return before + lead + block + trail + after
+
+
+def _delete(old: str, doc: tomlkit.TOMLDocument, index: int) -> str:
+    proxies = _node(doc, *_PROXY_PATH)
+    if isinstance(proxies, Array):  # entries written inline: drop one from that array
+        proxies.pop(index)
+        return doc.as_string()
+    if not isinstance(proxies, AoT):
+        raise _Unsupported
+    names = _entry_names(index)
+    start = _header_start(old, names)
+    if start is None:
+        raise _Unsupported
+    end, _ = _body_end(old, names)
+    # The comment lines directly above the header describe the entry and go with it.
+    while start and (line := _line_before(old, start)).lstrip(" \t").startswith("#"):
+        start -= len(line)
+    # Keep a single blank line where the entry was, and none at the end of the file.
+    after_blank = end
+    while after_blank < len(old) and not (line := _line_at(old, after_blank)).strip(" \t\r\n"):
+        after_blank += len(line)
+    if after_blank == len(old):
+        end = after_blank
+        while start and not (line := _line_before(old, start)).strip(" \t\r\n"):
+            start -= len(line)
+    elif start == 0 or not _line_before(old, start).strip(" \t\r\n"):
+        end = after_blank
+    return old[:start] + old[end:]
+
+
+def _line_at(text: str, pos: int) -> str:
+    """The line starting at ``pos``, with its line ending."""
+    newline = text.find("\n", pos)
+    return text[pos:] if newline < 0 else text[pos : newline + 1]
+
+
+def _line_before(text: str, pos: int) -> str:
+    """The whole line that ends just before ``pos`` (``pos`` starts a line)."""
+    return text[text.rfind("\n", 0, pos - 1) + 1 : pos]
+
+
+def _ends_with_blank_line(text: str) -> bool:
+    lines = text.replace("\r\n", "\n").split("\n")
+    # text ends with "\n", so lines[-1] == "" and lines[-2] is the last line.
+    return len(lines) >= 2 and not lines[-2].strip(" \t")
+
+
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, text: str, expected_old: str) -> None:
-    """Replace ``path`` with ``text`` so a reader sees the old file or the new one, never a mix.
-
-    The temporary file lives in the target's directory (``os.replace`` is only
-    atomic within a file system), keeps the old file's permission bits, and a
-    symlinked pyproject.toml stays a symlink (its target is replaced).  If the
-    file changed since it was read, the write is refused rather than losing
-    someone else's edit.
-    """
-    target = Path(os.path.realpath(path))
-    data = text.encode("utf-8")
+def _write(path: Path, text: str, expected_old: str) -> None:
+    """Replace ``path`` (its target, if a symlink) unless it changed since it was read."""
     try:
-        mode: int | None = stat.S_IMODE(target.stat().st_mode)
+        mode: int | None = stat.S_IMODE(Path(os.path.realpath(path)).stat().st_mode)
     except FileNotFoundError:
-        mode = None  # new file: 0o666 less the umask, as os.open applies it
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot write: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        current = _read(target, missing_ok=True)
-        if current != expected_old:
+        mode = None  # a new file: 0o666 less the umask, like any file the user creates
+
+    def check_unchanged() -> None:
+        if _read(Path(os.path.realpath(path)), missing_ok=True) != expected_old:
             raise ConfigError(f"{path}: changed while it was being edited; nothing written, try again")
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"{path}: cannot write: {exc}") from exc
-        raise
-    _fsync_dir(target.parent)
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it (not on Windows)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        atomic_write(path, text.encode("utf-8"), mode=mode, before_replace=check_unchanged)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write: {exc}") from exc

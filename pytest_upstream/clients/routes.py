@@ -11,7 +11,9 @@ mapping.  Paths stay raw (percent-encoded) here: the proxy, or
   (``simple/`` and ``simple/<project>/``); a distribution file anywhere on
   the source URL's origin maps to ``files/<project>/<filename>``, the project
   taken from a ``.../files/<project>/<filename>`` path (a proxy-rendered link
-  resolved against the page's URL) or else from the file name;
+  resolved against the page's URL) or else from the file name
+  (``formats.pypi.parse_dist_filename``: what packaging does not read as a
+  wheel, sdist or egg is not a distribution file);
 * docker: nothing (its API lives at ``/v2/<key>/`` and has its own token flow).
 """
 
@@ -21,14 +23,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
+from packaging.utils import canonicalize_name
+
 from pytest_upstream.config.settings import ProxyDefinition
-from pytest_upstream.formats.pypi import normalize
+from pytest_upstream.formats.pypi import parse_dist_filename
 
 PATH_PRESERVING = frozenset({"generic", "maven", "npm"})
 ROUTED_METHODS = frozenset({"GET", "HEAD"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_DIST_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2", ".tar.xz", ".tar", ".egg")
-_WHEEL_LIKE = (".whl", ".egg")
 
 Origin = tuple[str, str, int]
 
@@ -43,22 +45,6 @@ def url_origin(url: str) -> Origin | None:
         return origin_of(parts.scheme, parts.hostname, parts.port)
     except ValueError:  # e.g. a port out of range
         return None
-
-
-def dist_project(filename: str) -> str | None:
-    """The project a distribution file name belongs to, or None if it is not one.
-
-    Wheels and eggs: the first ``-``-separated field.  Sdists: everything before
-    the last ``-`` (PEP 625 names escape ``-`` in the project name).  A trailing
-    ``.metadata`` (PEP 658) is ignored.
-    """
-    name = filename.removesuffix(".metadata")
-    suffix = next((s for s in _DIST_SUFFIXES if name.endswith(s)), None)
-    if suffix is None or "-" not in name:
-        return None
-    stem = name[: -len(suffix)]
-    project = stem.split("-", 1)[0] if suffix in _WHEEL_LIKE else stem.rsplit("-", 1)[0]
-    return project or None
 
 
 @dataclass(frozen=True)
@@ -113,12 +99,13 @@ class _Source:
 
     def _pypi(self, path: str) -> str | None:
         last = path.rsplit("/", 1)[-1]
-        project = dist_project(last) if last else None
-        if project is not None:
+        dist = parse_dist_filename(unquote(last)) if last else None
+        if dist is not None:
+            project = dist[0]
             segments = path.split("/")
             if len(segments) >= 3 and segments[-3] == "files" and segments[-2]:
-                project = unquote(segments[-2])
-            return f"files/{normalize(project)}/{last}"
+                project = canonicalize_name(unquote(segments[-2]))
+            return f"files/{project}/{last}"
         if path == self.prefix:
             return "simple"  # the proxy redirects to simple/, as an index does
         if not path.startswith(self.prefix + "/"):

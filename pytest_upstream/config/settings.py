@@ -8,8 +8,6 @@ pyproject table, built-in defaults.  Callers apply the first three with
 
 from __future__ import annotations
 
-import os
-import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -51,14 +49,17 @@ class ConfigError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """Per-user cache: $XDG_CACHE_HOME/pytest-upstream, else the platform's cache dir."""
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg) / "pytest-upstream"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "pytest-upstream"
-    if sys.platform == "win32" and (local := os.environ.get("LOCALAPPDATA")):
-        return Path(local) / "pytest-upstream" / "Cache"
-    return Path.home() / ".cache" / "pytest-upstream"
+    """The per-user cache directory platformdirs names for us (docs/configuration.md).
+
+    On Linux that is ``$XDG_CACHE_HOME/pytest-upstream`` (an absolute one, as the XDG spec
+    says) or ``~/.cache/pytest-upstream``; on macOS and Windows the platform's own place.
+    ``appauthor=False`` keeps Windows at ``%LOCALAPPDATA%\\pytest-upstream\\Cache`` rather
+    than nesting the name twice.  Imported here so that a pytest session whose proxy never
+    starts does not import it.
+    """
+    from platformdirs import user_cache_path
+
+    return user_cache_path("pytest-upstream", appauthor=False)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,19 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
+
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import ProxyRequest, Reply
@@ -38,11 +46,6 @@ _OFFERS = {  # media type a client may ask for -> what we render
     "text/html": "html",
 }
 _HASH_ALGOS = ("sha256", "sha384", "sha512", "sha224", "sha1", "md5", "blake2b", "blake2s")
-_NORMALIZE = re.compile(r"[-_.]+")
-
-
-def normalize(name: str) -> str:
-    return _NORMALIZE.sub("-", name).lower()
 
 
 @dataclass
@@ -234,7 +237,7 @@ def render_html(project: str, page: Page, *, root: bool) -> bytes:
     out.append(f"<title>{title}</title>\n</head>\n<body>\n<h1>{title}</h1>")
     if root:
         for name in page.projects:
-            out.append(f'<a href="{quote(normalize(name))}/">{html.escape(name)}</a><br/>')
+            out.append(f'<a href="{quote(canonicalize_name(name))}/">{html.escape(name)}</a><br/>')
     for link in page.files:
         attrs = [f'href="{html.escape(_file_href(project, link))}"']
         if link.requires_python:
@@ -317,7 +320,7 @@ class PyPIFormat(Format):
                 "simple/", base, Kind.METADATA, request_headers={"Accept": UPSTREAM_ACCEPT}, render_as=rep
             )
         if len(rest) == 1 or (len(rest) == 2 and rest[1] == ""):
-            project = normalize(rest[0])
+            project = canonicalize_name(rest[0])
             if rest != [project, ""]:
                 location = f"/{request.key}/simple/{quote(project)}/"
                 return Reply(
@@ -337,9 +340,9 @@ class PyPIFormat(Format):
         raise FormatError(404, f"/{request.key}/{request.path}: no such index page")
 
     def _file(self, ctx: FormatContext, project: str, filename: str) -> Resource:
-        if normalize(project) != project:
+        if canonicalize_name(project) != project:
             raise FormatError(
-                404, f"files are served under the normalised project name {normalize(project)!r}"
+                404, f"files are served under the normalised project name {canonicalize_name(project)!r}"
             )
         path = f"files/{project}/{filename}"
         cached = ctx.cached(path)
@@ -389,20 +392,39 @@ class PyPIFormat(Format):
             return {}
         if parts[0] == "simple":
             return {"name": parts[1]}
-        version = file_version(parts[2].removesuffix(".metadata"))
-        return {"name": parts[1], "version": version} if version else {"name": parts[1]}
+        parsed = parse_dist_filename(parts[2])
+        return {"name": parts[1], "version": parsed[1]} if parsed else {"name": parts[1]}
 
 
-_SDIST_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
+# Archive types of old sdists that PyPI still serves (uploads before PEP 527); packaging's
+# parse_sdist_filename knows only today's .tar.gz and .zip.
+_LEGACY_SDIST_SUFFIXES = (".tar.bz2", ".tar.xz", ".tgz", ".tar")
 
 
-def file_version(filename: str) -> str:
-    """The version in a distribution file's name (wheel, egg or sdist), or "" if it has none."""
-    if filename.endswith((".whl", ".egg")):  # name-version(-build)?-tags: names have no '-' here
-        fields = filename.split("-")
-        return fields[1] if len(fields) >= 3 else ""
-    for suffix in _SDIST_SUFFIXES:
-        if filename.endswith(suffix):  # name-version.tar.gz; the name may hold '-', the version not
-            stem = filename[: -len(suffix)]
-            return stem.rsplit("-", 1)[1] if "-" in stem else ""
-    return ""
+def parse_dist_filename(filename: str) -> tuple[str, str] | None:
+    """(normalised project, version) of a distribution file's name, or None if it is not one.
+
+    Wheels, sdists and eggs; a trailing ``.metadata`` (PEP 658) is ignored.  The names come
+    from an upstream's page, so anything packaging refuses (no version, a version that is not
+    PEP 440, a bad wheel tag) is simply "not a distribution" rather than an error.  Legacy
+    sdist archives and eggs (``name-version[-pyX.Y[-platform]].egg``) are read as the sdist
+    ``name-version.tar.gz`` would be, so packaging still checks the name and the version.
+    """
+    name = filename.removesuffix(".metadata")
+    try:
+        if name.endswith(".whl"):
+            project, version, _, _ = parse_wheel_filename(name)
+            return project, str(version)
+        if name.endswith(".egg"):
+            fields = name.removesuffix(".egg").split("-")
+            if len(fields) < 2:
+                return None
+            name = f"{fields[0]}-{fields[1]}.tar.gz"
+        for suffix in _LEGACY_SDIST_SUFFIXES:
+            if name.endswith(suffix):
+                name = name.removesuffix(suffix) + ".tar.gz"
+                break
+        project, version = parse_sdist_filename(name)
+        return project, str(version)
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return None

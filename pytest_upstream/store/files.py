@@ -77,6 +77,12 @@ class AtomicFile:
         """Push buffered bytes to the OS (no fsync), e.g. before reading the temp file back."""
         self.file.flush()
 
+    def sync(self) -> None:
+        """Flush, and fsync when ``durable``: the bytes are on disk (e.g. before linking them)."""
+        self.file.flush()
+        if self.durable:
+            os.fsync(self.file.fileno())
+
     def commit(self, target: Path | None = None, *, before_replace: Callable[[], None] | None = None) -> Path:
         """Make the bytes durable (``durable``) and rename them to ``target``; returns the target."""
         final = Path(target) if target is not None else self.target

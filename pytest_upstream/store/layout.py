@@ -20,6 +20,7 @@ every cache hit, where pathlib's parsing was the largest single cost.
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
 LAYOUT_VERSION = "1"
@@ -68,8 +69,14 @@ class Layout:
 
 
 def stripe_of(eid: str) -> int:
-    """The lock stripe of an entry id (64 hex digits, uniformly spread by sha256)."""
-    return int(eid[:8], 16) % LOCK_STRIPES
+    """The lock stripe of an entry id (64 hex digits, uniformly spread by sha256).
+
+    Any other name (a stray file under ``entries/``) gets a stripe too, by its crc32.
+    """
+    try:
+        return int(eid[:8], 16) % LOCK_STRIPES
+    except ValueError:
+        return zlib.crc32(eid.encode()) % LOCK_STRIPES
 
 
 def blob_rel(sha256: str) -> str:

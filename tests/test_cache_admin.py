@@ -175,6 +175,12 @@ def test_ls_lists_every_entry_with_totals(
     listing = json.loads(out)
     assert [(e["key"], e["path"]) for e in listing["entries"]] == [("h", "a.txt")]
     assert listing["totals"]["blobs"] == 5  # same bytes through two keys: one blob
+    # the text form says the same as docs/cache.md: the key's entries, the whole cache's blobs
+    status, out, _ = cache_cmd(capsys, "ls", recorded.cache, "--key", "h")
+    blobs = units.human_size(sum(map(len, FILES.values())))
+    assert out.splitlines()[-1] == (
+        f"# 1 entry (600 B) in {recorded.cache}; 5 blobs on disk ({blobs}), 0 unreferenced (0 B)"
+    )
 
 
 def test_commands_refuse_a_directory_that_is_not_a_cache(
@@ -315,6 +321,25 @@ def test_prune_keeps_the_blobs_a_lock_names(
     assert not recorded.entry_file("/a.txt").exists()  # the index entry may go ...
     assert recorded.blob("/a.txt").exists()  # ... but a locked replay still finds the bytes
     assert not recorded.blob("/dir/b.bin").exists()
+
+
+def test_prune_by_size_keeps_the_entries_of_pinned_blobs_and_says_what_holds_the_size(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Removing an entry whose blob a lock pins frees nothing: it stays, and the note says why."""
+    lock = tmp_path / "upstream.lock"
+    LockFile(
+        [LockFileEntry("g", p.lstrip("/"), "", sha(d), len(d), "artifact") for p, d in FILES.items()]
+    ).save(lock)
+    status, out, _ = cache_cmd(
+        capsys, "prune", recorded.cache, "--max-size", "1K", "--grace", "0", "--keep-lock", str(lock)
+    )
+    assert status == 0, out
+    assert all(recorded.entry_file(p).exists() for p in FILES)
+    total = units.human_size(sum(map(len, FILES.values())))
+    assert f"removed 0 entries and 0 blobs (0 B); {total} -> {total}" in out
+    assert f"note: still above 1.0 KiB: {total} named by the --keep-lock files" in out
+    assert "busy" not in out
 
 
 def test_prune_keeps_blobs_written_within_the_grace_period(recorded: Recorded) -> None:
@@ -544,6 +569,21 @@ def test_import_refuses_a_tampered_archive(
     assert tree(target) == before
     assert list((target / "tmp").iterdir()) == []
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+
+
+def test_a_refused_import_into_a_missing_directory_creates_no_cache(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = tmp_path / "good.tar"
+    export_archive(Cache(recorded.cache), good)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    target = tmp_path / "new-cache"
+    status, _, err = cache_cmd(capsys, "import", target, str(bad))
+    assert status == 1 and "nothing imported" in err
+    assert not target.exists()
+    status, out, _ = cache_cmd(capsys, "import", target, str(good))
+    assert status == 0 and "blobs 5 added" in out and (target / "VERSION").is_file()
 
 
 # -- all of it while proxies use the cache ---------------------------------------

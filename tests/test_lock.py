@@ -162,6 +162,33 @@ def test_lock_verify_and_a_replay_whose_blob_is_gone(
     assert not blob_b.exists()
 
 
+def test_a_lock_claiming_a_wrong_size_leaves_the_valid_blob_and_cache_verify_passes(
+    serve: Serve, upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand-edited lock whose size is off by one is a wrong lock, not a damaged blob."""
+    upstream.files["/files/a.bin"] = b"A" * 100
+    record = serve("record")
+    get(record, "/g/a.bin")
+    lock = record.engine.recorded_lock()
+    (entry,) = list(lock)
+    lock_file = tmp_path / "upstream.lock"
+    LockFile([LockFileEntry(**{**entry.__dict__, "size": entry.size + 1})]).save(lock_file)
+    cache = tmp_path / "cache"
+    blob = cache / "blobs" / "sha256" / sha(b"A" * 100)[:2] / sha(b"A" * 100)
+
+    upstream.stop()
+    replay = serve("replay", lock=lock_file)
+    assert get(replay, "/g/a.bin")[0] == 504
+    assert blob.read_bytes() == b"A" * 100  # the shared cache keeps the valid bytes
+
+    assert cli_main(["lock", "verify", "--lock", str(lock_file), "--cache", str(cache)]) == 1
+    out = capsys.readouterr().out
+    assert "the lock file says 101 bytes, the blob has 100 (the blob is intact" in out
+    assert cli_main(["cache", "verify", "--cache", str(cache)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": ok")
+    assert get(serve("replay"), "/g/a.bin") == (200, b"A" * 100)  # the index still serves it
+
+
 def test_lock_configuration(tmp_path: Path) -> None:
     settings = parse_table({"lock": "locks/upstream.lock"}, "pyproject.toml", tmp_path)
     assert settings.lock_file == tmp_path / "locks" / "upstream.lock"

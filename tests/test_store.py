@@ -18,7 +18,6 @@ from unittest import mock
 
 import pytest
 
-import pytest_upstream.store.blobs
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.report import write_report
 from pytest_upstream.store.cache import Cache, ClaimMismatch, Entry, LockTimeout, entry_id
@@ -156,7 +155,7 @@ def test_threads_asking_about_one_blob_hash_it_once(tmp_path: Path) -> None:
         return real(f, name)  # type: ignore[arg-type]
 
     results: list[Path | None] = []
-    with mock.patch.object(pytest_upstream.store.blobs.hashlib, "file_digest", slow):
+    with mock.patch.object(hashlib, "file_digest", slow):
         threads = [
             threading.Thread(target=lambda: results.append(cache.verified_digest(digest, len(data))))
             for _ in range(8)
@@ -238,7 +237,8 @@ def test_one_entry_is_held_by_one_thread_and_a_wait_times_out(tmp_path: Path) ->
         t = threading.Thread(target=other)
         t.start()
         t.join()
-    assert [str(e) for e in errors] == ["timed out after 0.2s waiting for another process to fetch 'x' for 'g'"]
+    message = "timed out after 0.2s waiting for another process to fetch 'x' for 'g'"
+    assert [str(e) for e in errors] == [message]
     with cache.locked("g", "x", "", timeout=0):  # released: free again
         pass
 
@@ -263,9 +263,8 @@ def test_another_process_holding_the_entry_blocks_until_it_is_done(tmp_path: Pat
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockTimeout):
-            with cache.locked("g", "x", "", timeout=0.1):
-                pass
+        with pytest.raises(LockTimeout), cache.locked("g", "x", "", timeout=0.1):
+            pass
         start = time.monotonic()
         with cache.locked("g", "x", "", timeout=10):
             waited = time.monotonic() - start

@@ -37,6 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pytest_upstream.engine.engine
 import pytest_upstream.store.cache
+import pytest_upstream.store.entry
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.engine import CACHE_HEADER, Engine
 from pytest_upstream.messages import Headers, ProxyRequest, Reply
@@ -55,7 +56,7 @@ Outcome = tuple[int, bytes | None, str | None]  # status, body (None for errors)
 
 
 class FakeClock:
-    """Stands in for the ``time`` module in ``pytest_upstream.store.cache`` and ``.engine``."""
+    """Stands in for the ``time`` module in ``pytest_upstream.store.cache``, ``.entry`` and ``.engine``."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -127,6 +128,7 @@ class CacheModel(RuleBasedStateMachine):
         self.clock = FakeClock(1_000_000.0)
         self._patches = [
             mock.patch.object(pytest_upstream.store.cache, "time", self.clock),
+            mock.patch.object(pytest_upstream.store.entry, "time", self.clock),  # Entry.age
             mock.patch.object(pytest_upstream.engine.engine, "time", self.clock),
         ]
         for p in self._patches:

@@ -6,7 +6,7 @@ use the same directory (docs/cache.md):
 - files are only ever replaced by atomic renames (store/files.py);
 - an entry is removed only while its entry lock is held (taken without waiting: a busy entry
   is skipped), and only if it is still the file that was judged (same inode and mtime: the
-  local backend's version, store/local.py);
+  local backend's version, store/local.py, so the delete is conditional on it);
 - a blob is removed by renaming it into ``tmp/`` first and checking that the renamed file is
   the one that was judged (same inode); a fresh copy that a fetch or an import put there
   meanwhile is renamed back (same name, same bytes), so a blob being indexed right now is not
@@ -122,14 +122,12 @@ def remove_entry_file(
     """
     try:
         with cache.locked_id(ef.eid, timeout=0):
-            try:
-                st = os.stat(ef.file)
-            except FileNotFoundError:
+            if not still_bad(ef):
                 return False
-            if (st.st_ino, st.st_mtime_ns) != (ef.ino, ef.mtime_ns) or not still_bad(ef):
-                return False
-            ef.file.unlink()
-            return True
+            key = ef.rel.split("/")[1]
+            return cache.backend.delete_index(
+                key, ef.eid, if_version=cache.backend.version_of(ef.ino, ef.mtime_ns)
+            )
     except LockTimeout:
         if raise_busy:
             raise

@@ -193,8 +193,7 @@ class Cache:
         return self.store_entry(replace(entry, fetched_at=time.time(), **changes))
 
     def remove_entry(self, entry: Entry) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.layout.entry(entry.key, entry.id))
+        self.backend.delete_index(entry.key, entry.id)
 
     # -- blobs -------------------------------------------------------------
     def writer(self, algorithms: tuple[str, ...] = ()) -> BlobWriter:

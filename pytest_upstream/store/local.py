@@ -83,8 +83,12 @@ class LocalBackend:
         return self.layout.entry(key, name)
 
     @staticmethod
-    def _version(st: os.stat_result) -> str:
-        return f"{st.st_ino}-{st.st_mtime_ns}"
+    def version_of(ino: int, mtime_ns: int) -> str:
+        """An index object's version from its file's inode and mtime (see the module docstring)."""
+        return f"{ino}-{mtime_ns}"
+
+    def _version(self, st: os.stat_result) -> str:
+        return self.version_of(st.st_ino, st.st_mtime_ns)
 
     def index_version(self, key: str, name: str) -> str | None:
         try:

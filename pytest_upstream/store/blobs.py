@@ -25,6 +25,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pytest_upstream.store.files import atomic_write
@@ -78,7 +79,7 @@ def write_marker(layout: Layout, sha256: str, stamp: Stamp) -> None:
     """
     line = " ".join([sha256, *(str(x) for x in stamp)]) + "\n"
     with contextlib.suppress(OSError):
-        atomic_write(layout.root / layout.marker(sha256), line.encode(), durable=False, tmp_dir=layout.tmp)
+        atomic_write(Path(layout.marker(sha256)), line.encode(), durable=False, tmp_dir=layout.tmp)
 
 
 def remove_marker(layout: Layout, sha256: str) -> None:
@@ -97,9 +98,25 @@ class Verifier:
     def __init__(self, layout: Layout, *, write_markers: bool = True) -> None:
         self.layout = layout
         self.write_markers = write_markers
-        self._memo: OrderedDict[str, Stamp] = OrderedDict()
+        self._memo: OrderedDict[str, tuple[Stamp, Path]] = OrderedDict()  # sha256 -> (stamp, path)
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
+
+    def known_path(self, sha256: str, size: int) -> Path | None:
+        """The hit path's shortcut: the blob's path if this process already vouches for it as it
+        is now and it has ``size`` bytes; None means "ask ``check``".  One ``stat``, one look-up.
+        """
+        try:
+            st = os.stat(self.layout.blob(sha256))
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            known = self._memo.get(sha256)
+        if known is None or st.st_size != size:
+            return None
+        if known[0] != (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return None
+        return known[1]
 
     def check(self, sha256: str) -> Verdict:
         """``intact`` (without reading the bytes when the stamp is known), ``missing`` or ``corrupt``."""
@@ -110,7 +127,8 @@ class Verifier:
             except FileNotFoundError:
                 return MISSING
             with self._lock:
-                if self._memo.get(sha256) == stamp:
+                known = self._memo.get(sha256)
+                if known is not None and known[0] == stamp:
                     return Verdict("intact", stamp[1], stamp)
                 flight = self._flights.get(sha256)
                 if flight is None:
@@ -148,7 +166,7 @@ class Verifier:
     def remember(self, sha256: str, stamp: Stamp, *, marker: bool = False) -> None:
         """Trust this blob while it keeps ``stamp`` (``marker``: in other processes too)."""
         with self._lock:
-            self._memo[sha256] = stamp
+            self._memo[sha256] = (stamp, Path(self.layout.blob(sha256)))
             self._memo.move_to_end(sha256)
             while len(self._memo) > _MEMO_SIZE:
                 self._memo.popitem(last=False)
@@ -158,8 +176,9 @@ class Verifier:
     def known(self, sha256: str, stamp: Stamp) -> bool:
         """Whether this process or a marker already vouches for the blob with ``stamp``."""
         with self._lock:
-            if self._memo.get(sha256) == stamp:
-                return True
+            known = self._memo.get(sha256)
+        if known is not None and known[0] == stamp:
+            return True
         return read_marker(self.layout, sha256) == stamp
 
     def forget(self, sha256: str) -> None:

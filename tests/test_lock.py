@@ -236,6 +236,8 @@ def test_writing_a_lock_rewrites_it_and_says_what_changed(tmp_path: Path) -> Non
     path = tmp_path / "upstream.lock"
     assert write_lock(path, LockFile([a, b1])) == f"{path} (2 entries: 2 added, 0 changed, 0 removed)"
     assert write_lock(path, LockFile([b2, c])) == f"{path} (2 entries: 1 added, 1 changed, 1 removed)"
+    one = path.with_name("one.lock")
+    assert write_lock(one, LockFile([c])) == f"{one} (1 entry: 1 added, 0 changed, 0 removed)"
     assert list(LockFile.load(path)) == [b2, c]  # exactly what the run served
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pytest_upstream.config.units import plural
 from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 from pytest_upstream.store.blobs import Verifier
 from pytest_upstream.store.entry import NOT_FOUND
@@ -53,7 +54,7 @@ def write_lock(path: Path, served: LockFile) -> str:
     added = sum(1 for i in after if i not in before)
     removed = sum(1 for i in before if i not in after)
     changed = sum(1 for i in after if i in before and before[i] != after[i])
-    return f"{path} ({len(after)} entries: {added} added, {changed} changed, {removed} removed)"
+    return f"{path} ({plural(len(after), 'entry')}: {added} added, {changed} changed, {removed} removed)"
 
 
 def verify(lock: LockFile, cache_dir: Path) -> list[str]:

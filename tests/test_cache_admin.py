@@ -342,6 +342,16 @@ def test_prune_by_size_keeps_the_entries_of_pinned_blobs_and_says_what_holds_the
     assert "busy" not in out
 
 
+def test_prune_removes_the_verification_markers_of_removed_blobs(recorded: Recorded) -> None:
+    cache = Cache(recorded.cache)
+    for path in FILES:
+        assert (recorded.cache / "verified" / sha(FILES[path])[:2] / sha(FILES[path])).is_file()
+    recorded.blob("/a.txt").unlink()  # removed by hand: its marker is an orphan
+    report = prune(cache, older_than=0, grace=0)
+    assert report.blobs_removed == 4
+    assert [p for p in (recorded.cache / "verified").rglob("*") if p.is_file()] == []
+
+
 def test_prune_keeps_blobs_written_within_the_grace_period(recorded: Recorded) -> None:
     fresh = Cache(recorded.cache).store_bytes(b"a fetch is about to index me")
     report = prune(Cache(recorded.cache), grace=60)

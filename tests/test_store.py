@@ -121,6 +121,8 @@ def test_a_second_process_does_not_hash_a_blob_another_one_verified(tmp_path: Pa
     data = os.urandom(100_000)
     digest = Cache(root).store_bytes(data)  # written and hashed here: a marker vouches for it
     assert first_hit_in_a_new_process(root, digest, len(data)) == {"found": True, "hashed": 0}
+    Cache(root).store_bytes(data)  # fetched again: the blob's new mtime keeps its verification
+    assert first_hit_in_a_new_process(root, digest, len(data)) == {"found": True, "hashed": 0}
 
     # a blob changed on disk no longer matches its marker: hashed again, and found corrupt
     blob = root / "blobs" / "sha256" / digest[:2] / digest

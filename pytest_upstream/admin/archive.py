@@ -363,7 +363,8 @@ def _merge(
     for sha, out in sorted(staged.items()):
         target = cache.blob_path(sha)
         target.parent.mkdir(parents=True, exist_ok=True)
-        outcome = _place_blob(out.path, target)
+        outcome = _place_blob(cache, sha, out.path)
+        out.discard()  # the staged name goes first: dropping a hard link changes the blob's ctime
         if outcome == "kept":
             report.blobs_kept += 1
         else:
@@ -395,12 +396,13 @@ def _merge(
     return report
 
 
-def _place_blob(staged: Path, target: Path) -> str:
+def _place_blob(cache: Cache, sha: str, staged: Path) -> str:
     """Hard-link a verified blob into place: "added", "kept" (already there) or "repaired".
 
     An existing blob of another size cannot hold the bytes its name promises (ours hash to
     that name), so it is replaced: the content rule, not a claim.
     """
+    target = cache.blob_path(sha)
     while True:
         try:
             os.link(staged, target)
@@ -414,7 +416,7 @@ def _place_blob(staged: Path, target: Path) -> str:
             if target.stat().st_size != staged.stat().st_size:
                 os.replace(staged, target)
                 return "repaired"
-            os.utime(target)  # fresh again, so a concurrent prune keeps it for the entry we will write
+            cache.freshen_blob(sha)  # so a concurrent prune keeps it for the entry we will write
             return "kept"
         except FileNotFoundError:
             continue  # pruned meanwhile: link ours

@@ -9,12 +9,21 @@ blob can still index it (``grace=0`` is only for a cache nobody else is using).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_upstream.admin.scan import evict_blob, remove_entry_file, scan_blobs, scan_entries
+from pytest_upstream.admin.scan import (
+    BlobFile,
+    evict_blob,
+    names,
+    remove_entry_file,
+    scan_blobs,
+    scan_entries,
+)
+from pytest_upstream.store.blobs import remove_marker
 from pytest_upstream.store.cache import Cache, Entry, LockTimeout
 
 DEFAULT_GRACE = 5.0
@@ -117,4 +126,17 @@ def prune(
             report.bytes_freed += freed
     after, _ = scan_blobs(cache)
     report.size_after = sum(b.size for b in after.values())
+    _remove_orphan_markers(cache, after)
     return report
+
+
+def _remove_orphan_markers(cache: Cache, blobs: dict[str, BlobFile]) -> None:
+    """Verification markers of blobs that are gone (removed by hand, or by an older version).
+
+    A marker is written after its blob is in place, so one without a blob is never about to
+    be used; removing one by mistake would cost a single hash.
+    """
+    for prefix in sorted(names(cache.layout.verified)):
+        for name in sorted(names(cache.layout.verified / prefix)):
+            if name not in blobs and not os.path.exists(cache.layout.blob(name)):
+                remove_marker(cache.layout, name)

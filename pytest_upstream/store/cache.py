@@ -219,10 +219,7 @@ class Cache:
                 # `cache prune` (which spares recent blobs) off a blob that is about to be
                 # indexed again; it changes the blob's stamp, so a verified blob is vouched
                 # for again under its new stamp.
-                was_verified = self.verifier.known(sha, stamp_of(st))
-                os.utime(target)
-                if was_verified:
-                    self.verifier.remember(sha, stamp_of(os.stat(target)), marker=True)
+                self.freshen_blob(sha)
                 return sha, writer.size
             writer.commit(target)  # same content, same name: replacing is harmless
             # We hashed these bytes while writing them: vouch for them, in other processes too.
@@ -230,6 +227,18 @@ class Cache:
             return sha, writer.size
         finally:
             writer.discard()
+
+    def freshen_blob(self, sha256: str) -> None:
+        """Set a blob's mtime to now (``cache prune`` spares recent blobs), keeping its verification.
+
+        The new mtime (and ctime) changes the blob's stamp; a blob that was vouched for before
+        is vouched for under the new stamp, so the touch costs no second hash.
+        """
+        path = self.layout.blob(sha256)
+        was_verified = self.verifier.known(sha256, stamp_of(os.stat(path)))
+        os.utime(path)
+        if was_verified:
+            self.verifier.remember(sha256, stamp_of(os.stat(path)), marker=True)
 
     def store_bytes(self, data: bytes) -> str:
         w = self.writer()

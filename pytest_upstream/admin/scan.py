@@ -94,7 +94,7 @@ def scan_blobs(cache: Cache) -> tuple[dict[str, BlobFile], list[Path]]:
     """The blobs on disk by digest, and stray files under ``blobs/`` that are not named as one."""
     blobs: dict[str, BlobFile] = {}
     stray: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(cache.root / "blobs"):
+    for dirpath, dirnames, filenames in os.walk(cache.layout.blobs.parent):
         dirnames.sort()
         here = Path(dirpath)
         for name in sorted(filenames):

@@ -27,8 +27,6 @@ LAYOUT_VERSION = "1"
 LOCK_STRIPES = 1024  # lock files in locks/: bounded, whatever the number of entries
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEX2 = re.compile(r"[0-9a-f]{2}")
-# The only top-level names an archive may hold: the rest is per machine (locks, markers, leases).
-ARCHIVED = ("VERSION", "blobs", "entries")
 
 
 class Layout:

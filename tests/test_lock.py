@@ -183,7 +183,7 @@ def test_a_lock_claiming_a_wrong_size_leaves_the_valid_blob_and_cache_verify_pas
 
     assert cli_main(["lock", "verify", "--lock", str(lock_file), "--cache", str(cache)]) == 1
     out = capsys.readouterr().out
-    assert "the lock file says 101 bytes, the blob has 100 (the blob is intact" in out
+    assert "the lock file says 101 bytes, the blob has 100 bytes (the blob is intact" in out
     assert cli_main(["cache", "verify", "--cache", str(cache)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(": ok")
     assert get(serve("replay"), "/g/a.bin") == (200, b"A" * 100)  # the index still serves it

@@ -224,6 +224,17 @@ def test_nested_entries_on_one_stripe_do_not_deadlock(tmp_path: Path) -> None:
     assert not any(t.is_alive() for t in threads)
 
 
+def test_two_cache_objects_of_one_process_share_the_entry_locks(tmp_path: Path) -> None:
+    one, two = Cache(tmp_path / "cache"), Cache(tmp_path / "cache")
+    a, b = two_ids_on_one_stripe()
+    with one.locked("g", a, "", timeout=1):
+        # the same entry: busy, whichever Cache asks
+        with pytest.raises(LockTimeout), two.locked("g", a, "", timeout=0):
+            pass
+        with two.locked("g", b, "", timeout=0):  # another entry on the same stripe: free
+            pass
+
+
 def test_one_entry_is_held_by_one_thread_and_a_wait_times_out(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     with cache.locked("g", "x", "", timeout=1):

@@ -70,7 +70,7 @@ def verify(lock: LockFile, cache_dir: Path) -> list[str]:
         if entry.kind == NOT_FOUND:
             continue
         what = f"{entry.key} {entry.path}" + (f" [{entry.variant}]" if entry.variant else "")
-        what += f" sha256 {entry.sha256} ({entry.size} bytes)"
+        what += f" sha256 {entry.sha256} ({plural(entry.size, 'byte')})"
         verdict = verifier.check(entry.sha256)
         if verdict.state == "missing":
             problems.append(f"missing: {what}")
@@ -78,7 +78,7 @@ def verify(lock: LockFile, cache_dir: Path) -> list[str]:
             problems.append(f"corrupt: {what}: the blob hashes to {verdict.actual}")
         elif verdict.size != entry.size:
             problems.append(
-                f"wrong size: {what}: the lock file says {entry.size} bytes, the blob has {verdict.size} "
-                "(the blob is intact: fix or record the lock file again)"
+                f"wrong size: {what}: the lock file says {plural(entry.size, 'byte')}, the blob has "
+                f"{plural(verdict.size, 'byte')} (the blob is intact: fix or record the lock file again)"
             )
     return problems

@@ -29,7 +29,7 @@ from pytest_upstream.store.errors import CacheError, ClaimMismatch, DigestMismat
 from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_temporary
 from pytest_upstream.store.layout import LAYOUT_VERSION, Layout
 from pytest_upstream.store.local import LocalBackend
-from pytest_upstream.store.locks import StripedLocks
+from pytest_upstream.store.locks import striped_locks
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -112,7 +112,6 @@ class Cache:
         # Index writes go through the storage seam (backend.py); hits read the local files
         # directly (memoised parse, sendfile), which a local backend allows.
         self.backend = LocalBackend(self.layout)
-        self.entry_locks = StripedLocks(self.layout)
         self.verifier = Verifier(self.layout)
         self._entry_memo: dict[str, tuple[tuple[int, int, int], Entry]] = {}
         self._remove_stale_tmp()
@@ -210,17 +209,15 @@ class Cache:
             sha = digests["sha256"]
             target = self.blob_path(sha)
             try:
-                st = os.stat(target)
+                if os.stat(target).st_size == writer.size:
+                    # Already stored (content addressing): no second write or fsync. A damaged
+                    # copy is caught by the verifier on its first use. The new mtime keeps
+                    # `cache prune` (which spares recent blobs) off a blob that is about to be
+                    # indexed again.
+                    self.freshen_blob(sha)
+                    return sha, writer.size
             except FileNotFoundError:
-                st = None
-            if st is not None and st.st_size == writer.size:
-                # Already stored (content addressing): no second write or fsync. A damaged
-                # copy is caught by the verifier on its first use. The new mtime keeps
-                # `cache prune` (which spares recent blobs) off a blob that is about to be
-                # indexed again; it changes the blob's stamp, so a verified blob is vouched
-                # for again under its new stamp.
-                self.freshen_blob(sha)
-                return sha, writer.size
+                pass  # not stored, or pruned just now: store ours
             writer.commit(target)  # same content, same name: replacing is harmless
             # We hashed these bytes while writing them: vouch for them, in other processes too.
             self.verifier.remember(sha, stamp_of(os.stat(target)), marker=True)
@@ -233,6 +230,7 @@ class Cache:
 
         The new mtime (and ctime) changes the blob's stamp; a blob that was vouched for before
         is vouched for under the new stamp, so the touch costs no second hash.
+        FileNotFoundError if the blob is not there (pruned meanwhile).
         """
         path = self.layout.blob(sha256)
         was_verified = self.verifier.known(sha256, stamp_of(os.stat(path)))
@@ -304,11 +302,11 @@ class Cache:
     ) -> contextlib.AbstractContextManager[None]:
         """Hold the entry's lock; the OS drops it if the holder dies (store/locks.py)."""
         message = f"timed out after {timeout:g}s waiting for another process to fetch {path!r} for {key!r}"
-        return self.entry_locks.hold(entry_id(key, path, variant), timeout, message)
+        return striped_locks(self.layout).hold(entry_id(key, path, variant), timeout, message)
 
     def locked_id(self, eid: str, timeout: float) -> contextlib.AbstractContextManager[None]:
         """The lock of an entry known only by its id (an unparseable entry file)."""
-        return self.entry_locks.hold(eid, timeout, f"entry {eid} busy")
+        return striped_locks(self.layout).hold(eid, timeout, f"entry {eid} busy")
 
     # -- helpers -----------------------------------------------------------
     def _remove_stale_tmp(self) -> None:

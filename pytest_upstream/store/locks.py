@@ -5,10 +5,11 @@ Now ``LOCK_STRIPES`` lock files under ``locks/`` are shared by the entries, chos
 (store/layout.py).  Two rules make sharing a file safe:
 
 - **Within a process, exclusion is per entry**, by a reference-counted ``threading.Lock``
-  per entry id.  A stripe's ``flock`` belongs to an open file description, so two lock objects
-  on one stripe in one process would block each other; instead, the stripe's cross-process
-  lock is shared by all threads of the process that hold an entry on it: the first takes it,
-  the last releases it.  So a thread holding entry A can take entry B on the same stripe (the
+  per entry id, shared by every ``Cache`` the process opens on the directory
+  (``striped_locks``).  A stripe's ``flock`` belongs to an open file description, so two lock
+  objects on one stripe in one process would block each other; instead, the stripe's
+  cross-process lock is shared by all threads of the process that hold an entry on it: the
+  first takes it, the last releases it.  So a thread holding entry A can take entry B on the same stripe (the
   engine fetches metadata and then an artifact; formats may nest) without deadlocking itself.
 - **Across processes, exclusion is per stripe**: a process holding any entry of a stripe keeps
   other processes from every entry of that stripe, which costs at most a wait for an unrelated
@@ -20,6 +21,7 @@ Timeouts raise ``LockTimeout`` with the caller's message; ``timeout=0`` takes wi
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +31,31 @@ import filelock
 
 from pytest_upstream.store.errors import LockTimeout
 from pytest_upstream.store.layout import Layout, stripe_of
+
+_REGISTRY: dict[str, StripedLocks] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def striped_locks(layout: Layout) -> StripedLocks:
+    """The entry locks of a cache directory, one set per process however many ``Cache`` objects
+    it opens on it: so in-process exclusion and stripe sharing hold between them too."""
+    key = os.path.realpath(layout.locks)
+    with _REGISTRY_LOCK:
+        locks = _REGISTRY.get(key)
+        if locks is None:
+            locks = _REGISTRY[key] = StripedLocks(layout)
+        return locks
+
+
+def _forget_after_fork() -> None:
+    """A forked child holds none of its parent's locks (its threads are gone): start afresh."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+    _REGISTRY.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class _EntryLock:

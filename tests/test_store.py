@@ -22,6 +22,7 @@ from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.report import write_report
 from pytest_upstream.store.cache import Cache, ClaimMismatch, Entry, LockTimeout, entry_id
 from pytest_upstream.store.entry import NOT_FOUND, entry_bytes
+from pytest_upstream.store.files import AtomicFile
 from pytest_upstream.store.layout import LOCK_STRIPES, Layout, stripe_of
 from pytest_upstream.store.local import LocalBackend
 
@@ -55,6 +56,23 @@ def test_lock_file_and_report_are_readable_by_the_team(tmp_path: Path, umask_022
     assert (tmp_path / "upstream.lock").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "upstream.lock"]  # no temp files
+
+
+def test_atomic_file_commits_whole_or_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "archive.tar"
+    with pytest.raises(RuntimeError), AtomicFile(target) as out:
+        out.write(b"half")
+        raise RuntimeError("killed half way")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with AtomicFile(target) as out:
+        out.write(b"whole")
+    assert target.read_bytes() == b"whole" and [p.name for p in target.parent.iterdir()] == ["archive.tar"]
+    # a temp file in tmp/ whose name is known only at the end (a content-addressed blob)
+    (tmp_path / "tmp").mkdir()
+    blob = AtomicFile(tmp_dir=tmp_path / "tmp")
+    blob.write(b"bytes")
+    assert blob.commit(tmp_path / "blobs" / sha(b"bytes")).read_bytes() == b"bytes"
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 # -- the size rule ----------------------------------------------------------------------

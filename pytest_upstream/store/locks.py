@@ -13,7 +13,10 @@ Now ``LOCK_STRIPES`` lock files under ``locks/`` are shared by the entries, chos
   engine fetches metadata and then an artifact; formats may nest) without deadlocking itself.
 - **Across processes, exclusion is per stripe**: a process holding any entry of a stripe keeps
   other processes from every entry of that stripe, which costs at most a wait for an unrelated
-  fetch (1 in ``LOCK_STRIPES`` pairs).  The OS drops a dead holder's ``flock``.
+  fetch (1 in ``LOCK_STRIPES`` pairs).  The OS drops a dead holder's ``flock``.  One caveat:
+  two processes that each hold one entry and then ask for another, in opposite stripe order,
+  wait for each other until ``timeout``; the engine does not nest entry locks across a fetch
+  (a format's metadata is resolved before the artifact's lock is taken), so keep it that way.
 
 Timeouts raise ``LockTimeout`` with the caller's message; ``timeout=0`` takes without waiting.
 """

@@ -22,7 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pytest_upstream.admin import cache_admin
+from pytest_upstream.admin.archive import export_archive, import_archive
+from pytest_upstream.admin.listing import list_entries
+from pytest_upstream.admin.prune import prune
+from pytest_upstream.admin.verify import verify
 from pytest_upstream.cli.main import main
 from pytest_upstream.config import units
 from pytest_upstream.config.settings import ProxyDefinition
@@ -133,7 +136,7 @@ def test_a_hit_bumps_the_entry_mtime_at_most_once_a_minute(recorded: Recorded) -
     old = time.time() - 7200
     os.utime(file, (old, old))
     list(cache.iter_entries())
-    cache_admin.list_entries(cache)
+    list_entries(cache)
     assert file.stat().st_mtime == pytest.approx(old)
 
 
@@ -172,6 +175,12 @@ def test_ls_lists_every_entry_with_totals(
     listing = json.loads(out)
     assert [(e["key"], e["path"]) for e in listing["entries"]] == [("h", "a.txt")]
     assert listing["totals"]["blobs"] == 5  # same bytes through two keys: one blob
+    # the text form says the same as docs/cache.md: the key's entries, the whole cache's blobs
+    status, out, _ = cache_cmd(capsys, "ls", recorded.cache, "--key", "h")
+    blobs = units.human_size(sum(map(len, FILES.values())))
+    assert out.splitlines()[-1] == (
+        f"# 1 entry (600 B) in {recorded.cache}; 5 blobs on disk ({blobs}), 0 unreferenced (0 B)"
+    )
 
 
 def test_commands_refuse_a_directory_that_is_not_a_cache(
@@ -247,7 +256,7 @@ def test_verify_leaves_a_busy_entry_and_says_so(recorded: Recorded) -> None:
     recorded.blob("/d.tar.gz").unlink()
     cache = Cache(recorded.cache)
     with cache.locked("g", "d.tar.gz", "", timeout=1):
-        report = cache_admin.verify(Cache(recorded.cache))
+        report = verify(Cache(recorded.cache))
     assert [(p.kind, p.repaired) for p in report.problems] == [("missing-blob", False)]
     assert recorded.entry_file("/d.tar.gz").exists()
 
@@ -275,7 +284,7 @@ def test_prune_by_size_goes_least_recently_used_first(
     assert sorted(p.name for p in (recorded.cache / "blobs").rglob("*") if p.is_file()) == sorted(
         sha(FILES[p]) for p in ("/dir/c.bin", "/dir/b.bin")
     )
-    assert cache_admin.verify(Cache(recorded.cache)).ok
+    assert verify(Cache(recorded.cache)).ok
 
 
 def test_prune_older_than_and_unreferenced_blobs(
@@ -314,16 +323,45 @@ def test_prune_keeps_the_blobs_a_lock_names(
     assert not recorded.blob("/dir/b.bin").exists()
 
 
+def test_prune_by_size_keeps_the_entries_of_pinned_blobs_and_says_what_holds_the_size(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Removing an entry whose blob a lock pins frees nothing: it stays, and the note says why."""
+    lock = tmp_path / "upstream.lock"
+    LockFile(
+        [LockFileEntry("g", p.lstrip("/"), "", sha(d), len(d), "artifact") for p, d in FILES.items()]
+    ).save(lock)
+    status, out, _ = cache_cmd(
+        capsys, "prune", recorded.cache, "--max-size", "1K", "--grace", "0", "--keep-lock", str(lock)
+    )
+    assert status == 0, out
+    assert all(recorded.entry_file(p).exists() for p in FILES)
+    total = units.human_size(sum(map(len, FILES.values())))
+    assert f"removed 0 entries and 0 blobs (0 B); {total} -> {total}" in out
+    assert f"note: still above 1.0 KiB: {total} named by the --keep-lock files" in out
+    assert "busy" not in out
+
+
+def test_prune_removes_the_verification_markers_of_removed_blobs(recorded: Recorded) -> None:
+    cache = Cache(recorded.cache)
+    for path in FILES:
+        assert (recorded.cache / "verified" / sha(FILES[path])[:2] / sha(FILES[path])).is_file()
+    recorded.blob("/a.txt").unlink()  # removed by hand: its marker is an orphan
+    report = prune(cache, older_than=0, grace=0)
+    assert report.blobs_removed == 4
+    assert [p for p in (recorded.cache / "verified").rglob("*") if p.is_file()] == []
+
+
 def test_prune_keeps_blobs_written_within_the_grace_period(recorded: Recorded) -> None:
     fresh = Cache(recorded.cache).store_bytes(b"a fetch is about to index me")
-    report = cache_admin.prune(Cache(recorded.cache), grace=60)
+    report = prune(Cache(recorded.cache), grace=60)
     assert report.blobs_removed == 0 and Cache(recorded.cache).blob_path(fresh).exists()
 
 
 def test_prune_skips_an_entry_whose_lock_is_held(recorded: Recorded) -> None:
     holder = Cache(recorded.cache)
     with holder.locked("g", "dir/c.bin", "", timeout=1):
-        report = cache_admin.prune(Cache(recorded.cache), older_than=0, grace=0)
+        report = prune(Cache(recorded.cache), older_than=0, grace=0)
     assert [(e.key, e.path) for e in report.busy] == [("g", "dir/c.bin")]
     assert len(report.removed) == 4
     assert recorded.entry_file("/dir/c.bin").exists() and recorded.blob("/dir/c.bin").exists()
@@ -396,7 +434,7 @@ def test_export_refuses_a_corrupt_blob(recorded: Recorded, tmp_path: Path) -> No
     blob = recorded.blob("/dir/b.bin")
     blob.write_bytes(b"\0" * blob.stat().st_size)
     with pytest.raises(CacheError, match="corrupt"):
-        cache_admin.export_archive(Cache(recorded.cache), tmp_path / "x.tar")
+        export_archive(Cache(recorded.cache), tmp_path / "x.tar")
     assert not (tmp_path / "x.tar").exists() and list(tmp_path.glob(".x.tar.*")) == []
 
 
@@ -464,7 +502,7 @@ def test_import_into_an_empty_cache_replays_offline(
 
 def test_import_keeps_the_newer_entry(recorded: Recorded, tmp_path: Path) -> None:
     archive = tmp_path / "cache.tar"
-    cache_admin.export_archive(Cache(recorded.cache), archive)
+    export_archive(Cache(recorded.cache), archive)
     target = Cache(tmp_path / "target")
     newer_bytes, older_bytes = b"newer index", b"older index"
     for data, when in ((newer_bytes, time.time() + 60), (older_bytes, 1.0)):
@@ -472,7 +510,7 @@ def test_import_keeps_the_newer_entry(recorded: Recorded, tmp_path: Path) -> Non
         target.store_entry(
             Entry("g", path, "", "http://upstream/x", target.store_bytes(data), len(data), "metadata", when)
         )
-    report = cache_admin.import_archive(target, archive)
+    report = import_archive(target, archive)
     assert (report.entries_added, report.entries_replaced, report.entries_kept) == (3, 1, 1)
     assert target.lookup("g", "meta/index.json").sha256 == sha(newer_bytes)  # type: ignore[union-attr]
     assert target.lookup("g", "a.txt").sha256 == sha(FILES["/a.txt"])  # type: ignore[union-attr]
@@ -521,7 +559,7 @@ def test_import_refuses_a_tampered_archive(
     recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path, change: str, message: str
 ) -> None:
     good = tmp_path / "good.tar"
-    cache_admin.export_archive(Cache(recorded.cache), good)
+    export_archive(Cache(recorded.cache), good)
     bad = tmp_path / "bad" / "bad.tar"
     bad.parent.mkdir()
     if change == "truncated":
@@ -532,8 +570,8 @@ def test_import_refuses_a_tampered_archive(
     target = tmp_path / "target"
     partial = tmp_path / "partial.tar"
     lock = LockFile([LockFileEntry("g", "a.txt", "", sha(FILES["/a.txt"]), 600, "artifact")])
-    cache_admin.export_archive(Cache(recorded.cache), partial, lock)
-    cache_admin.import_archive(Cache(target), partial)
+    export_archive(Cache(recorded.cache), partial, lock)
+    import_archive(Cache(target), partial)
     before = tree(target)
 
     status, _, err = cache_cmd(capsys, "import", target, str(bad))
@@ -541,6 +579,21 @@ def test_import_refuses_a_tampered_archive(
     assert tree(target) == before
     assert list((target / "tmp").iterdir()) == []
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+
+
+def test_a_refused_import_into_a_missing_directory_creates_no_cache(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = tmp_path / "good.tar"
+    export_archive(Cache(recorded.cache), good)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    target = tmp_path / "new-cache"
+    status, _, err = cache_cmd(capsys, "import", target, str(bad))
+    assert status == 1 and "nothing imported" in err
+    assert not target.exists()
+    status, out, _ = cache_cmd(capsys, "import", target, str(good))
+    assert status == 0 and "blobs 5 added" in out and (target / "VERSION").is_file()
 
 
 # -- all of it while proxies use the cache ---------------------------------------
@@ -596,10 +649,10 @@ def test_prune_and_verify_while_eight_threads_fetch(
     try:
         for _ in range(3):
             time.sleep(0.3)
-            reports.append(cache_admin.prune(Cache(cache), max_size=total // 3, grace=0.5))
-            verified.append(cache_admin.verify(Cache(cache)))
-            reports.append(cache_admin.prune(Cache(cache), older_than=0, grace=0.5))
-            verified.append(cache_admin.verify(Cache(cache)))
+            reports.append(prune(Cache(cache), max_size=total // 3, grace=0.5))
+            verified.append(verify(Cache(cache)))
+            reports.append(prune(Cache(cache), older_than=0, grace=0.5))
+            verified.append(verify(Cache(cache)))
     finally:
         stop.set()
         for t in threads:
@@ -608,4 +661,4 @@ def test_prune_and_verify_while_eight_threads_fetch(
     assert [v.problems for v in verified] == [[]] * len(verified)
     assert sum(len(r.removed) for r in reports) > 20 and sum(r.blobs_removed for r in reports) >= 4
     assert counts["ok"] > 100 and counts["miss"] > 10 and counts["replay-miss"] > 0, counts
-    assert cache_admin.verify(Cache(cache)).ok
+    assert verify(Cache(cache)).ok

@@ -163,6 +163,33 @@ def test_lock_verify_and_a_replay_whose_blob_is_gone(
     assert not blob_b.exists()
 
 
+def test_a_lock_claiming_a_wrong_size_leaves_the_valid_blob_and_cache_verify_passes(
+    serve: Serve, upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand-edited lock whose size is off by one is a wrong lock, not a damaged blob."""
+    upstream.files["/files/a.bin"] = b"A" * 100
+    record = serve("record")
+    get(record, "/g/a.bin")
+    lock = record.engine.recorded_lock()
+    (entry,) = list(lock)
+    lock_file = tmp_path / "upstream.lock"
+    LockFile([LockFileEntry(**{**entry.__dict__, "size": entry.size + 1})]).save(lock_file)
+    cache = tmp_path / "cache"
+    blob = cache / "blobs" / "sha256" / sha(b"A" * 100)[:2] / sha(b"A" * 100)
+
+    upstream.stop()
+    replay = serve("replay", lock=lock_file)
+    assert get(replay, "/g/a.bin")[0] == 504
+    assert blob.read_bytes() == b"A" * 100  # the shared cache keeps the valid bytes
+
+    assert cli_main(["lock", "verify", "--lock", str(lock_file), "--cache", str(cache)]) == 1
+    out = capsys.readouterr().out
+    assert "the lock file says 101 bytes, the blob has 100 bytes (the blob is intact" in out
+    assert cli_main(["cache", "verify", "--cache", str(cache)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": ok")
+    assert get(serve("replay"), "/g/a.bin") == (200, b"A" * 100)  # the index still serves it
+
+
 def test_lock_configuration(tmp_path: Path) -> None:
     settings = parse_table({"lock": "locks/upstream.lock"}, "pyproject.toml", tmp_path)
     assert settings.lock_file == tmp_path / "locks" / "upstream.lock"
@@ -210,6 +237,8 @@ def test_writing_a_lock_rewrites_it_and_says_what_changed(tmp_path: Path) -> Non
     path = tmp_path / "upstream.lock"
     assert write_lock(path, LockFile([a, b1])) == f"{path} (2 entries: 2 added, 0 changed, 0 removed)"
     assert write_lock(path, LockFile([b2, c])) == f"{path} (2 entries: 1 added, 1 changed, 1 removed)"
+    one = path.with_name("one.lock")
+    assert write_lock(one, LockFile([c])) == f"{one} (1 entry: 1 added, 0 changed, 0 removed)"
     assert list(LockFile.load(path)) == [b2, c]  # exactly what the run served
 
 

@@ -199,7 +199,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from pytest_upstream.admin.cache_admin import run_cli
+    from pytest_upstream.cli.cache_commands import run_cli
 
     settings = resolve_settings(args.config, args.cache)
     return run_cli(args, settings.cache_dir, settings.lock_timeout)
@@ -222,7 +222,7 @@ def _cmd_import_cassettes(args: argparse.Namespace) -> int:
 
 
 def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``cache ls|verify|prune|export|import`` (pytest_upstream/cache_admin.py, docs/cache.md)."""
+    """``cache ls|verify|prune|export|import`` (cli/cache_commands.py, admin/, docs/cache.md)."""
     cache = sub.add_parser("cache", help="list, verify, prune, export or import the cache")
     actions = cache.add_subparsers(dest="cache_command", required=True)
     where = argparse.ArgumentParser(add_help=False)

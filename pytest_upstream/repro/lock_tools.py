@@ -7,7 +7,6 @@ the engine collects entries and serves replays from them (``Engine.remember``,
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +14,10 @@ from typing import Any
 
 from pytest_upstream.config.units import plural
 from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
+from pytest_upstream.store.blobs import Verifier
+from pytest_upstream.store.entry import NOT_FOUND
+from pytest_upstream.store.layout import Layout
 
-NOT_FOUND = "notfound"  # a remembered upstream 404: no bytes to check
 WRITING_MODES = ("record", "refresh")  # the session modes that (re)write the lock file
 
 
@@ -56,37 +57,28 @@ def write_lock(path: Path, served: LockFile) -> str:
     return f"{path} ({plural(len(after), 'entry')}: {added} added, {changed} changed, {removed} removed)"
 
 
-def blob_path(cache_dir: Path, sha256: str) -> Path:
-    """Where the cache keeps a blob (docs/cache.md, layout)."""
-    return Path(cache_dir) / "blobs" / "sha256" / sha256[:2] / sha256
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(lock: LockFile, cache_dir: Path) -> list[str]:
     """One line per entry whose bytes the cache lacks or holds damaged; reads, never changes.
 
-    Remembered 404s (kind ``notfound``) have no bytes and always pass.
+    Remembered 404s (kind ``notfound``) have no bytes and always pass.  A lock line that
+    claims another size than its intact blob has is a wrong lock line, not a damaged blob.
+    A blob another process already verified (store/blobs.py) is not read again.
     """
+    verifier = Verifier(Layout(Path(cache_dir)), write_markers=False)
     problems = []
     for entry in lock:
         if entry.kind == NOT_FOUND:
             continue
         what = f"{entry.key} {entry.path}" + (f" [{entry.variant}]" if entry.variant else "")
         what += f" sha256 {entry.sha256} ({plural(entry.size, 'byte')})"
-        path = blob_path(cache_dir, entry.sha256)
-        if not path.is_file():
+        verdict = verifier.check(entry.sha256)
+        if verdict.state == "missing":
             problems.append(f"missing: {what}")
-            continue
-        size = path.stat().st_size
-        if size != entry.size:
-            problems.append(f"corrupt: {what}: the blob has {plural(size, 'byte')}")
-        elif (actual := _sha256_file(path)) != entry.sha256:
-            problems.append(f"corrupt: {what}: the blob hashes to {actual}")
+        elif verdict.state == "corrupt":
+            problems.append(f"corrupt: {what}: the blob hashes to {verdict.actual}")
+        elif verdict.size != entry.size:
+            problems.append(
+                f"wrong size: {what}: the lock file says {plural(entry.size, 'byte')}, the blob has "
+                f"{plural(verdict.size, 'byte')} (the blob is intact: fix or record the lock file again)"
+            )
     return problems

@@ -11,12 +11,12 @@ the shared cache's index says now; anything not in the lock is a miss.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pytest_upstream.store.files import atomic_write
 
 LOCK_VERSION = 1
 
@@ -32,7 +32,7 @@ class LockFileEntry:
     variant: str
     sha256: str
     size: int
-    kind: str  # "metadata" | "artifact" | "notfound"
+    kind: str  # store.entry's METADATA | ARTIFACT | NOT_FOUND
     # The upstream's Content-Type and kept headers (e.g. Docker-Content-Digest), so a locked
     # replay answers exactly as recorded even after the shared index has moved on.
     content_type: str | None = None
@@ -88,19 +88,8 @@ class LockFile:
         )
 
     def save(self, path: Path) -> None:
-        """Write atomically: a reader never sees half a lock."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.dumps())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically (a reader never sees half a lock), readable like any file the user writes."""
+        atomic_write(Path(path), self.dumps().encode("utf-8"))
 
     @classmethod
     def load(cls, path: Path) -> LockFile:

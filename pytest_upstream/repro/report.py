@@ -8,8 +8,6 @@ by node id, each test's items sorted and without duplicates, no timestamps.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from pytest_upstream.config.units import plural
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Kind, Resource
 from pytest_upstream.repro.served import ServedRecord
+from pytest_upstream.store.files import atomic_write
 
 REPORT_VERSION = 1
 OUTSIDE = "(outside a test)"
@@ -76,17 +75,9 @@ def combine_usage(parts: Iterable[Mapping[str, list[dict[str, Any]]]]) -> dict[s
 
 
 def write_report(path: Path, mode: str, tests: Mapping[str, list[dict[str, Any]]]) -> None:
-    """Write atomically; the same session gives the same bytes."""
+    """Write atomically, readable like any file the user writes; the same session gives the same bytes."""
     data = {"version": REPORT_VERSION, "mode": mode, "tests": dict(sorted(tests.items()))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def misses_by_test(records: Iterable[ServedRecord]) -> dict[str, int]:

@@ -1,39 +1,51 @@
 """The shared cache: content-addressed blobs plus a small index of entries.
 
-Layout under the cache root (see docs/cache.md)::
+The layout is in ``layout.py``, the entry format and its one parser in ``entry.py``, blob
+verification in ``blobs.py``, entry locks in ``locks.py`` (docs/cache.md).
 
-    VERSION                         layout version ("1")
-    blobs/sha256/<2 hex>/<64 hex>   the bytes, named by their sha256
-    entries/<key>/<2 hex>/<id>.json one index entry per cached request
-    locks/<key>/<2 hex>/<id>.lock   one file lock per entry
-    tmp/                            downloads in progress (same filesystem)
-
-Every guarantee lives here: blobs and entries are written to ``tmp/``,
-fsynced and renamed into place, so a reader sees a whole file or none; an
-entry is written only after its blob, so an entry never names a missing
-blob; each entry has a file lock so concurrent misses fetch once; and a blob
-is re-hashed on its first use in each process, so a blob corrupted on disk is
-removed instead of served.
+Every guarantee lives in this package: blobs and entries are written with ``AtomicFile``
+(temp file, fsync, rename), so a reader sees a whole file or none; an entry is written only
+after its blob, so an entry never names a missing blob; each entry has a lock so concurrent
+misses fetch once; a blob's bytes are hashed before it is first served (once per change of
+the file, whichever process asks first), and a blob is deleted only when its bytes do not
+hash to its name: an entry or a lock file that claims another size is a wrong claim, and the
+valid bytes stay.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import filelock
+from pytest_upstream.store.blobs import Verifier, stamp_of
+from pytest_upstream.store.entry import Entry, entry_bytes, entry_id, parse_entry
+from pytest_upstream.store.errors import CacheError, ClaimMismatch, DigestMismatch, LockTimeout
+from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_temporary
+from pytest_upstream.store.layout import LAYOUT_VERSION, Layout
+from pytest_upstream.store.local import LocalBackend
+from pytest_upstream.store.locks import striped_locks
 
-LAYOUT_VERSION = "1"
-_CHUNK = 1024 * 1024
+__all__ = [
+    "LAYOUT_VERSION",
+    "USE_STAMP_INTERVAL",
+    "BlobWriter",
+    "Cache",
+    "CacheError",
+    "ClaimMismatch",
+    "DigestMismatch",
+    "Entry",
+    "LockTimeout",
+    "entry_id",
+    "fsync_dir",
+    "verify_digests",
+]
+
 _STALE_TMP_SECONDS = 24 * 3600
 _ENTRY_MEMO_SIZE = 10_000
 # A hit sets its entry file's mtime to now (the clock of ``cache prune``'s LRU order) when the
@@ -41,79 +53,34 @@ _ENTRY_MEMO_SIZE = 10_000
 USE_STAMP_INTERVAL = 60.0
 
 
-class CacheError(RuntimeError):
-    """The cache could not be read or written."""
-
-
-class DigestMismatch(CacheError):
-    """Downloaded bytes do not match the digest the upstream published."""
-
-
-class LockTimeout(CacheError):
-    """Another process held an entry's lock for longer than the timeout."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """What the index knows about one cached response."""
-
-    key: str
-    path: str
-    variant: str
-    upstream_url: str
-    sha256: str
-    size: int
-    kind: str  # "metadata" | "artifact"
-    fetched_at: float
-    content_type: str | None = None
-    etag: str | None = None
-    last_modified: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def is_metadata(self) -> bool:
-        return self.kind == "metadata"
-
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.fetched_at
-
-
-def entry_id(key: str, path: str, variant: str) -> str:
-    """Stable file name for an entry: paths may be long or hold any character."""
-    return hashlib.sha256(f"{key}\0{path}\0{variant}".encode()).hexdigest()
-
-
 class BlobWriter:
-    """A download in progress: bytes go to a temp file while being hashed."""
+    """A download in progress: bytes go to a temp file (an ``AtomicFile``) while being hashed."""
 
     def __init__(self, tmp_dir: Path, algorithms: tuple[str, ...] = ()) -> None:
-        self.path = tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file: BinaryIO = open(self.path, "xb")  # noqa: SIM115 - closed in finish/discard
+        self._out = AtomicFile(tmp_dir=tmp_dir)
+        self.path = self._out.path
         self._hashes = {"sha256": hashlib.sha256()}
         for algo in algorithms:
             self._hashes.setdefault(algo, hashlib.new(algo))
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        self._out.write(chunk)
         for h in self._hashes.values():
             h.update(chunk)
         self.size += len(chunk)
 
     def finish(self) -> dict[str, str]:
-        """Flush and return the digests (hex) of what was written; ``sync`` makes it durable."""
-        self._file.flush()
+        """Flush and return the digests (hex) of what was written."""
+        self._out.flush()
         return {algo: h.hexdigest() for algo, h in self._hashes.items()}
 
-    def sync(self) -> None:
-        os.fsync(self._file.fileno())
-        self._file.close()
+    def commit(self, target: Path) -> None:
+        """fsync, rename to ``target`` and fsync its directory."""
+        self._out.commit(target)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self._out.discard()
 
 
 def verify_digests(actual: dict[str, str], expected: dict[str, str], what: str) -> None:
@@ -129,49 +96,41 @@ class Cache:
     """One cache directory; safe to share between threads and processes."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.blobs = self.root / "blobs" / "sha256"
-        self.entries = self.root / "entries"
-        self.locks = self.root / "locks"
-        self.tmp = self.root / "tmp"
-        for d in (self.blobs, self.entries, self.locks, self.tmp):
+        self.layout = Layout(Path(root))
+        self.root = self.layout.root
+        self.blobs = self.layout.blobs
+        self.entries = self.layout.entries
+        self.locks = self.layout.locks
+        self.tmp = self.layout.tmp
+        for d in self.layout.directories:
             d.mkdir(parents=True, exist_ok=True)
-        version = self.root / "VERSION"
+        version = self.layout.version_file
         if not version.exists():
-            self._write_atomic(version, LAYOUT_VERSION.encode())
+            atomic_write(version, LAYOUT_VERSION.encode(), tmp_dir=self.tmp)
         elif (found := version.read_text().strip()) != LAYOUT_VERSION:
             raise CacheError(f"{self.root}: cache layout version {found!r}, expected {LAYOUT_VERSION!r}")
-        self._blobs_str = str(self.blobs)
-        self._entries_str = str(self.entries)
+        # Index writes go through the storage seam (backend.py); hits read the local files
+        # directly (memoised parse, sendfile), which a local backend allows.
+        self.backend = LocalBackend(self.layout)
+        self.verifier = Verifier(self.layout)
         self._entry_memo: dict[str, tuple[tuple[int, int, int], Entry]] = {}
-        self._verified: dict[tuple[str, int, int, int], Path] = {}  # stamp -> blob path
-        self._verified_lock = threading.Lock()
         self._remove_stale_tmp()
 
     # -- paths -------------------------------------------------------------
-    # Plain string joins: these run on every cache hit, where pathlib's
-    # parsing was the largest single cost.
     def blob_path(self, sha256: str) -> Path:
-        return Path(f"{self._blobs_str}/{sha256[:2]}/{sha256}")
-
-    def _entry_path(self, key: str, eid: str) -> Path:
-        return Path(self._entry_str(key, eid))
-
-    def _entry_str(self, key: str, eid: str) -> str:
-        return f"{self._entries_str}/{key}/{eid[:2]}/{eid}.json"
+        return Path(self.layout.blob(sha256))
 
     # -- index -------------------------------------------------------------
     def lookup(self, key: str, path: str, variant: str = "") -> Entry | None:
-        """The entry for a request, or None; unreadable entries count as absent.
+        """The entry for a request, or None; an entry ``parse_entry`` refuses counts as absent.
 
         Also records the use for ``cache prune`` (see ``USE_STAMP_INTERVAL``).
         """
-        return self._read_entry(self._entry_str(key, entry_id(key, path, variant)), mark_used=True)
+        return self._read_entry(self.layout.entry(key, entry_id(key, path, variant)), mark_used=True)
 
-    def _read_entry(self, file: str | Path, mark_used: bool = False) -> Entry | None:
+    def _read_entry(self, name: str, mark_used: bool = False) -> Entry | None:
         """Parse an entry file, memoised by its (inode, size, mtime): entries are
         replaced by rename, so any change shows up as a new signature."""
-        name = str(file)
         try:
             st = os.stat(name)
         except OSError:
@@ -181,10 +140,11 @@ class Cache:
         if memo is not None and memo[0] == signature:
             entry = memo[1]
         else:
+            key_dir, _, file_name = name.rsplit("/", 3)[-3:]
             try:
                 with open(name, "rb") as f:
-                    entry = Entry(**json.loads(f.read()))
-            except (ValueError, TypeError, OSError):
+                    entry = parse_entry(f.read(), key_dir, file_name)
+            except (ValueError, OSError):
                 return None
             if len(self._entry_memo) >= _ENTRY_MEMO_SIZE:
                 self._entry_memo.clear()
@@ -212,7 +172,7 @@ class Cache:
     def iter_entries(self, key: str | None = None) -> Iterator[Entry]:
         base = self.entries / key if key else self.entries
         for file in sorted(base.rglob("*.json")):
-            if (entry := self._read_entry(file)) is not None:
+            if (entry := self._read_entry(str(file))) is not None:
                 yield entry
 
     def store_entry(self, entry: Entry, *, durable: bool = True) -> Entry:
@@ -224,8 +184,7 @@ class Cache:
         """
         if not self.blob_path(entry.sha256).is_file():
             raise CacheError(f"refusing to index {entry.path}: blob {entry.sha256} is missing")
-        target = self._entry_path(entry.key, entry_id(entry.key, entry.path, entry.variant))
-        self._write_atomic(target, json.dumps(asdict(entry), sort_keys=True).encode(), durable=durable)
+        self.backend.put_index(entry.key, entry.id, entry_bytes(entry), durable=durable)
         return entry
 
     def touch(self, entry: Entry, **changes: Any) -> Entry:
@@ -233,8 +192,7 @@ class Cache:
         return self.store_entry(replace(entry, fetched_at=time.time(), **changes))
 
     def remove_entry(self, entry: Entry) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._entry_path(entry.key, entry_id(entry.key, entry.path, entry.variant)).unlink()
+        self.backend.delete_index(entry.key, entry.id)
 
     # -- blobs -------------------------------------------------------------
     def writer(self, algorithms: tuple[str, ...] = ()) -> BlobWriter:
@@ -251,23 +209,34 @@ class Cache:
             sha = digests["sha256"]
             target = self.blob_path(sha)
             try:
-                if target.stat().st_size == writer.size:
-                    # Already stored (content addressing): no second write or fsync. A
-                    # damaged copy is caught by verified_blob on its first use. The new
-                    # mtime keeps `cache prune` (which spares recent blobs) off a blob
-                    # that is about to be indexed again.
-                    os.utime(target)
+                if os.stat(target).st_size == writer.size:
+                    # Already stored (content addressing): no second write or fsync. A damaged
+                    # copy is caught by the verifier on its first use. The new mtime keeps
+                    # `cache prune` (which spares recent blobs) off a blob that is about to be
+                    # indexed again.
+                    self.freshen_blob(sha)
                     return sha, writer.size
             except FileNotFoundError:
-                pass
-            writer.sync()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(writer.path, target)  # same content, same name: replacing is harmless
-            fsync_dir(target.parent)
-            self._mark_verified(target, sha)
+                pass  # not stored, or pruned just now: store ours
+            writer.commit(target)  # same content, same name: replacing is harmless
+            # We hashed these bytes while writing them: vouch for them, in other processes too.
+            self.verifier.remember(sha, stamp_of(os.stat(target)), marker=True)
             return sha, writer.size
         finally:
             writer.discard()
+
+    def freshen_blob(self, sha256: str) -> None:
+        """Set a blob's mtime to now (``cache prune`` spares recent blobs), keeping its verification.
+
+        The new mtime (and ctime) changes the blob's stamp; a blob that was vouched for before
+        is vouched for under the new stamp, so the touch costs no second hash.
+        FileNotFoundError if the blob is not there (pruned meanwhile).
+        """
+        path = self.layout.blob(sha256)
+        was_verified = self.verifier.known(sha256, stamp_of(os.stat(path)))
+        os.utime(path)
+        if was_verified:
+            self.verifier.remember(sha256, stamp_of(os.stat(path)), marker=True)
 
     def store_bytes(self, data: bytes) -> str:
         w = self.writer()
@@ -276,10 +245,10 @@ class Cache:
         return sha
 
     def verified_blob(self, entry: Entry) -> Path | None:
-        """The blob's path if it is whole and matches its digest, else None.
+        """The blob's path if it is intact and has the entry's size, else None.
 
-        A corrupt blob is deleted (with its entry) so it is never served.
-        The hash is recomputed once per process per (inode, size, mtime).
+        A corrupt blob is deleted; the entry goes when its blob is missing or corrupt, or when
+        it claims another size than its intact blob has (the entry is wrong, the bytes stay).
         """
         path = self.verified_digest(entry.sha256, entry.size)
         if path is None:
@@ -287,87 +256,64 @@ class Cache:
         return path
 
     def verified_digest(self, sha256: str, size: int) -> Path | None:
-        """The blob named ``sha256`` if it is whole and intact, else None (a corrupt one is deleted).
+        """The blob named ``sha256`` if it is intact and has ``size`` bytes, else None.
 
+        Only a blob whose bytes do not hash to its name is deleted: a claim (an entry, a lock
+        file) of another size gets None and leaves the blob alone (``claimed_blob`` says why).
         Touches no entry: a lock file names bytes, not the index's current answer.
         """
-        try:
-            st = os.stat(f"{self._blobs_str}/{sha256[:2]}/{sha256}")
-        except FileNotFoundError:
-            return None
-        stamp = (sha256, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._verified_lock:
-            known = self._verified.get(stamp)
-        if known is not None and st.st_size == size:
+        known = self.verifier.known_path(sha256, size)
+        if known is not None:
             return known
-        path = self.blob_path(sha256)
-        if st.st_size != size or _sha256_file(path) != sha256:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        try:
+            return self.claimed_blob(sha256, size)
+        except CacheError:
             return None
-        with self._verified_lock:
-            self._verified[stamp] = path
-        return path
 
-    def _mark_verified(self, path: Path, sha: str) -> None:
-        st = path.stat()
-        with self._verified_lock:
-            self._verified[(sha, st.st_ino, st.st_size, st.st_mtime_ns)] = path
+    def claimed_blob(self, sha256: str, size: int, claimant: str = "the claim") -> Path:
+        """The intact blob ``sha256`` of ``size`` bytes; CacheError says what is wrong.
+
+        ``ClaimMismatch`` ("the lock file says N bytes, the blob ... has M") when the blob is
+        intact but has another size; a corrupt blob is deleted first.
+        """
+        verdict = self.verifier.check(sha256)
+        if verdict.state == "missing":
+            raise CacheError(f"blob {sha256} is not in the cache")
+        if verdict.state == "corrupt":
+            self._remove_corrupt(sha256, verdict.stamp)
+            raise CacheError(f"blob {sha256} was corrupt (its bytes hash to {verdict.actual}); removed")
+        if verdict.size != size:
+            raise ClaimMismatch(
+                f"{claimant} says {size} bytes, the blob {sha256} has {verdict.size} (and is intact)"
+            )
+        return self.blob_path(sha256)
+
+    def _remove_corrupt(self, sha256: str, stamp: tuple[int, int, int, int] | None) -> None:
+        """Delete a blob that did not hash to its name, unless it was replaced meanwhile."""
+        path = self.layout.blob(sha256)
+        with contextlib.suppress(FileNotFoundError):
+            if stamp is None or os.stat(path).st_ino == stamp[0]:
+                os.unlink(path)
+        self.verifier.forget(sha256)
 
     # -- locks -------------------------------------------------------------
-    @contextlib.contextmanager
-    def locked(self, key: str, path: str, variant: str, timeout: float) -> Iterator[None]:
-        """Hold the entry's lock; the OS drops it if the holder dies."""
-        eid = entry_id(key, path, variant)
-        lock_path = self.locks / key / eid[:2] / f"{eid}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(lock_path, thread_local=False, is_singleton=False)
-        try:
-            lock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            raise LockTimeout(
-                f"timed out after {timeout:g}s waiting for another process to fetch {path!r} for {key!r}"
-            ) from None
-        try:
-            yield
-        finally:
-            lock.release()
+    def locked(
+        self, key: str, path: str, variant: str, timeout: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold the entry's lock; the OS drops it if the holder dies (store/locks.py)."""
+        message = f"timed out after {timeout:g}s waiting for another process to fetch {path!r} for {key!r}"
+        return striped_locks(self.layout).hold(entry_id(key, path, variant), timeout, message)
+
+    def locked_id(self, eid: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """The lock of an entry known only by its id (an unparseable entry file)."""
+        return striped_locks(self.layout).hold(eid, timeout, f"entry {eid} busy")
 
     # -- helpers -----------------------------------------------------------
-    def _write_atomic(self, target: Path, data: bytes, *, durable: bool = True) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-        if durable:
-            fsync_dir(target.parent)
-
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - _STALE_TMP_SECONDS
-        for file in self.tmp.glob("*.part"):
-            with contextlib.suppress(OSError):
-                if file.stat().st_mtime < cutoff:
-                    file.unlink()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX); shared by every writer of the cache."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with contextlib.suppress(OSError), os.scandir(self.tmp) as it:
+            for file in it:
+                if is_temporary(file.name):
+                    with contextlib.suppress(OSError):
+                        if file.stat().st_mtime < cutoff:
+                            os.unlink(file.path)

@@ -17,7 +17,7 @@ from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.clock import ManualClock, SystemClock
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.engine.fetch import CACHE_HEADER
-from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
+from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import Kind, Resource
@@ -25,6 +25,7 @@ from pytest_upstream.formats.docker import DockerFormat
 from pytest_upstream.formats.npm import PackumentView
 from pytest_upstream.messages import Headers, ProxyRequest
 from pytest_upstream.store.cache import Entry
+from pytest_upstream.store.entry import NOT_FOUND
 
 from .conftest import proxy_def
 

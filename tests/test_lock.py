@@ -179,7 +179,9 @@ def test_a_lock_claiming_a_wrong_size_leaves_the_valid_blob_and_cache_verify_pas
 
     upstream.stop()
     replay = serve("replay", lock=lock_file)
-    assert get(replay, "/g/a.bin")[0] == 504
+    status, body = get(replay, "/g/a.bin")
+    assert status == 504
+    assert b"says 101 bytes, the blob " in body and b"has 100 (and is intact)" in body  # the claim is named
     assert blob.read_bytes() == b"A" * 100  # the shared cache keeps the valid bytes
 
     assert cli_main(["lock", "verify", "--lock", str(lock_file), "--cache", str(cache)]) == 1

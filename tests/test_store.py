@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 
+from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.report import write_report
 from pytest_upstream.store.cache import Cache, ClaimMismatch, Entry, LockTimeout, entry_id
@@ -352,12 +353,15 @@ def test_local_backend_blobs_are_content_addressed(tmp_path: Path) -> None:
 def test_local_backend_leases_expire_and_are_taken_over(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "cache")
     layout.tmp.mkdir(parents=True)
-    one, two = LocalBackend(layout), LocalBackend(layout)
+    clock = ManualClock(1_000_000.0)
+    one, two = LocalBackend(layout, now=clock.now), LocalBackend(layout, now=clock.now)
     token = one.acquire_lease("fetch-x", ttl=0.3)
     assert token is not None
     assert two.acquire_lease("fetch-x", ttl=10) is None  # held and alive
     assert one.renew_lease("fetch-x", token, ttl=0.3)
-    time.sleep(0.4)
+    clock.advance(0.2)
+    assert two.acquire_lease("fetch-x", ttl=10) is None  # renewed: alive until 0.3 s after the renewal
+    clock.advance(0.2)
     taken = two.acquire_lease("fetch-x", ttl=10)  # expired: taken over
     assert taken is not None and taken != token
     assert not one.renew_lease("fetch-x", token, ttl=10)  # the old holder learns it lost it

@@ -20,7 +20,7 @@ from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
-from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
+from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Answer, LockRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
@@ -30,6 +30,7 @@ from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.repro.lockfile import LockFile
 from pytest_upstream.repro.served import ServedLog
 from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
+from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import UpstreamClient
 
 log = logging.getLogger("pytest_upstream")

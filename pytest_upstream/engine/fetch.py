@@ -15,11 +15,12 @@ import httpx
 
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import UpstreamFailed
-from pytest_upstream.engine.freshness import NOT_FOUND, Freshness
+from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Answer, Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import UpstreamClient, UpstreamError, iter_body
 
 CACHE_HEADER = "X-Upstream-Cache"

@@ -15,8 +15,6 @@ from pytest_upstream.engine.clock import Clock
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.store.cache import Entry
 
-NOT_FOUND = "notfound"  # entry kind of a remembered upstream 404 (see Resource.negative_ttl)
-
 
 class Freshness:
     def __init__(self, clock: Clock) -> None:

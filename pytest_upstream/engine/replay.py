@@ -8,11 +8,11 @@ from pathlib import Path
 
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.engine.errors import ReplayMiss
-from pytest_upstream.engine.freshness import NOT_FOUND
 from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import FormatError, Resource
 from pytest_upstream.repro.lockfile import LockError, LockFile
-from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.cache import Cache, CacheError, Entry
+from pytest_upstream.store.entry import NOT_FOUND
 
 
 def load_lock(settings: Settings) -> LockFile | None:
@@ -71,11 +71,11 @@ def locked_blob(
         recorders.used(proxy.key, res, current)
         where = settings.lock_file
         raise FormatError(404, f"not found upstream: {res.upstream_url} (locked in {where})", cache="hit")
-    blob = cache.verified_digest(locked.sha256, locked.size)
-    if blob is None:
+    try:
+        blob = cache.claimed_blob(locked.sha256, locked.size, f"the lock file {settings.lock_file}")
+    except CacheError as exc:  # missing, corrupt (and removed), or a size the lock file misstates
         raise ReplayMiss(
-            f"replay mode: the bytes the lock file {settings.lock_file} names for "
-            f"{res.upstream_url} (sha256 {locked.sha256}) are not in the cache "
-            f"{settings.cache_dir}; run `upstream-proxy lock verify`, or record again"
-        )
+            f"replay mode: cannot serve {res.upstream_url} as the lock file names it: {exc}; "
+            f"cache {settings.cache_dir}; run `upstream-proxy lock verify`, or record again"
+        ) from None
     return current, blob

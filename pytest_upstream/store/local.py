@@ -19,7 +19,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,8 +32,11 @@ from pytest_upstream.store.layout import Layout
 class LocalBackend:
     """The ``Backend`` of one cache directory."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, *, now: Callable[[], float] = time.time) -> None:
         self.layout = layout
+        # Lease expiries are wall-clock times that other processes and machines compare; tests
+        # pass their own clock to expire a lease without waiting for it.
+        self._now = now
 
     # -- blobs ---------------------------------------------------------------
     def blob_stat(self, sha256: str) -> BlobInfo | None:
@@ -170,7 +173,7 @@ class LocalBackend:
             if self._create_lease(path, token, ttl):
                 return token
             held = _read_lease(path)
-            if held is not None and held[1] > time.time():
+            if held is not None and held[1] > self._now():
                 return None  # held and alive
             self._take_aside(path, held)
         return None
@@ -178,9 +181,9 @@ class LocalBackend:
     def renew_lease(self, name: str, token: str, ttl: float) -> bool:
         path = self.layout.lease(name)
         held = _read_lease(path)
-        if held is None or held[0] != token or held[1] <= time.time():
+        if held is None or held[0] != token or held[1] <= self._now():
             return False
-        atomic_write(path, _lease_bytes(token, ttl), durable=False, tmp_dir=self.layout.tmp)
+        atomic_write(path, _lease_bytes(token, self._now() + ttl), durable=False, tmp_dir=self.layout.tmp)
         return True
 
     def release_lease(self, name: str, token: str) -> None:
@@ -193,7 +196,7 @@ class LocalBackend:
     def _create_lease(self, path: Path, token: str, ttl: float) -> bool:
         out = AtomicFile(tmp_dir=self.layout.tmp, durable=False)
         try:
-            out.write(_lease_bytes(token, ttl))
+            out.write(_lease_bytes(token, self._now() + ttl))
             out.flush()
             try:
                 os.link(out.path, path)
@@ -222,8 +225,8 @@ class _Changed(Exception):
     """An index object's version moved between the read and the replace."""
 
 
-def _lease_bytes(token: str, ttl: float) -> bytes:
-    return f"{token} {time.time() + ttl!r}\n".encode()
+def _lease_bytes(token: str, expiry: float) -> bytes:
+    return f"{token} {expiry!r}\n".encode()
 
 
 def _read_lease(path: Path) -> tuple[str, float, int] | None:

@@ -100,6 +100,9 @@ class Reply:
     file: Path | None = None
     stream: Iterator[bytes] | None = None
     length: int | None = None  # for file/stream bodies when known
+    # The status line's reason phrase ("" for the standard one).  pip and uv print the status
+    # line and never the body, so an error the proxy makes says why here too.
+    reason: str = ""
 
     @classmethod
     def text(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> Reply:

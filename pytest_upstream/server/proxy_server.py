@@ -189,8 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # -- writing replies ---------------------------------------------------
-    def _start(self, status: int, headers: dict[str, str], length: int | None) -> None:
-        self.send_response(status)
+    def _start(self, status: int, headers: dict[str, str], length: int | None, reason: str = "") -> None:
+        self.send_response(status, _reason(reason))
         for name, value in headers.items():
             self.send_header(name, value)
         if length is not None:
@@ -228,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_body(self, reply: Reply) -> None:
         if self._not_modified(reply):
             return
-        self.send_response(reply.status)
+        self.send_response(reply.status, _reason(reply.reason))
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -292,6 +292,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if chunked and client_ok:
             self.wfile.write(b"0\r\n\r\n")
+
+
+def _reason(text: str) -> str | None:
+    """A reason phrase safe for a status line: printable ASCII only, at most 200 characters."""
+    cleaned = "".join(c if " " <= c <= "~" else " " for c in text)[:200].strip()
+    return cleaned or None
 
 
 class _Unsatisfiable(Exception):

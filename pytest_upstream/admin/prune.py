@@ -18,13 +18,13 @@ from typing import Any
 from pytest_upstream.admin.scan import (
     BlobFile,
     evict_blob,
-    names,
     remove_entry_file,
     scan_blobs,
     scan_entries,
 )
 from pytest_upstream.store.blobs import remove_marker
 from pytest_upstream.store.cache import Cache, Entry, LockTimeout
+from pytest_upstream.store.layout import dir_names
 
 DEFAULT_GRACE = 5.0
 
@@ -136,7 +136,7 @@ def _remove_orphan_markers(cache: Cache, blobs: dict[str, BlobFile]) -> None:
     A marker is written after its blob is in place, so one without a blob is never about to
     be used; removing one by mistake would cost a single hash.
     """
-    for prefix in sorted(names(cache.layout.verified)):
-        for name in sorted(names(cache.layout.verified / prefix)):
+    for prefix in sorted(dir_names(cache.layout.verified)):
+        for name in sorted(dir_names(cache.layout.verified / prefix)):
             if name not in blobs and not os.path.exists(cache.layout.blob(name)):
                 remove_marker(cache.layout, name)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,15 +160,6 @@ def evict_blob(cache: Cache, path: Path, ino: int, min_age: float) -> int | None
     aside.unlink()
     remove_marker(cache.layout, path.name)
     return moved.st_size
-
-
-def names(directory: Path) -> Iterator[str]:
-    try:
-        with os.scandir(directory) as it:
-            for d in it:
-                yield d.name
-    except (FileNotFoundError, NotADirectoryError):
-        return
 
 
 def rel(cache: Cache, path: Path) -> str:

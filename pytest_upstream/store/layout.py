@@ -19,8 +19,10 @@ every cache hit, where pathlib's parsing was the largest single cost.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 LAYOUT_VERSION = "1"
@@ -85,3 +87,13 @@ def blob_rel(sha256: str) -> str:
 def entry_rel(key: str, eid: str) -> str:
     """An entry's path below the cache root, with forward slashes (also its archive member name)."""
     return f"entries/{key}/{eid[:2]}/{eid}.json"
+
+
+def dir_names(directory: Path) -> Iterator[str]:
+    """The names in ``directory`` (none if it is missing): how the layout's folders are walked."""
+    try:
+        with os.scandir(directory) as it:
+            for d in it:
+                yield d.name
+    except (FileNotFoundError, NotADirectoryError):
+        return

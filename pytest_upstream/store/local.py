@@ -26,7 +26,7 @@ from typing import BinaryIO
 from pytest_upstream.store.backend import BlobInfo, IndexObject
 from pytest_upstream.store.blobs import sha256_file
 from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir
-from pytest_upstream.store.layout import Layout
+from pytest_upstream.store.layout import Layout, dir_names
 
 
 class LocalBackend:
@@ -157,10 +157,10 @@ class LocalBackend:
         return True
 
     def list_index(self, key: str | None = None) -> Iterator[tuple[str, str]]:
-        keys = [key] if key else sorted(_names(self.layout.entries))
+        keys = [key] if key else sorted(dir_names(self.layout.entries))
         for k in keys:
-            for prefix in sorted(_names(self.layout.entries / k)):
-                for file in sorted(_names(self.layout.entries / k / prefix)):
+            for prefix in sorted(dir_names(self.layout.entries / k)):
+                for file in sorted(dir_names(self.layout.entries / k / prefix)):
                     if file.endswith(".json"):
                         yield k, file.removesuffix(".json")
 
@@ -238,12 +238,3 @@ def _read_lease(path: Path) -> tuple[str, float, int] | None:
         return token, float(expiry), ino
     except (OSError, ValueError):
         return None
-
-
-def _names(directory: Path) -> Iterator[str]:
-    try:
-        with os.scandir(directory) as it:
-            for d in it:
-                yield d.name
-    except (FileNotFoundError, NotADirectoryError):
-        return

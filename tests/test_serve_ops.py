@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pytest_upstream.store.cache import Entry
 
 from .conftest import MakeProxy
 from .oci import http
+from .pip_setup import pip_env, pip_install
 from .upstreams import FakeRegistry, Upstream
 
 
@@ -252,3 +254,53 @@ def test_the_docker_token_cache_is_bounded(make_proxy: MakeProxy, monkeypatch: p
         assert len(fake.token_requests) == asked
         assert http(v2(proxy, "oci/demo/a/manifests/v1"))[0] == 200  # the oldest went
         assert len(fake.token_requests) == asked + 1
+
+
+def _uv() -> str:
+    try:
+        import uv  # type: ignore[import-not-found, unused-ignore]
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            pytest.skip("uv is not installed (it is in the test extras)")
+        return found
+
+
+def test_pip_and_uv_show_why_a_replay_miss_failed(tmp_path: Path) -> None:
+    """What a newcomer sees: both print the status line, so the reason phrase is the message."""
+    config = tmp_path / "pyproject.toml"
+    config.write_text(
+        '[tool.pytest-upstream]\nmode = "replay"\n'
+        '[[tool.pytest-upstream.proxy]]\nkey = "py"\nsource = "custom"\nformat = "pypi"\n'
+        'url = "http://127.0.0.1:9/simple/"\n'
+    )
+    serve = Serve(config, tmp_path / "cache")
+    try:
+        wheel = f"{serve.base_url}/py/files/iniconfig/iniconfig-2.0.0-py3-none-any.whl"
+        env = pip_env(f"{serve.base_url}/py/simple/")
+        pip = pip_install(tmp_path / "t", wheel, env=env)
+        assert pip.returncode != 0
+        assert "504 Server Error: Not recorded (replay mode)" in pip.stdout + pip.stderr, pip.stderr
+        uv = subprocess.run(
+            [
+                _uv(),
+                "pip",
+                "install",
+                "--python",
+                sys.executable,
+                "--target",
+                str(tmp_path / "u"),
+                "--no-cache",
+                wheel,
+            ],
+            env={**env, "UV_HTTP_RETRIES": "0", "UV_INDEX_URL": f"{serve.base_url}/py/simple/"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert uv.returncode != 0
+        assert "504 Not recorded (replay mode)" in uv.stderr, uv.stderr
+    finally:
+        serve.stop()

@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import shutil
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -192,3 +193,33 @@ def test_json_log_lines_carry_the_access_fields(tmp_path: Path) -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "GET /x" and line["level"] == "INFO" and line["status"] == 200
     assert line["logger"] == "pytest_upstream.access" and "time" in line
+
+
+@pytest.mark.parametrize("host", ['evil"><script>', "a b", "x:port", ""])
+def test_a_bad_host_header_is_a_400_that_says_so(served: ProxyServer, host: str) -> None:
+    parts = urlsplit(served.base_url)
+    with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=20) as sock:
+        sock.sendall(f"GET /g/a.bin HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        status_line = sock.makefile("rb").readline()
+    if host:
+        assert status_line == b"HTTP/1.1 400 Bad Host header\r\n"
+    else:  # no Host at all: the address it was reached at
+        assert status_line.startswith(b"HTTP/1.1 200 ")
+
+
+def test_host_spellings_share_one_memoised_render(upstream: Upstream, make_proxy: MakeProxy) -> None:
+    doc = {
+        "name": "demo",
+        "versions": {"1.0.0": {"name": "demo", "version": "1.0.0", "dist": {"tarball": "x"}}},
+    }
+    upstream.files["/demo"] = json.dumps(doc).encode()
+    proxy = make_proxy(proxy_def(key="js", format="npm", url=upstream.url))
+    port = urlsplit(proxy.base_url).port
+    for host in ("LOCALHOST", "localhost", "LocalHost", "my_proxy"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/js/demo", headers={"Host": f"{host}:{port}"})
+        resp = conn.getresponse()
+        tarball = json.loads(resp.read())["versions"]["1.0.0"]["dist"]["tarball"]
+        conn.close()
+        assert tarball == f"http://{host.lower()}:{port}/js/demo/-/demo-1.0.0.tgz"
+    assert len(proxy.engine.renders._memo) == 2  # localhost and my_proxy

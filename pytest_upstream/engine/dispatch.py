@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,14 @@ log = logging.getLogger("pytest_upstream")
 
 OWN_KEY = "-"  # /-/metrics, /-/ready: keys start with a letter, so none collides
 REPLAY_MISS_REASON = "Not recorded (replay mode)"
+# The Host a client addressed us by (the base of absolute links in rendered metadata): a DNS
+# name (underscores allowed: container networks use them), an IPv4 address or a bracketed IPv6
+# address, then an optional port.
+_HOST = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+    r"|\[[0-9a-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?"
+)
 # A status line's few words for an error whose raiser gave none (FormatError carries a status).
 _REASONS = {400: "Bad request", 403: "Forbidden", 404: "Not found", 502: "Upstream failed", 504: "Timed out"}
 
@@ -93,6 +102,12 @@ class Engine:
     # -- dispatch ------------------------------------------------------------
     def handle(self, req: ProxyRequest) -> Reply:
         settings = self.settings
+        base_url = checked_base_url(req.base_url)
+        if base_url is None:
+            reply = Reply.text(400, "the Host header must be a host name or address, with an optional port")
+            reply.reason = "Bad Host header"
+            return reply
+        req.base_url = base_url
         if req.key == OWN_KEY:
             return self._own(req)
         router = root_routes().get(req.key)
@@ -341,3 +356,17 @@ def _reason_for(status: int, message: str) -> str:
     if status == 404 and message.startswith("not found upstream"):
         return "Not found upstream"
     return _REASONS.get(status, "")
+
+
+def checked_base_url(base_url: str) -> str | None:
+    """``http://<host>`` with the client's Host lower-cased, or None when it is no host[:port].
+
+    The Host header ends up in rendered links and in the render memo's key (through a format's
+    ``render_as``): it is checked once here, so no header can inject text into a rendered page
+    and spellings of one host share one memoised render.
+    """
+    scheme, sep, host = base_url.partition("://")
+    host = host.lower()
+    if not sep or scheme not in ("http", "https") or len(host) > 300 or not _HOST.fullmatch(host):
+        return None
+    return f"{scheme}://{host}"

@@ -202,7 +202,8 @@ class Engine:
         )
         reply = ctx.fmt.error(ctx, status, msg, code)
         reply.reason = reply.reason or reason or _reason_for(status, msg)
-        reply.headers.setdefault(CACHE_HEADER, "replay-miss" if replay_miss else cache)
+        if replay_miss:  # a state a client (and the access log) can read; other errors claim none
+            reply.headers[CACHE_HEADER] = "replay-miss"
         return reply
 
     # -- the proxy's own URLs (/-/...) ----------------------------------------

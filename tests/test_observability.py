@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -228,3 +229,19 @@ def test_host_spellings_share_one_memoised_render(upstream: Upstream, make_proxy
         conn.close()
         assert tarball == f"http://{host.lower()}:{port}/js/demo/-/demo-1.0.0.tgz"
     assert len(proxy.engine.renders._memo) == 2  # localhost and my_proxy
+
+
+def test_a_fetch_is_in_flight_until_its_body_is_stored(served: ProxyServer, upstream: Upstream) -> None:
+    upstream.files["/slow.bin"] = b"s" * (64 * 1024 * 4)
+    upstream.faults["/slow.bin"] = Fault(chunk_delay=0.2)
+    metrics = served.engine.metrics
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (get(served.base_url, "/g/slow.bin"), done.set()))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while metrics.in_flight == 0 and not done.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    seen = metrics.in_flight
+    thread.join(timeout=30)
+    assert seen == 1 and metrics.in_flight == 0

@@ -115,7 +115,8 @@ def test_the_readme_pytest_example_on_the_built_in_defaults(
 
 
 def test_what_pip_prints_on_a_replay_miss_is_what_ci_md_says(iniconfig_index: Index, tmp_path: Path) -> None:
-    """pip never shows the proxy's reason; docs/ci.md quotes what it does show."""
+    """pip shows the proxy's reason phrase for a file, not for an index page; docs/ci.md quotes
+    what it shows."""
     ci = (ROOT / "docs" / "ci.md").read_text()
     no_version = _fenced(ci, "In replay mode, an unrecorded package", "").splitlines()
     config = _builtin_pypi_at(tmp_path / "pyproject.toml", iniconfig_index.url, tmp_path / "cache")
@@ -140,3 +141,5 @@ def test_what_pip_prints_on_a_replay_miss_is_what_ci_md_says(iniconfig_index: In
     )
     assert quoted, "docs/ci.md quotes pip's message for an unrecorded file"
     assert f"{quoted.group(1)}{base}{quoted.group(2)}" in result.stderr
+    reason = "because of HTTP error 504 Server Error: Not recorded (replay mode) for url: "
+    assert f"`… {reason}…`" in ci and reason in result.stderr

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import logging
 import os
 import signal
 import sys
@@ -14,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
+from pytest_upstream.cli.workers import Supervisor, serve_in_worker
 from pytest_upstream.config.auth import AUTH_MODES
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.config.settings import (
@@ -21,6 +21,7 @@ from pytest_upstream.config.settings import (
     DEFAULT_TIMEOUT,
     MODES,
     ConfigError,
+    ProxyDefinition,
     Settings,
     load_settings,
     parse_proxy,
@@ -29,6 +30,7 @@ from pytest_upstream.config.sources import FORMATS, SOURCES
 from pytest_upstream.config.units import plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
+from pytest_upstream.repro.served import SERVE_LOG_LIMIT, ServedLog
 from pytest_upstream.store.cache import CacheError
 
 if TYPE_CHECKING:
@@ -66,7 +68,8 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
     from pytest_upstream.server.proxy_server import ProxyServer
 
     try:
-        return ProxyServer(settings, host=host, port=port)
+        # A bounded served log: serve runs for weeks (repro/served.py).
+        return ProxyServer(settings, host=host, port=port, served=ServedLog(limit=SERVE_LOG_LIMIT))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ServeError(
@@ -78,29 +81,29 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
     writes_lock = _serve_checks(args, settings)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    with serve_logging(verbose=args.verbose, log_format=args.log_format):
+        return _serve(args, settings, writes_lock)
+
+
+def _serve(args: argparse.Namespace, settings: Settings, writes_lock: bool) -> int:
     server = _bind(settings, args.host, args.port)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
-        where = server.url(proxy.key)
-        if proxy.format == "docker":  # clients pull HOST:PORT/<key>/<image>; the API is under /v2/
-            where = f"{server.base_url.removeprefix('http://')}/{proxy.key}/<image>"
+        where = client_url(server.base_url, proxy)
         print(f"  {proxy.key:<20} {proxy.format:<8} {where} -> {proxy.url}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
     if settings.lock_file is not None:
         what = "written at shutdown" if writes_lock else "replayed"
         print(f"  lock {settings.lock_file} ({what})", flush=True)
-    children = _fork_workers(args.workers - 1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server.serve_forever()
+        if args.workers > 1:
+            Supervisor(lambda: serve_in_worker(server), args.workers).run()
+        else:
+            server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        _stop_workers(children)
         server.stop()
         if writes_lock and settings.lock_file is not None:
             from pytest_upstream.repro.lock_tools import write_lock
@@ -110,31 +113,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fork_workers(count: int) -> list[int]:
-    """More processes accepting on the one listening socket.
-
-    The shared cache is safe across processes (per-entry file locks), so
-    this scales warm hits past one interpreter's GIL.  Called before any
-    server thread starts, so a fork copies no running thread.
-    """
-    children: list[int] = []
-    for _ in range(max(count, 0)):
-        pid = os.fork()
-        if pid == 0:  # a worker: serve until the parent ends it
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            return []
-        children.append(pid)
-    return children
-
-
-def _stop_workers(children: list[int]) -> None:
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    for pid in children:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+def client_url(base_url: str, proxy: ProxyDefinition) -> str:
+    """What a client of ``proxy`` is pointed at: pip's index URL (``/<key>/simple/``), npm's
+    registry and maven's repository URL (``/<key>/``), docker's image prefix (``HOST:PORT/<key>/``,
+    the API itself is under ``/v2/``), generic's base URL."""
+    if proxy.format == "pypi":
+        return f"{base_url}/{proxy.key}/simple/"
+    if proxy.format == "docker":
+        return f"{base_url.removeprefix('http://')}/{proxy.key}/<image>"
+    return f"{base_url}/{proxy.key}/"
 
 
 def _cmd_lock_verify(args: argparse.Namespace) -> int:
@@ -303,13 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=0, help="port (default 0: a free one)")
     serve.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE})")
     serve.add_argument("--mode", choices=MODES, help=f"record, replay or refresh (env {ENV_MODE})")
-    serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    serve.add_argument("-v", "--verbose", action="store_true", help="add the proxy's debug lines to the log")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line, for log shippers",
+    )
     serve.add_argument(
         "--workers",
         type=_positive,
         default=1,
         metavar="N",
-        help="processes accepting on the same port (default 1; not with a lock being written)",
+        help="processes accepting on the same port, restarted if they die "
+        "(default 1; not with a lock being written)",
     )
     serve.add_argument(
         "--lock", metavar="FILE", help="lock file: record/refresh write it at shutdown, replay serves it"

@@ -3,14 +3,19 @@
 It finds the proxy (or the format that claims the first path segment, ``Format.root_prefix``), checks the key
 is allowed and the method is a read, lets the format resolve the request in a fresh per-request
 context, finds the answer (the cache, the lock file, or the fetch pipeline, by mode and
-freshness), and shapes every failure into the format's error reply, in one place.  What it
-answered goes to the recorders.  It knows nothing of HTTP servers, pytest or any one format.
+freshness), and shapes every failure into the format's error reply, in one place; that reply's
+status line says why in a few words (``504 Not recorded (replay mode)``), since pip and uv print
+the status line and never the body.  What it answered goes to the recorders.  The key ``-`` is
+the proxy's own (``/-/metrics``, ``/-/ready``; no proxy key can start with ``-``).  It knows
+nothing of HTTP servers, pytest or any one format.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +26,8 @@ from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.freshness import Freshness
-from pytest_upstream.engine.recorders import Answer, LockRecorder, Recorders, ServedRecorder
+from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
+from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
 from pytest_upstream.formats import get_format, root_routes
@@ -34,6 +40,19 @@ from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import UpstreamClient
 
 log = logging.getLogger("pytest_upstream")
+
+OWN_KEY = "-"  # /-/metrics, /-/ready: keys start with a letter, so none collides
+REPLAY_MISS_REASON = "Not recorded (replay mode)"
+# The Host a client addressed us by (the base of absolute links in rendered metadata): a DNS
+# name (underscores allowed: container networks use them), an IPv4 address or a bracketed IPv6
+# address, then an optional port.
+_HOST = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+    r"|\[[0-9a-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?"
+)
+# A status line's few words for an error whose raiser gave none (FormatError carries a status).
+_REASONS = {400: "Bad request", 403: "Forbidden", 404: "Not found", 502: "Upstream failed", 504: "Timed out"}
 
 
 class Engine:
@@ -49,7 +68,10 @@ class Engine:
         # the lock recorder collects what every answer came from, for a record or refresh run to save.
         self.lock = load_lock(settings)
         self._lock_recorder = LockRecorder()
-        self.recorders = Recorders(ServedRecorder(self.served), self._lock_recorder)
+        self.metrics = Metrics()
+        self.recorders = Recorders(
+            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics)
+        )
         self.freshness = Freshness(self.clock)
         self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders)
         self.renders = RenderMemo()
@@ -80,6 +102,14 @@ class Engine:
     # -- dispatch ------------------------------------------------------------
     def handle(self, req: ProxyRequest) -> Reply:
         settings = self.settings
+        base_url = checked_base_url(req.base_url)
+        if base_url is None:
+            reply = Reply.text(400, "the Host header must be a host name or address, with an optional port")
+            reply.reason = "Bad Host header"
+            return reply
+        req.base_url = base_url
+        if req.key == OWN_KEY:
+            return self._own(req)
         router = root_routes().get(req.key)
         if router is not None:
             routed = router.route(req, settings)
@@ -90,13 +120,17 @@ class Engine:
             found = settings.proxy(req.key)
             if found is None:
                 known = ", ".join(p.key for p in settings.proxies) or "none"
-                return Reply.text(404, f"no upstream proxy with key {req.key!r} (configured: {known})")
+                reply = Reply.text(404, f"no upstream proxy with key {req.key!r} (configured: {known})")
+                reply.reason = "No such upstream proxy"
+                return reply
             proxy = found
         fmt = get_format(proxy.format)
         if fmt is None:
-            return Reply.text(
+            reply = Reply.text(
                 501, f"format {proxy.format!r} (proxy {proxy.key!r}) is not supported yet by this version"
             )
+            reply.reason = "Format not supported"
+            return reply
         ctx = RequestContext(req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata)
         return self._handle_in(ctx)
 
@@ -110,6 +144,7 @@ class Engine:
                 403,
                 f"upstream proxy {proxy.key!r} is not allowed now: the running test "
                 f"({self.served.current_test or 'unknown'}) may use only {allowed} (upstream marker)",
+                reason="Blocked by the upstream marker",
             )
         if req.method not in ("GET", "HEAD"):
             reply = fmt.error(
@@ -127,18 +162,29 @@ class Engine:
         except FormatError as exc:
             return self._fail(ctx, resource, exc.status, str(exc), cache=exc.cache, code=exc.code)
         except ReplayMiss as exc:
-            return self._fail(ctx, resource, 504, str(exc), cache="miss")
+            return self._fail(ctx, resource, 504, str(exc), cache="miss", reason=REPLAY_MISS_REASON)
         except UpstreamFailed as exc:
+            self._upstream_failed(ctx, resource, str(exc))
             if (err := exc.passthrough) is not None:
                 return self._fail(ctx, resource, err.status, str(err), cache=err.cache, code=err.code)
-            return self._fail(ctx, resource, 502, str(exc))
-        except (MalformedUpstream, DigestMismatch, CredentialsError) as exc:
-            return self._fail(ctx, resource, 502, str(exc))
+            return self._fail(ctx, resource, 502, str(exc), reason="Upstream failed")
+        except DigestMismatch as exc:
+            self._upstream_failed(ctx, resource, str(exc))
+            return self._fail(ctx, resource, 502, str(exc), reason="Upstream bytes failed verification")
+        except MalformedUpstream as exc:
+            self._upstream_failed(ctx, resource, str(exc))
+            return self._fail(ctx, resource, 502, str(exc), reason="Upstream answer unusable")
+        except CredentialsError as exc:
+            return self._fail(ctx, resource, 502, str(exc), reason="Upstream credentials not set")
         except LockTimeout as exc:
-            return self._fail(ctx, resource, 504, str(exc))
+            return self._fail(ctx, resource, 504, str(exc), reason="Timed out waiting for another fetch")
         except CacheError as exc:
             log.exception("cache failure")
-            return self._fail(ctx, resource, 500, f"cache error: {exc}")
+            return self._fail(ctx, resource, 500, f"cache error: {exc}", reason="Cache error")
+
+    def _upstream_failed(self, ctx: RequestContext, res: Resource | None, error: str) -> None:
+        url = res.upstream_url if res is not None else ctx.proxy.url
+        self.recorders.upstream_failed(ctx.proxy.key, url, error)
 
     def _fail(
         self,
@@ -148,9 +194,46 @@ class Engine:
         msg: str,
         cache: str = "error",
         code: str = "",
+        reason: str = "",
     ) -> Reply:
-        self.recorders.answered(Answer(ctx.request, ctx.request.path, res, cache, status, error=msg))
-        return ctx.fmt.error(ctx, status, msg, code)
+        replay_miss = status == 504 and reason == REPLAY_MISS_REASON
+        self.recorders.answered(
+            Answer(ctx.request, ctx.request.path, res, cache, status, error=msg, replay_miss=replay_miss)
+        )
+        reply = ctx.fmt.error(ctx, status, msg, code)
+        reply.reason = reply.reason or reason or _reason_for(status, msg)
+        if replay_miss:  # a state a client (and the access log) can read; other errors claim none
+            reply.headers[CACHE_HEADER] = "replay-miss"
+        return reply
+
+    # -- the proxy's own URLs (/-/...) ----------------------------------------
+    def _own(self, req: ProxyRequest) -> Reply:
+        """``/-/metrics`` (Prometheus text) and ``/-/ready`` (for readiness probes)."""
+        if req.method not in ("GET", "HEAD"):
+            reply = Reply.text(405, f"{req.method} is not allowed here")
+            reply.headers["Allow"] = "GET, HEAD"
+            return reply
+        if req.path == "metrics":
+            return Reply(200, {"Content-Type": CONTENT_TYPE}, body=self.metrics.exposition().encode())
+        if req.path == "ready":
+            problem = self.not_ready()
+            if problem:
+                reply = Reply.text(503, f"not ready: {problem}")
+                reply.reason = "Not ready"
+                return reply
+            return Reply.text(200, "ready")
+        reply = Reply.text(404, "the proxy's own URLs are /-/metrics and /-/ready")
+        reply.reason = "No such URL"
+        return reply
+
+    def not_ready(self) -> str:
+        """Why this engine cannot serve now ("" when it can): the cache must be writable."""
+        for directory in self.cache.layout.directories:
+            if not directory.is_dir():
+                return f"cache directory {directory} is missing"
+            if not os.access(directory, os.W_OK | os.X_OK):
+                return f"cache directory {directory} is not writable"
+        return ""
 
     # -- answering -----------------------------------------------------------
     def _serve(self, ctx: RequestContext, res: Resource) -> Reply:
@@ -170,6 +253,7 @@ class Engine:
                 )
         headers = {CACHE_HEADER: obtained.cache}
         if obtained.cache == "stale":
+            self._upstream_failed(ctx, res, obtained.note)
             headers["X-Upstream-Error"] = obtained.note
             headers["Warning"] = '110 - "Response is Stale"'
         if entry.last_modified:
@@ -265,3 +349,25 @@ class Engine:
             stack.close()
             raise
         return self.fetcher.stream(ctx, res, stack)
+
+
+def _reason_for(status: int, message: str) -> str:
+    """A short reason phrase for an error the engine made: "Not found upstream" for the upstream's
+    404, else the status's words."""
+    if status == 404 and message.startswith("not found upstream"):
+        return "Not found upstream"
+    return _REASONS.get(status, "")
+
+
+def checked_base_url(base_url: str) -> str | None:
+    """``http://<host>`` with the client's Host lower-cased, or None when it is no host[:port].
+
+    The Host header ends up in rendered links and in the render memo's key (through a format's
+    ``render_as``): it is checked once here, so no header can inject text into a rendered page
+    and spellings of one host share one memoised render.
+    """
+    scheme, sep, host = base_url.partition("://")
+    host = host.lower()
+    if not sep or scheme not in ("http", "https") or len(host) > 300 or not _HOST.fullmatch(host):
+        return None
+    return f"{scheme}://{host}"

@@ -85,7 +85,8 @@ class Fetcher:
         self, stack: contextlib.ExitStack, ctx: RequestContext, res: Resource, stale: Entry | None
     ) -> httpx.Response:
         """Send the upstream request (retrying once after an auth challenge) inside ``stack``."""
-        self.recorders.fetching(res.upstream_url)
+        self.recorders.fetching(res.upstream_url, ctx.proxy.key)
+        stack.callback(self.recorders.fetch_ended, ctx.proxy.key, res.upstream_url)  # when the fetch ends
         headers = {"User-Agent": USER_AGENT, **res.request_headers, **ctx.fmt.upstream_headers(ctx, res)}
         if stale is not None and stale.is_metadata:
             if stale.etag:

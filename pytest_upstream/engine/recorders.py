@@ -1,22 +1,28 @@
 """Observers of what the engine answered: the served log (tests' assertions, the report and the
-summary line) and the lock-file recorder (what a record or refresh run saves).
+summary line), the lock-file recorder (what a record or refresh run saves) and the metrics
+(``GET /-/metrics``).
 
-The engine tells them two things: every answer it gave (``answered``), and every stored object an
-answer came from, including metadata a format read to resolve a request (``used``).  A recorder
-decides what it keeps; the engine knows none of their formats.
+The engine tells them: every upstream fetch as it starts and ends (``fetching``, ``fetch_ended``),
+every upstream failure (``upstream_failed``), every answer it gave (``answered``), and every stored
+object an answer came from, including metadata a format read to resolve a request (``used``).  A
+recorder decides what it keeps; the engine knows none of their formats.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from pytest_upstream.engine.metrics import RESULTS, Metrics
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import ProxyRequest
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.served import ServedLog, ServedRecord
 from pytest_upstream.store.cache import Entry
+
+log = logging.getLogger("pytest_upstream")
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,15 @@ class Answer:
     size: int = 0
     sha256: str = ""
     error: str = ""
+    replay_miss: bool = False  # replay mode, and the answer was not recorded
 
 
 class Recorder(Protocol):
-    def fetching(self, url: str) -> None: ...
+    def fetching(self, url: str, key: str = "") -> None: ...
+
+    def fetch_ended(self, key: str, url: str) -> None: ...
+
+    def upstream_failed(self, key: str, url: str, error: str) -> None: ...
 
     def answered(self, answer: Answer) -> None: ...
 
@@ -47,8 +58,14 @@ class ServedRecorder:
     def __init__(self, log: ServedLog) -> None:
         self.log = log
 
-    def fetching(self, url: str) -> None:
+    def fetching(self, url: str, key: str = "") -> None:
         self.log.upstream_fetch(url)
+
+    def fetch_ended(self, key: str, url: str) -> None:
+        """The log lists fetches as they start."""
+
+    def upstream_failed(self, key: str, url: str, error: str) -> None:
+        """The failed answer's record carries the error."""
 
     def answered(self, answer: Answer) -> None:
         res, req = answer.resource, answer.request
@@ -80,7 +97,13 @@ class LockRecorder:
         self._recorded = LockFile()
         self._lock = threading.Lock()
 
-    def fetching(self, url: str) -> None:
+    def fetching(self, url: str, key: str = "") -> None:
+        """The lock names objects, which ``used`` reports."""
+
+    def fetch_ended(self, key: str, url: str) -> None:
+        """The lock names objects, which ``used`` reports."""
+
+    def upstream_failed(self, key: str, url: str, error: str) -> None:
         """The lock names objects, which ``used`` reports."""
 
     def answered(self, answer: Answer) -> None:
@@ -105,15 +128,51 @@ class LockRecorder:
             return LockFile(self._recorded)
 
 
+class MetricsRecorder:
+    """Counts for ``GET /-/metrics`` (engine/metrics.py), and a WARNING for every upstream failure:
+    an operator learns of a failing upstream from the log, not from a client's complaint."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def fetching(self, url: str, key: str = "") -> None:
+        self.metrics.fetch_started(key)
+
+    def fetch_ended(self, key: str, url: str) -> None:
+        self.metrics.fetch_ended()
+
+    def upstream_failed(self, key: str, url: str, error: str) -> None:
+        self.metrics.upstream_failed(key)
+        log.warning("upstream failed for %s: %s: %s", key, url, error)
+
+    def answered(self, answer: Answer) -> None:
+        result = answer.cache if answer.cache in RESULTS else "error"
+        if answer.replay_miss:
+            result = "replay_miss"
+        size = 0 if answer.request.method == "HEAD" else answer.size
+        self.metrics.request(answer.request.key, result, size)
+
+    def used(self, key: str, resource: Resource, entry: Entry) -> None:
+        """Metrics count replies, not stored objects."""
+
+
 class Recorders:
     """The engine's observers, told in order."""
 
     def __init__(self, *recorders: Recorder) -> None:
         self._recorders = recorders
 
-    def fetching(self, url: str) -> None:
+    def fetching(self, url: str, key: str = "") -> None:
         for recorder in self._recorders:
-            recorder.fetching(url)
+            recorder.fetching(url, key)
+
+    def fetch_ended(self, key: str, url: str) -> None:
+        for recorder in self._recorders:
+            recorder.fetch_ended(key, url)
+
+    def upstream_failed(self, key: str, url: str, error: str) -> None:
+        for recorder in self._recorders:
+            recorder.upstream_failed(key, url, error)
 
     def answered(self, answer: Answer) -> None:
         for recorder in self._recorders:

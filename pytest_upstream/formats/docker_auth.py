@@ -4,6 +4,9 @@ Any auth mode follows a ``WWW-Authenticate: Bearer realm=...`` challenge by aski
 a pull token (anonymously, or with the proxy's Basic credentials), and the token is cached per
 (proxy, repository scope) until shortly before it expires.  Expiry is measured with the request
 context's clock, so a test can let a token run out without waiting for it.
+
+The cache is bounded (``MAX_TOKENS``): a proxy serving many repositories for weeks gets one scope
+per repository, so when full, expired tokens go first, then the least recently used.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 _TOKEN_MARGIN = 10.0  # seconds before a token's expiry at which it is no longer sent
 _DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
+MAX_TOKENS = 1024
 
 TokenKey = tuple[str, str, AuthSpec, str]
 
@@ -62,9 +67,14 @@ class _Token:
 class Tokens:
     """The tokens fetched so far, shared by every request of every docker proxy."""
 
-    def __init__(self) -> None:
-        self._tokens: dict[TokenKey, _Token] = {}
+    def __init__(self, limit: int = MAX_TOKENS) -> None:
+        self._tokens: OrderedDict[TokenKey, _Token] = OrderedDict()
+        self._limit = limit
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tokens)
 
     def cached(self, ctx: FormatContext, resource: Resource) -> str | None:
         key = token_key(ctx, resource)
@@ -75,6 +85,7 @@ class Tokens:
             if token.expires <= ctx.now():
                 del self._tokens[key]
                 return None
+            self._tokens.move_to_end(key)
             return token.value
 
     def fetch(
@@ -120,6 +131,13 @@ class Tokens:
         if not isinstance(value, str) or not value:
             raise FormatError(502, f"token server {realm} answered without a token")
         expires = ctx.now() + max(life - min(_TOKEN_MARGIN, life / 10), 0.0)
+        now = ctx.now()
         with self._lock:
             self._tokens[token_key(ctx, resource)] = _Token(value, expires)
+            self._tokens.move_to_end(token_key(ctx, resource))
+            if len(self._tokens) > self._limit:
+                for old in [k for k, t in self._tokens.items() if t.expires <= now]:
+                    del self._tokens[old]
+            while len(self._tokens) > self._limit:
+                self._tokens.popitem(last=False)
         return {"Authorization": f"Bearer {value}"}

@@ -1,9 +1,15 @@
-"""What the proxy served, for tests to assert on and for the summary line."""
+"""What the proxy served, for tests to assert on and for the summary line.
+
+The pytest fixture keeps every record of its session (tests assert on them, the report lists
+them).  ``serve`` runs for weeks: there the log keeps the last ``limit`` records in a ring, and
+its totals (``stats``) are running counters, so memory stays flat however many hits it serves.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -51,22 +57,36 @@ class Stats:
         return asdict(self)
 
 
-class ServedLog:
-    """Thread-safe record of every reply and every upstream fetch."""
+SERVE_LOG_LIMIT = 10_000  # records ``serve`` keeps (~500 B each)
 
-    def __init__(self) -> None:
+
+class ServedLog:
+    """Thread-safe record of replies and upstream fetches: all of them, or the last ``limit``."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        """``limit``: None keeps everything (the pytest fixture); a number keeps a ring (``serve``)."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 (got {limit})")
         self._lock = threading.Lock()
-        self._records: list[ServedRecord] = []
-        self._fetches: list[str] = []  # upstream URLs contacted, in order
+        self._records: deque[ServedRecord] = deque(maxlen=limit)
+        self._fetches: deque[str] = deque(maxlen=limit)  # upstream URLs contacted, in order
+        # How many were ever added: positions (``mark``) count from the start, not from the ring.
+        self._added = 0
+        self._fetched = 0
+        self._stats = Stats()
         self.current_test = ""
 
     def add(self, record: ServedRecord) -> None:
         with self._lock:
             self._records.append(record)
+            self._added += 1
+            _count(self._stats, record)
 
     def upstream_fetch(self, url: str) -> None:
         with self._lock:
             self._fetches.append(url)
+            self._fetched += 1
+            self._stats.upstream_fetches += 1
 
     @property
     def records(self) -> list[ServedRecord]:
@@ -81,32 +101,38 @@ class ServedLog:
     def mark(self) -> tuple[int, int]:
         """A position to compare against later (see ``since``)."""
         with self._lock:
-            return len(self._records), len(self._fetches)
+            return self._added, self._fetched
 
     def since(self, mark: tuple[int, int]) -> tuple[list[ServedRecord], list[str]]:
+        """What was added after ``mark`` (what the ring still holds of it)."""
         with self._lock:
-            return self._records[mark[0] :], self._fetches[mark[1] :]
+            records = list(self._records)[max(len(self._records) - (self._added - mark[0]), 0) :]
+            fetches = list(self._fetches)[max(len(self._fetches) - (self._fetched - mark[1]), 0) :]
+            return records, fetches
 
     def __iter__(self) -> Iterator[ServedRecord]:
         return iter(self.records)
 
     def stats(self) -> Stats:
+        """Totals over everything ever added (the ring's dropped records included)."""
         s = Stats()
         with self._lock:
-            s.upstream_fetches = len(self._fetches)
-            for r in self._records:
-                s.requests += 1
-                if r.cache == "hit":
-                    s.hits += 1
-                    s.bytes_cache += r.size
-                elif r.cache == "stale":
-                    s.stale += 1
-                    s.bytes_cache += r.size
-                elif r.cache == "miss":
-                    s.misses += 1
-                    s.bytes_upstream += r.size
-                if r.status == 404:
-                    s.not_found += 1  # routine for Maven and npm probing, not an error
-                elif r.status >= 400:
-                    s.errors += 1
+            s.add(self._stats)
         return s
+
+
+def _count(s: Stats, r: ServedRecord) -> None:
+    s.requests += 1
+    if r.cache == "hit":
+        s.hits += 1
+        s.bytes_cache += r.size
+    elif r.cache == "stale":
+        s.stale += 1
+        s.bytes_cache += r.size
+    elif r.cache == "miss":
+        s.misses += 1
+        s.bytes_upstream += r.size
+    if r.status == 404:
+        s.not_found += 1  # routine for Maven and npm probing, not an error
+    elif r.status >= 400:
+        s.errors += 1

@@ -25,6 +25,7 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
 from pytest_upstream.repro.served import ServedLog
+from pytest_upstream.server.access_log import log_access
 
 log = logging.getLogger("pytest_upstream.server.proxy_server")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -44,6 +45,14 @@ class _Handler(BaseHTTPRequestHandler):
         # Headers and a sendfile body are two writes: without NODELAY, Nagle
         # plus delayed ACKs would stall every keep-alive response by ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.engine.metrics.connection_opened()
+        self._started = time.monotonic()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.engine.metrics.connection_closed()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -125,6 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._refuse_forward(urlsplit(f"//{self.path}").hostname or self.path)
 
     def _dispatch(self) -> None:
+        self._started = time.monotonic()
         # The stdlib rewrites a leading '//' in self.path to '/'; judge the target as sent.
         words = self.requestline.split()
         raw_path, _, query = (words[1] if len(words) >= 2 else self.path).partition("?")
@@ -209,6 +219,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_body(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            words = self.requestline.split()
+            log_access(
+                method=self.command or "-",
+                target=words[1] if len(words) >= 2 else self.path,
+                status=reply.status,
+                cache=reply.headers.get("X-Upstream-Cache", ""),
+                key=self.path.split("/")[1] if self.path.count("/") >= 2 else "",
+                nbytes=0 if self.command == "HEAD" else len(reply.body) or (reply.length or 0),
+                millis=(time.monotonic() - self._started) * 1000,
+                client=self.client_address[0] if self.client_address else "",
+            )
 
     def _not_modified(self, reply: Reply) -> bool:
         etag = reply.headers.get("ETag")

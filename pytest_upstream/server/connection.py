@@ -182,6 +182,8 @@ class Connection:
         first_line = head.split(b"\n", 1)[0]
         if len(first_line) > self.site.limits.max_target + 32:
             raise _Refused(414, "URI Too Long")
+        if len(head) > self.site.limits.max_head:  # h11 checks only a head still incomplete
+            raise _Refused(431, "Request Header Fields Too Large")
         if _OBS_FOLD.search(head.lstrip(b"\r\n")):
             raise _Refused(400, "Bad Request (obsolete line folding in the headers)")
 
@@ -240,6 +242,8 @@ class Connection:
             key, reply = self._route(method, target, headers)
         if reply.headers.get("Connection") == "close":
             keep = False
+        elif not keep:  # the rest of a body is unread: tell the client this connection ends
+            reply.headers["Connection"] = "close"
         ok = self._send(method, target, headers, reply)
         access_log.log_access(
             method=method,

@@ -240,8 +240,8 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
         return size - n, n
     start = int(m.group(1))
     end = int(m.group(2)) if m.group(2) else size - 1
-    if end < start:
-        return None
+    if m.group(2) and end < start:
+        return None  # an invalid range is ignored
     if start >= size:
         raise Unsatisfiable
     end = min(end, size - 1)

@@ -438,3 +438,36 @@ def test_connection_limits_are_read_from_the_table(tmp_path: Path) -> None:
 def test_bad_connection_limits_are_refused(tmp_path: Path, table: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=next(iter(table))):
         parse_table(table, "pyproject.toml", tmp_path)
+
+
+def test_serve_flags_override_the_table(tmp_path: Path) -> None:
+    from pytest_upstream.cli.main import _with_connection_limits, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--header-timeout", "2s", "--idle-timeout", "1m", "--max-connections", "9"]
+    )
+    settings = _with_connection_limits(
+        parse_table({"send_timeout": 7, "idle_timeout": 3}, "t", tmp_path), args
+    )
+    assert (
+        settings.header_timeout,
+        settings.idle_timeout,
+        settings.send_timeout,
+        settings.max_connections,
+    ) == (
+        2.0,
+        60.0,
+        7.0,
+        9,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv", [["--header-timeout", "0"], ["--send-timeout", "soon"], ["--max-connections", "-2"]]
+)
+def test_bad_serve_limit_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_upstream.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", *argv])
+    assert argv[0] in capsys.readouterr().err

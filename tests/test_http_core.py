@@ -170,6 +170,21 @@ def test_a_body_is_drained_never_read_as_a_request(serve: Serve, upstream: Upstr
     assert b"secret" not in data and upstream.hits["/files/secret.bin"] == 0
 
 
+def test_pipelined_requests_before_a_bad_one_are_answered_then_it_gets_400(serve: Serve) -> None:
+    server = serve()
+    good = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    data = exchange(server, good + good + b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n" + good)
+    assert [line.split(b" ")[1] for line in status_lines(data)] == [b"200", b"200", b"400"]
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closes(serve: Serve) -> None:
+    server = serve()
+    upgrade = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    data = exchange(server, upgrade + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert [line.split(b" ")[1] for line in status_lines(data)] == [b"200"]
+    assert b"\r\nConnection: close\r\n" in data
+
+
 def test_expect_100_continue_is_answered_before_the_body(serve: Serve) -> None:
     server = serve()
     with connect(server) as sock:
@@ -191,10 +206,17 @@ def test_http10_gets_a_close_delimited_body_never_chunked(serve: Serve, upstream
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
     assert body == payload
-    # the same miss, now a hit, to an HTTP/1.1 client without a length would be chunked; a 1.0 client
-    # with keep-alive gets Content-Length and the connection closes after it
-    data = exchange(server, b"GET /g/gz.bin HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-    assert data.partition(b"\r\n\r\n")[2] == payload
+    # now a hit of known length: an HTTP/1.0 client that asks for keep-alive gets it
+    with connect(server) as sock:
+        sock.sendall(b"GET /g/gz.bin HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        while len(data.partition(b"\r\n\r\n")[2]) < len(payload):
+            data += sock.recv(1 << 20)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"\r\nConnection: keep-alive" in head and b"\r\nContent-Length: %d" % len(payload) in head
+        assert body == payload
+        sock.sendall(b"GET /g/gz.bin HTTP/1.0\r\n\r\n")  # the same connection, then closed
+        assert until_closed(sock).endswith(payload)
 
 
 def test_http11_stream_without_a_length_is_chunked(serve: Serve, upstream: Upstream) -> None:

@@ -1,12 +1,13 @@
-"""One client connection: h11's request/response loop in the connection's own thread.
+"""One client connection: its request/response loop in the connection's own thread.
 
-h11 parses and frames; this module adds what h11 leaves to its user: deadlines (the whole
-head within ``header_timeout``, ``idle_timeout`` between kept-alive requests, progress within
-``send_timeout`` on every write), the checks h11 does not make (obs-fold, a request with both
-Content-Length and Transfer-Encoding, a bad Host, HTTP versions other than 1.x, a too-long
-target), and the proxy's own routing (index, forward-proxy refusal, ``/<key>/<path>``).
-A malformed request gets its status (400, 414, 431, 505) and the connection closes, so
-nothing after it (a body, a request hidden in one) is ever read as a request.
+``request_reader.py`` parses (httptools) and ``responses.py`` frames; this module keeps the
+deadlines: the whole head within ``header_timeout`` (slowloris), ``idle_timeout`` between
+kept-alive requests, and it routes: the index, the forward-proxy refusal, ``/<key>/<path>`` to
+the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
+connection closes, so nothing after it (a body, a request hidden in one) is ever read as a
+request.  Deadlines are kernel timeouts on a blocking socket (SO_RCVTIMEO, SO_SNDTIMEO):
+a request that arrives whole costs no extra system call, where a socket timeout in Python
+would poll before every read and write.
 
 The blocking engine runs right here: a client waiting on a slow upstream or on another
 process's download holds its own thread and nothing else.  A client that goes away
@@ -17,43 +18,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
-
-import h11
 
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
 from pytest_upstream.server import access_log
 from pytest_upstream.server.limits import Limits
-from pytest_upstream.server.responses import StreamFailed, Wire, cut, error_bytes, send_reply
+from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
+from pytest_upstream.server.responses import (
+    StreamFailed,
+    Wire,
+    cut,
+    error_bytes,
+    send_reply,
+    set_send_timeout,
+    timeval,
+)
 
 log = logging.getLogger("pytest_upstream.server")
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_QUOTED_BYTES = re.compile(r":? *(bytearray\(.*\)|b'.*'|b\".*\")$", re.DOTALL)
-_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
 _LINGER_SECONDS = (
-    1.0  # after an error reply: read what the client still sends, so it gets the reply, not a reset
+    1.0  # after the last reply: read what the client still sends, so it gets the reply, not a reset
 )
 _LINGER_BYTES = 256 * 1024
-
-
-class _Refused(Exception):
-    """A request answered with an error status; the connection then closes."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass
@@ -77,10 +70,11 @@ class Connection:
         self.sock = sock
         self.client = client
         self.site = site
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=site.limits.max_head)
-        self.wire = Wire(sock, self.h11)
+        self.wire = Wire(sock)
+        self.reader = RequestReader(site.limits, self._send_continue)
         self._on_close = on_close
         self._lock = threading.Lock()
+        self._recv_timeout = -1.0
         self.idle = False  # waiting, kept alive, for the first byte of a next request
         self.idle_since = time.monotonic()
 
@@ -101,6 +95,7 @@ class Connection:
             # Headers and a sendfile body are two writes: without NODELAY, Nagle plus
             # delayed ACKs would stall every keep-alive response by ~40 ms.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_send_timeout(self.sock, self.site.limits.send_timeout)
             self._serve()
         except OSError as exc:  # reset, broken pipe, a timeout: the client went away
             log.debug("connection from %s ended: %s", self.client, exc)
@@ -114,136 +109,80 @@ class Connection:
             self._on_close(self)
 
     def _serve(self) -> None:
-        first = True
+        opened = time.monotonic()
+        reader = self.reader
         while True:
-            try:
-                request = self._read_head(first)
-            except _Refused as refused:
-                self._refuse(refused.status, refused.reason)
-                return
-            if request is None:
-                return
-            first = False
-            if not self._answer(request) or self.site.stopping.is_set():
+            while not reader.ready:
+                try:
+                    if not self._receive(opened):
+                        return
+                except BadRequest as bad:
+                    while reader.ready:  # whole requests before the bad one are answered first
+                        if not self._answer(reader.ready.popleft()):
+                            return
+                    self._refuse(bad.status, bad.reason)
+                    return
+            opened = 0.0
+            if not self._answer(reader.ready.popleft()) or self.site.stopping.is_set():
                 self._linger()
                 return
-            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-                self._linger()
-                return
-            self.h11.start_next_cycle()
 
     # -- reading ------------------------------------------------------------
-    def _read_head(self, first: bool) -> h11.Request | None:
-        """The next request's head within the deadlines; None when the client is gone or
-        timed out; raises _Refused for a malformed head."""
+    def _receive(self, opened: float) -> bool:
+        """Read and parse more bytes within the deadlines; False when the client is gone or
+        was idle too long; raises BadRequest for a malformed request or a late head."""
         limits = self.site.limits
-        deadline = time.monotonic() + limits.header_timeout if first else None
-        while True:
-            pending = self.h11.trailing_data[0]
-            self._check_raw_head(pending)
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint if exc.error_status_hint in (414, 431) else 400
-                raise _Refused(status, f"{HTTPStatus(status).phrase} ({_without_bytes(exc)})") from None
-            if isinstance(event, h11.Request):
-                self._check_request(event)
-                return event
-            if event is not h11.NEED_DATA:
-                return None  # ConnectionClosed
-            if deadline is None and pending:
-                deadline = time.monotonic() + limits.header_timeout  # a pipelined head has begun
+        reader = self.reader
+        if reader.started is not None and not reader.head_done:
+            timeout = reader.started + limits.header_timeout - time.monotonic()  # the whole head
+        elif reader.started is not None:
+            timeout = limits.send_timeout  # a body, read to be dropped: progress, like a write
+        elif opened:
+            timeout = opened + limits.header_timeout - time.monotonic()  # a new connection's first head
+        else:
+            timeout = limits.idle_timeout
+        if timeout <= 0:
+            raise BadRequest(408, "Request Timeout (the request head took too long)")
+        idle = reader.started is None and not opened
+        if idle:
             with self._lock:
-                self.idle = deadline is None
-                if self.idle:
-                    self.idle_since = time.monotonic()
-            timeout = limits.idle_timeout if deadline is None else deadline - time.monotonic()
-            if timeout <= 0:
-                raise _Refused(408, "Request Timeout (the request head took too long)")
-            self.sock.settimeout(timeout)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                if deadline is None:
-                    return None  # idle past idle_timeout: close quietly
-                raise _Refused(408, "Request Timeout (the request head took too long)") from None
-            finally:
+                self.idle = True
+                self.idle_since = time.monotonic()
+        try:
+            self._set_recv_timeout(timeout)
+            data = self.sock.recv(65536)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            if idle:
+                return False  # idle past idle_timeout: close quietly
+            if reader.started is None or not reader.head_done:
+                raise BadRequest(408, "Request Timeout (the request head took too long)") from None
+            return False
+        finally:
+            if idle:
                 with self._lock:
                     self.idle = False
-            if deadline is None:
-                deadline = time.monotonic() + limits.header_timeout
-            self.h11.receive_data(data)
+        if not data:
+            return False
+        reader.feed(data)
+        return True
 
-    def _check_raw_head(self, pending: bytes) -> None:
-        """What h11 accepts but we refuse: obs-fold (RFC 9112 allows rejecting it, and it
-        hides headers from some parsers), and a request line longer than ``max_target``."""
-        end = _HEAD_END.search(pending)
-        head = pending[: end.start() + 1] if end else pending
-        first_line = head.split(b"\n", 1)[0]
-        if len(first_line) > self.site.limits.max_target + 32:
-            raise _Refused(414, "URI Too Long")
-        if len(head) > self.site.limits.max_head:  # h11 checks only a head still incomplete
-            raise _Refused(431, "Request Header Fields Too Large")
-        if _OBS_FOLD.search(head.lstrip(b"\r\n")):
-            raise _Refused(400, "Bad Request (obsolete line folding in the headers)")
+    def _set_recv_timeout(self, seconds: float) -> None:
+        """SO_RCVTIMEO, set only when it changes (one system call per idle wait at most)."""
+        if abs(seconds - self._recv_timeout) > 0.001:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(max(seconds, 0.001)))
+            self._recv_timeout = seconds
 
-    def _check_request(self, request: h11.Request) -> None:
-        if request.http_version not in (b"1.0", b"1.1"):
-            raise _Refused(505, "HTTP Version Not Supported (HTTP/1.1 and 1.0 only)")
-        if len(request.target) > self.site.limits.max_target:
-            raise _Refused(414, "URI Too Long")
-        names = {name for name, _ in request.headers}
-        if b"content-length" in names and b"transfer-encoding" in names:
-            raise _Refused(400, "Bad Request (both Content-Length and Transfer-Encoding)")
-        host = _header(request, b"host")
-        if host is not None and not _HOST.fullmatch(host):
-            raise _Refused(400, "Bad Request (bad Host header)")
-
-    def _drain_body(self) -> bool:
-        """Read and drop a request body (the engine serves GET and HEAD; other methods get
-        their refusal).  False when it is longer than ``max_drained_body`` or too slow."""
-        if self.h11.they_are_waiting_for_100_continue:
-            self.wire.sock.sendall(
-                self.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-            )
-        left = self.site.limits.max_drained_body
-        self.sock.settimeout(self.site.limits.send_timeout)
-        while left >= 0:
-            event = self.h11.next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return True
-            if isinstance(event, h11.Data):
-                left -= len(event.data)
-            elif event is h11.NEED_DATA:
-                try:
-                    self.h11.receive_data(self.sock.recv(65536))
-                except TimeoutError:
-                    return False
-            else:
-                return False
-        return False
+    def _send_continue(self) -> None:
+        self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- answering ----------------------------------------------------------
-    def _answer(self, request: h11.Request) -> bool:
+    def _answer(self, request: ParsedRequest) -> bool:
         """Answer one request; False when the connection must close afterwards."""
         started = time.monotonic()
-        method = request.method.decode("ascii")
-        target = request.target.decode("ascii")
-        headers = Headers(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers.raw_items()]
-        )
-        self.wire.start(request.method)
-        key, reply, keep = "", None, True
-        try:
-            keep = self._drain_body()
-        except h11.RemoteProtocolError as exc:  # a bad chunked body
-            reply, keep = _error(400, f"Bad Request ({_without_bytes(exc)})"), False
-        if reply is None:
-            key, reply = self._route(method, target, headers)
-        if reply.headers.get("Connection") == "close":
-            keep = False
-        elif not keep:  # the rest of a body is unread: tell the client this connection ends
-            reply.headers["Connection"] = "close"
+        method, target = request.method, request.target
+        headers = Headers(request.headers)
+        self.wire.start(method, request.version, request.keep_alive)
+        key, reply = self._route(method, target, headers)
         ok = self._send(method, target, headers, reply)
         access_log.log_access(
             method=method,
@@ -255,7 +194,7 @@ class Connection:
             millis=(time.monotonic() - started) * 1000,
             client=self.client,
         )
-        return ok and keep
+        return ok and self.wire.keep_alive
 
     def _route(self, method: str, target: str, headers: Headers) -> tuple[str, Reply]:
         """(key, reply) for one request."""
@@ -300,10 +239,9 @@ class Connection:
         return reply
 
     def _send(self, method: str, target: str, headers: Headers, reply: Reply) -> bool:
-        self.sock.settimeout(self.site.limits.send_timeout)
         try:
             send_reply(self.wire, headers, reply)
-        except (StreamFailed, h11.LocalProtocolError) as exc:
+        except StreamFailed as exc:
             log.warning("aborted %s %s: %s", method, target, exc)
             cut(self.sock)
             return False
@@ -316,7 +254,6 @@ class Connection:
         """Answer a request that cannot be read, then close."""
         log.debug("refused a request from %s: %d %s", self.client, status, reason)
         with contextlib.suppress(OSError):
-            self.sock.settimeout(self.site.limits.send_timeout)
             self.sock.sendall(error_bytes(status, reason))
         access_log.log_access(
             method="-", target="-", status=status, cache="", key="", nbytes=0, millis=0.0, client=self.client
@@ -332,23 +269,11 @@ class Connection:
             deadline = time.monotonic() + _LINGER_SECONDS
             left = _LINGER_BYTES
             while left > 0 and (remaining := deadline - time.monotonic()) > 0:
-                self.sock.settimeout(remaining)
+                self._set_recv_timeout(remaining)
                 data = self.sock.recv(65536)
                 if not data:
                     break
                 left -= len(data)
-
-
-def _header(request: h11.Request, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _without_bytes(exc: Exception) -> str:
-    """h11's message without the raw bytes it quotes (they may hold anything)."""
-    return _QUOTED_BYTES.sub("", str(exc)) or type(exc).__name__
 
 
 def _error(status: int, reason: str) -> Reply:

@@ -98,6 +98,7 @@ class Listener:
                 return
             raise
         self._backoff = 0.0
+        sock.setblocking(True)  # some platforms pass the listening socket's O_NONBLOCK on
         with self._lock:
             full = len(self._connections) >= self.site.limits.max_connections
         if full and not self._shed_oldest_idle():

@@ -1,13 +1,14 @@
-"""The HTTP face of the engine: an HTTP/1.1 server, h11 for the protocol, a thread per connection.
+"""The HTTP face of the engine: an HTTP/1.1 server, httptools for parsing, a thread per connection.
 
 One thread per connection (keep-alive), so a client waiting on a slow upstream or on another
 process's download never blocks the others, and the engine stays plain blocking code.  Cached
 files go out with ``socket.sendfile`` (constant memory, zero copy); misses stream to the client
 while the engine writes them to the cache.  The bounds that keep it up for weeks (deadlines,
-the connection cap) are in ``limits.py``; why h11 is in docs/dependencies.md.
+the connection cap) are in ``limits.py``; why httptools is in docs/dependencies.md.
 
     listener.py     accept loop, connection cap, EMFILE back-off
-    connection.py   one client: h11 loop, deadlines, strict checks, routing
+    connection.py       one client: the request loop, deadlines, routing
+    request_reader.py   parsing (httptools) and the checks llhttp leaves to us
     responses.py    writing a Reply: bytes, sendfile with ranges, streams
 """
 

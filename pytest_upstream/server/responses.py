@@ -1,14 +1,17 @@
-"""Writing a ``Reply`` to one client over h11: bytes, a file by ``sendfile``, or a stream.
+"""Writing a ``Reply`` to one client: bytes, a file by ``sendfile``, or a stream.
 
-h11 frames the message (Content-Length, chunked for HTTP/1.1 clients, close-delimited for
-HTTP/1.0 ones, no body for HEAD) and keeps count of the bytes; a file's bytes go out with
-``socket.sendfile`` (zero copy, constant memory) through h11's data pass-through, so the
-framing stays h11's while the bytes never enter Python.  Conditional requests (If-None-Match,
-Range with If-Range) are decided here, on the reply's ETag and the file's size.
+The framing is the one RFC 9112 asks for and no more: ``Content-Length`` when the length is
+known; for a stream of unknown length ``Transfer-Encoding: chunked`` to an HTTP/1.1 client and
+a close-delimited body to an HTTP/1.0 one (which never gets chunked); no body for HEAD, 204
+and 304.  A stream that yields more or fewer bytes than its declared length fails
+(``StreamFailed``), so the connection is cut rather than a short body passed off as whole.
+A file's bytes go out with ``os.sendfile`` (zero copy, constant memory).  Conditional requests
+(If-None-Match, Range with If-Range) are decided here, on the reply's ETag and the file's size.
 
-Every write runs under the socket's timeout (``send_timeout``): a client that stops reading
-raises ``TimeoutError`` here and is dropped by its connection; it holds nothing but its own
-thread.
+Sockets are blocking with kernel timeouts (``SO_SNDTIMEO`` = ``send_timeout``): a write that
+makes no progress for that long fails with ``BlockingIOError``, so a client that stops reading
+is dropped and holds nothing but its own thread; a write that progresses costs no extra
+system call.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import logging
+import os
 import re
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-
-import h11
+from typing import BinaryIO
 
 from pytest_upstream.messages import Headers, Reply
 
@@ -32,10 +36,13 @@ SERVER_NAME = b"pytest-upstream"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _date_cache: tuple[int, bytes] = (0, b"")  # (second, formatted Date header)
 _KEEP_ON_304 = ("ETag", "X-Upstream-Cache", "Vary")
+_FRAMING = frozenset({"connection", "content-length", "transfer-encoding", "keep-alive"})
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 class StreamFailed(Exception):
-    """The reply's stream raised: the body is incomplete and the connection must be cut."""
+    """The body could not be completed: the connection must be cut."""
 
 
 def http_date() -> bytes:
@@ -52,16 +59,13 @@ def http_date() -> bytes:
 def reason_phrase(text: str, status: int = 0) -> bytes:
     """A reason phrase safe for a status line: printable ASCII only, at most 200 characters;
     the standard phrase for ``status`` when ``text`` is empty."""
-    cleaned = "".join(c if " " <= c <= "~" else " " for c in text)[:200].strip()
-    if not cleaned and status:
-        with contextlib.suppress(ValueError):
-            cleaned = HTTPStatus(status).phrase
-    return cleaned.encode()
+    cleaned = "".join(c if " " <= c <= "~" else " " for c in text)[:200].strip() if text else ""
+    return (cleaned or _PHRASES.get(status, "")).encode()
 
 
 def error_bytes(status: int, reason: str) -> bytes:
-    """A whole error reply that closes the connection, written without h11: for a request
-    h11 never parsed (a timed-out or refused head) or a client refused at accept."""
+    """A whole error reply that closes the connection: for a request that could not be
+    read (a malformed or timed-out head) or a client refused at accept."""
     phrase = reason_phrase(reason, status)
     body = phrase + b"\n"
     return b"".join(
@@ -75,74 +79,129 @@ def error_bytes(status: int, reason: str) -> bytes:
     )
 
 
-class _Span:
-    """A body part h11 counts but never touches: its bytes go out by sendfile."""
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """A kernel timeout on every write (SO_SNDTIMEO); the socket stays blocking."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
 
-    def __init__(self, size: int) -> None:
-        self.size = size
 
-    def __len__(self) -> int:
-        return self.size
+def timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
 
 
 @dataclass
 class Wire:
-    """One client's socket and its h11 state; counts the body bytes sent."""
+    """One client's socket: frames one reply at a time and counts the body bytes sent."""
 
     sock: socket.socket
-    conn: h11.Connection
     sent: int = 0
     head_only: bool = False  # the request was HEAD: headers as for GET, no body
+    version: str = "1.1"
+    keep_alive: bool = True  # the client's wish, turned off when the reply ends the connection
+    _chunked: bool = False
+    _remaining: int | None = None  # body bytes still owed when the length was declared
 
-    def start(self, method: bytes) -> None:
+    def start(self, method: str, version: str, keep_alive: bool) -> None:
         """A new request: reset the per-request state."""
         self.sent = 0
-        self.head_only = method == b"HEAD"
+        self.head_only = method == "HEAD"
+        self.version = version
+        self.keep_alive = keep_alive
+        self._chunked = False
+        self._remaining = None
 
-    def _body_allowed(self, status: int) -> bool:
-        return not self.head_only and status not in (204, 304)
+    def _head(self, status: int, headers: dict[str, str], reason: str, length: int | None) -> bytes:
+        lines = [
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n"
+            % (status, reason_phrase(reason, status), SERVER_NAME, http_date())
+        ]
+        for name, value in headers.items():
+            lowered = name.lower()
+            if lowered in _FRAMING:
+                if lowered == "connection" and value.lower() == "close":
+                    self.keep_alive = False
+                continue
+            if "\r" in value or "\n" in value or "\x00" in value or "\r" in name or "\n" in name:
+                log.warning("dropped a reply header with a line break: %r", name)
+                continue
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1", "replace")))
+        bodiless = status in (204, 304) or status < 200
+        if bodiless:
+            self._remaining = 0
+        elif length is not None:
+            lines.append(b"Content-Length: %d\r\n" % length)
+            self._remaining = 0 if self.head_only else length
+        elif self.head_only:
+            self._remaining = 0
+        elif self.version == "1.1":
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            self._chunked = True
+        else:  # HTTP/1.0 and no length: the body ends when the connection does
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif self.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def head(self, status: int, headers: dict[str, str], reason: str = "", length: int | None = None) -> None:
-        items: list[tuple[bytes, bytes]] = [(b"Server", SERVER_NAME), (b"Date", http_date())]
-        items += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        if length is not None:
-            items.append((b"Content-Length", b"%d" % length))
-        response = h11.Response(status_code=status, headers=items, reason=reason_phrase(reason, status))
-        self._write(self.conn.send(response))
-
-    def data(self, chunk: bytes) -> None:
-        parts = self.conn.send_with_data_passthrough(h11.Data(data=chunk))
-        self._write(b"".join(parts or ()))
-        self.sent += len(chunk)
+        self.sock.sendall(self._head(status, headers, reason, length))
 
     def whole(self, status: int, headers: dict[str, str], body: bytes, reason: str = "") -> None:
-        """A reply with a body in hand: head, body and end in one write (one packet when small)."""
-        items: list[tuple[bytes, bytes]] = [(b"Server", SERVER_NAME), (b"Date", http_date())]
-        items += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        items.append((b"Content-Length", b"%d" % len(body)))
-        out = self.conn.send(
-            h11.Response(status_code=status, headers=items, reason=reason_phrase(reason, status))
-        )
-        if body and self._body_allowed(status):
-            out += self.conn.send(h11.Data(data=body))
-            self.sent += len(body)
-        self._write(out + self.conn.send(h11.EndOfMessage()))
+        """A reply with a body in hand: head and body in one write (one packet when small)."""
+        head = self._head(status, headers, reason, len(body))
+        self.sock.sendall(head + body if self._remaining else head)
+        self.sent += len(body) if self._remaining else 0
+        self._remaining = 0
 
-    def file(self, f: object, offset: int, count: int) -> None:
+    def data(self, chunk: bytes) -> None:
+        if self.head_only or not chunk:
+            return
+        if self._remaining is not None:
+            if len(chunk) > self._remaining:
+                raise StreamFailed(
+                    f"the body is longer than its declared length ({self.sent + len(chunk)} bytes)"
+                )
+            self._remaining -= len(chunk)
+        self.sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        self.sent += len(chunk)
+
+    def file(self, f: BinaryIO, offset: int, count: int) -> None:
         """``count`` bytes of an open file from ``offset``, by sendfile."""
-        if count and not self.head_only:
-            self.conn.send_with_data_passthrough(h11.Data(data=_Span(count)))  # type: ignore[arg-type]
-            done = self.sock.sendfile(f, offset, count)  # type: ignore[arg-type]
-            self.sent += done
-            if done != count:  # the file shrank under us: the body would be short
-                raise StreamFailed(f"file ended after {done} of {count} bytes")
+        if not count or self.head_only:
+            return
+        done = _sendfile(self.sock, f, offset, count)
+        self.sent += done
+        self._remaining = max(0, (self._remaining or 0) - done)
+        if done != count:  # the file shrank under us: the body would be short
+            raise StreamFailed(f"file ended after {done} of {count} bytes")
 
     def end(self) -> None:
-        self._write(self.conn.send(h11.EndOfMessage()))
+        if self._remaining:
+            raise StreamFailed(f"the body ended {self._remaining} bytes short of its declared length")
+        if self._chunked:
+            self.sock.sendall(b"0\r\n\r\n")
 
-    def _write(self, data: bytes | None) -> None:
-        if data:
-            self.sock.sendall(data)
+
+def _sendfile(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
+    """Bytes sent by ``os.sendfile``: a timeout (SO_SNDTIMEO) with no progress raises
+    TimeoutError; the end of the file ends it early.  ``socket.sendfile`` would block forever
+    on a stalled client of a blocking socket, so this loop is ours."""
+    if not hasattr(os, "sendfile"):  # pragma: no cover - platforms without it
+        return sock.sendfile(f, offset, count)
+    out, fd, done = sock.fileno(), f.fileno(), 0
+    while done < count:
+        try:
+            n = os.sendfile(out, fd, offset + done, min(count - done, 1 << 30))
+        except BlockingIOError:
+            raise TimeoutError("the client read nothing within the send timeout") from None
+        except InterruptedError:
+            continue
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def send_reply(wire: Wire, request: Headers, reply: Reply) -> None:

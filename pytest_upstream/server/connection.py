@@ -43,9 +43,9 @@ from pytest_upstream.server.responses import (
 )
 
 log = logging.getLogger("pytest_upstream.server")
-_LINGER_SECONDS = (
-    1.0  # after the last reply: read what the client still sends, so it gets the reply, not a reset
-)
+# After the last reply: read what the client still sends for a moment, so that closing with
+# unread bytes does not reset the connection before the client has read that reply.
+_LINGER_SECONDS = 1.0
 _LINGER_BYTES = 256 * 1024
 
 
@@ -133,8 +133,8 @@ class Connection:
         was idle too long; raises BadRequest for a malformed request or a late head."""
         limits = self.site.limits
         reader = self.reader
-        if reader.started is not None and not reader.head_done:
-            timeout = reader.started + limits.header_timeout - time.monotonic()  # the whole head
+        if reader.started is not None and not reader.head_done:  # the whole head, from its first byte
+            timeout = (opened or reader.started) + limits.header_timeout - time.monotonic()
         elif reader.started is not None:
             timeout = limits.send_timeout  # a body, read to be dropped: progress, like a write
         elif opened:
@@ -261,9 +261,7 @@ class Connection:
         self._linger()
 
     def _linger(self) -> None:
-        """Close gracefully: stop sending, then read and drop what the client still sends for a
-        moment, so closing with unread bytes does not reset the connection before the client
-        has read our last reply."""
+        """Close gracefully: stop sending, then read and drop what the client still sends."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _LINGER_SECONDS

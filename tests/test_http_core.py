@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import os
 import re
 import socket
 import threading
@@ -493,3 +494,83 @@ def test_bad_serve_limit_flags_are_refused(argv: list[str], capsys: pytest.Captu
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", *argv])
     assert argv[0] in capsys.readouterr().err
+
+
+# -- out of file descriptors --------------------------------------------------------------------
+_LOW_LIMIT_SERVER = """
+import pathlib, resource, sys, tempfile
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.server.proxy_server import ProxyServer
+settings = Settings(cache_dir=pathlib.Path(tempfile.mkdtemp()), max_connections=10_000, header_timeout=30)
+with ProxyServer(settings) as server:
+    print(server.base_url, flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def low_limit_server() -> Iterator[tuple[int, int]]:
+    """(port, pid) of a server in a process allowed 64 open files, with no connection cap of its own."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOW_LIMIT_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        yield int(proc.stdout.readline().strip().rsplit(":", 1)[1]), proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_out_of_descriptors_the_server_sheds_idle_ones_refuses_busy_and_does_not_spin(
+    low_limit_server: tuple[int, int],
+) -> None:
+    port, pid = low_limit_server
+    probe = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    idle = []
+    for _ in range(80):  # each served, then idle: EMFILE closes the oldest idle ones to make room
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(probe)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        idle.append(sock)
+    for sock in idle:
+        sock.close()
+    busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # heads begun: busy, not idle
+        time.sleep(0.3)
+        before = _cpu_seconds(pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(pid) - before < 0.3  # backing off, not spinning on accept
+        refused = 0
+        for sock in busy:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                refused += sock.recv(65536).startswith(
+                    b"HTTP/1.1 503 Service Unavailable (out of file descriptors)"
+                )
+        assert refused >= 1  # told why, from the descriptor kept in reserve
+    finally:
+        for sock in busy:
+            sock.close()
+    assert wait_for(lambda: _probe_ok(port, probe))  # and serving again once descriptors are free
+
+
+def _probe_ok(port: int, probe: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(probe)
+            return sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    except OSError:
+        return False

@@ -124,7 +124,11 @@ def test_proxy_refuses_forward_proxy_requests_naming_the_host(
     assert connect.startswith(b"HTTP/1.1 403 " + message + b"\r\n")
     assert server.refused == [("example.invalid", ""), ("example.invalid", "")]
     # absolute-form addressed to the proxy itself is served as usual
-    own = _raw(server, f"GET {server.base_url}/g/a.txt HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    host = server.base_url.removeprefix("http://")  # HTTP/1.1 requires Host, absolute-form too (RFC 9112 3.2)
+    own = _raw(
+        server,
+        f"GET {server.base_url}/g/a.txt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+    )
     assert own.startswith(b"HTTP/1.1 200 ") and own.endswith(b"hello")
 
     # clients that honour HTTP(S)_PROXY show the refusal (urllib here, in a subprocess)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from pytest_upstream.cli.workers import Supervisor, serve_in_worker
 from pytest_upstream.config.auth import AUTH_MODES
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.config.settings import (
+    CONNECTION_LIMIT_FIELDS,
     DEFAULT_METADATA_TTL,
     DEFAULT_TIMEOUT,
     MODES,
@@ -27,7 +29,7 @@ from pytest_upstream.config.settings import (
     parse_proxy,
 )
 from pytest_upstream.config.sources import FORMATS, SOURCES
-from pytest_upstream.config.units import plural
+from pytest_upstream.config.units import parse_age, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.repro.served import SERVE_LOG_LIMIT, ServedLog
@@ -79,8 +81,11 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
+    settings = _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
     writes_lock = _serve_checks(args, settings)
+    from pytest_upstream.server.limits import raise_open_file_limit
+
+    raise_open_file_limit()  # before the connection cap is derived from it
     with serve_logging(verbose=args.verbose, log_format=args.log_format):
         return _serve(args, settings, writes_lock)
 
@@ -256,6 +261,33 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _seconds(text: str) -> float:
+    """A timeout flag: ``10``, ``10s``, ``2m`` (more than 0)."""
+    try:
+        seconds = parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds (got {text!r})")
+    return seconds
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return count
+
+
+def _with_connection_limits(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The connection-limit flags of ``serve`` over the config's values."""
+    given = {name: getattr(args, name) for name in CONNECTION_LIMIT_FIELDS if getattr(args, name) is not None}
+    return replace(settings, **given)
+
+
 def _port(text: str) -> int:
     """A TCP port, 0 (a free one) to 65535, refused by argparse before anything starts."""
     try:
@@ -307,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--lock", metavar="FILE", help="lock file: record/refresh write it at shutdown, replay serves it"
+    )
+    # Connection limits: override [tool.pytest-upstream] (docs/configuration.md#connection-limits)
+    limits = serve.add_argument_group("connection limits (default: the config's, see docs/configuration.md)")
+    limits.add_argument("--header-timeout", type=_seconds, metavar="AGE", help="a request head within (10s)")
+    limits.add_argument(
+        "--idle-timeout", type=_seconds, metavar="AGE", help="close idle kept-alive after (30s)"
+    )
+    limits.add_argument(
+        "--send-timeout", type=_seconds, metavar="AGE", help="drop a client not reading for (30s)"
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=_count,
+        metavar="N",
+        help="open connections at most (0: from the open-file limit)",
     )
     serve.set_defaults(func=_cmd_serve)
 

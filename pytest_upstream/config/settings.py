@@ -25,6 +25,12 @@ DEFAULT_METADATA_TTL = 600.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
 DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven, npm) trust one
+# The HTTP server's connection limits (docs/configuration.md#connection-limits).
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_SEND_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 0  # 0: derived from the open-file limit
+CONNECTION_LIMIT_FIELDS = ("header_timeout", "idle_timeout", "send_timeout", "max_connections")
 
 _PROXY_FIELDS = {
     "key",
@@ -42,6 +48,7 @@ _PROXY_FIELDS = {
     "mirror",
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
+_TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
 
 
 class ConfigError(ValueError):
@@ -106,6 +113,11 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     config_file: Path | None = None
     lock_file: Path | None = None  # the lock file (docs/reproducible-builds.md), if any
+    # The HTTP server's connection limits (server/limits.py, docs/configuration.md#connection-limits)
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -281,7 +293,27 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
         lock_timeout=lock_timeout,
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
+        **_connection_limits(table, where),
     )
+
+
+def _connection_limits(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The server's connection limits from the table: timeouts > 0 seconds, a count >= 0."""
+    limits: dict[str, Any] = {
+        name: _positive(table.get(name, default), where, name)
+        for name, default in (
+            ("header_timeout", DEFAULT_HEADER_TIMEOUT),
+            ("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            ("send_timeout", DEFAULT_SEND_TIMEOUT),
+        )
+    }
+    count = table.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(
+            f"{where}: max_connections must be a whole number >= 0 (0: from the open-file limit)"
+        )
+    limits["max_connections"] = count
+    return limits
 
 
 def load_settings(config_file: str | Path | None = None, *, search_dir: Path | None = None) -> Settings:

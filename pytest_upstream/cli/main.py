@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -26,7 +27,7 @@ from pytest_upstream.config.settings import (
     parse_proxy,
 )
 from pytest_upstream.config.sources import FORMATS, SOURCES
-from pytest_upstream.config.units import plural
+from pytest_upstream.config.units import parse_age, parse_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import CacheError
@@ -76,7 +77,7 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args.config, args.cache, args.mode, args.lock)
+    settings = with_fetch_flags(args, resolve_settings(args.config, args.cache, args.mode, args.lock))
     writes_lock = _serve_checks(args, settings)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -290,6 +291,63 @@ def _positive(text: str) -> int:
     return value
 
 
+# -- fetch deadlines: serve flags (docs/configuration.md § Fetch deadlines) -------------------------
+def _add_fetch_flags(serve: argparse.ArgumentParser) -> None:
+    flags = serve.add_argument_group("fetch deadlines (default: the config's)")
+    flags.add_argument(
+        "--fetch-deadline",
+        type=_age,
+        metavar="AGE",
+        help="longest a download may take (1h; 0: none)",
+    )
+    flags.add_argument(
+        "--min-rate", type=_size, metavar="SIZE", help="slowest download kept, per second (1K; 0: none)"
+    )
+    flags.add_argument("--min-rate-window", type=_age, metavar="AGE", help="time min-rate is averaged over")
+    flags.add_argument(
+        "--orphan-deadline",
+        type=_age,
+        metavar="AGE",
+        help="how long a download outlives its clients",
+    )
+
+
+def with_fetch_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``settings`` with the fetch-deadline flags given to ``serve`` (they beat the config)."""
+    given = {
+        name: value
+        for name, value in (
+            ("deadline", args.fetch_deadline),
+            ("min_rate", args.min_rate),
+            ("rate_window", args.min_rate_window),
+            ("orphan_deadline", args.orphan_deadline),
+        )
+        if value is not None
+    }
+    if not given:
+        return settings
+    if given.get("rate_window") == 0:
+        raise ConfigError("--min-rate-window must be more than 0 seconds")
+    return dataclasses.replace(settings, fetch=dataclasses.replace(settings.fetch, **given))
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- end of fetch deadlines ----------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-proxy", description="A pull-through cache for registries."
@@ -314,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lock", metavar="FILE", help="lock file: record/refresh write it at shutdown, replay serves it"
     )
+    _add_fetch_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
     lock = sub.add_parser("lock", help="check a lock file against the cache")

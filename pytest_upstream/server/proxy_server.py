@@ -272,16 +272,17 @@ class _Handler(BaseHTTPRequestHandler):
         client_ok = True
         try:
             for chunk in reply.stream:
-                if not client_ok or not chunk:
-                    continue  # keep storing for the others even if this client left
+                if not chunk:
+                    continue
                 try:
                     if chunked:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     else:
                         self.wfile.write(chunk)
-                except OSError:
+                except OSError:  # the client left: the download goes on without it (engine/flights.py)
                     client_ok = False
                     self.close_connection = True
+                    break
         except Exception as exc:
             # Truncated upstream or a digest mismatch: cut the connection so the
             # client cannot take a partial body for a whole one.
@@ -290,6 +291,10 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
+        finally:
+            close = getattr(reply.stream, "close", None)
+            if close is not None:
+                close()
         if chunked and client_ok:
             self.wfile.write(b"0\r\n\r\n")
 

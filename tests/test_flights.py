@@ -400,13 +400,21 @@ def test_a_failure_before_the_answer_reaches_every_client_as_an_error(
 def test_pace_judges_the_average_rate_over_each_window() -> None:
     now = [1000.0]
     pace = Pace(FetchLimits(deadline=100, min_rate=1000, rate_window=10), lambda: now[0])
+    now[0] += 50  # the upstream took its time to answer: no transfer yet, so not a slow one
+    pace.body_starts()
     now[0] += 9
     pace.check(10)  # the window has not passed yet
     now[0] += 1
     pace.check(10_000)  # 10,000 B in 10 s: exactly the minimum
     now[0] += 10
-    with pytest.raises(UpstreamError, match=r"too slow: .* over the last 10s, below the minimum 1000 B/s"):
+    slow = r"too slow: 9.8 KiB in the last 10s, below the minimum 1000 B/s \(min_rate\)"
+    with pytest.raises(UpstreamError, match=slow):
         pace.check(19_999)
+    now[0] += 30
+    pace.check(10**9)  # 100 s since the request: the deadline, not past it
+    now[0] += 1
+    with pytest.raises(UpstreamError, match=r"gave up after the fetch deadline \(100s, fetch_deadline\)"):
+        pace.check(10**9)
     quiet = Pace(FetchLimits(deadline=0, min_rate=0), lambda: now[0])
     now[0] += 10**6
     quiet.check(1)  # no limits: never raises

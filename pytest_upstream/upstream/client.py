@@ -132,6 +132,11 @@ class Pace:
         self.started = now()
         self._mark = (self.started, 0)  # (time, bytes so far) at the start of the current window
 
+    def body_starts(self) -> None:
+        """The rate is judged from the first byte on: an upstream slow to answer is the read
+        ``timeout``'s business (and the deadline's), not a slow transfer."""
+        self._mark = (self._now(), 0)
+
     def check(self, received: int) -> None:
         """Raise UpstreamError if the download, ``received`` bytes so far, broke a limit."""
         limits, now = self.limits, self._now()
@@ -141,10 +146,9 @@ class Pace:
         elapsed = now - since
         if limits.min_rate and elapsed >= limits.rate_window:
             if received - at < limits.min_rate * elapsed:
-                rate = human_size((received - at) / elapsed)
                 raise UpstreamError(
-                    f"too slow: {rate}/s over the last {elapsed:.0f}s, below the minimum "
-                    f"{human_size(limits.min_rate)}/s (min_rate)"
+                    f"too slow: {human_size(received - at)} in the last {elapsed:.0f}s, below the "
+                    f"minimum {human_size(limits.min_rate)}/s (min_rate)"
                 )
             self._mark = (now, received)
 
@@ -158,6 +162,8 @@ def iter_body(response: httpx.Response, pace: Pace | None = None) -> Iterator[by
     that breaks its deadline or minimum rate raises UpstreamError too.
     """
     received = 0
+    if pace is not None:
+        pace.body_starts()
     try:
         for chunk in response.iter_bytes():
             if pace is not None:

@@ -8,6 +8,7 @@ to ``fetch_deadline`` and ``min_rate``.  All on loopback, each test bounded to a
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import os
@@ -205,13 +206,17 @@ def test_a_vanished_client_leaves_the_download_to_finish(upstream: Upstream, sta
     assert part_files(proxy.engine.cache.root) == []
 
 
+@pytest.mark.parametrize("encoded", [False, True], ids=["content-length", "gzip-no-length"])
 def test_the_first_client_and_joiners_all_get_the_whole_body(
-    upstream: Upstream, start_proxy: StartProxy
+    upstream: Upstream, start_proxy: StartProxy, encoded: bool
 ) -> None:
-    """Chunked upstream-length-less answers and Content-Length ones alike: every joiner reads from 0."""
+    """Every client reads the body from its first byte, whenever it joined; with a length or
+    without one (a gzip-encoded upstream answer is stored decoded, so its length is unknown)."""
     data = os.urandom(3 * MiB + 123)
-    upstream.files["/j.bin"] = data
-    upstream.faults["/j.bin"] = Fault(chunk_delay=0.01)
+    upstream.files["/j.bin"] = gzip.compress(data, compresslevel=1) if encoded else data
+    upstream.faults["/j.bin"] = Fault(
+        chunk_delay=0.02, headers={"Content-Encoding": "gzip"} if encoded else {}
+    )
     proxy = start_proxy(proxy_def(key="g", format="generic", url=upstream.url))
 
     first: list[Got] = []
@@ -223,10 +228,32 @@ def test_the_first_client_and_joiners_all_get_the_whole_body(
     t.join(10)
     assert [(g.status, g.complete, g.body == data) for g in first + joined] == [(200, True, True)] * 4
     assert [g.headers["x-upstream-cache"] for g in first + joined] == ["miss", "hit", "hit", "hit"]
-    assert all(g.headers["content-length"] == str(len(data)) for g in first + joined)
+    if encoded:  # no length to declare: chunked to the clients
+        assert all(g.headers.get("transfer-encoding") == "chunked" for g in first + joined)
+    else:
+        assert all(g.headers["content-length"] == str(len(data)) for g in first + joined)
     records = [(r.cache, r.status, r.size, r.sha256) for r in proxy.served.records if r.path == "j.bin"]
     assert sorted(records) == [("hit", 200, len(data), sha(data))] * 3 + [("miss", 200, len(data), sha(data))]
     assert upstream.hits["/j.bin"] == 1
+
+
+def test_joiners_read_a_part_file_that_was_discarded_for_an_existing_blob(
+    upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    """Same bytes under a second name: the blob is there already, so the part file is deleted
+    instead of renamed; clients reading it keep their descriptors and get every byte."""
+    data = os.urandom(2 * MiB)
+    upstream.files["/a.bin"] = data
+    upstream.files["/b.bin"] = data
+    proxy = start_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    assert get(proxy.base_url, "/g/a.bin").body == data
+    upstream.faults["/b.bin"] = Fault(chunk_delay=0.02)
+    results = get_many(proxy.base_url, ["/g/b.bin"] * 3)
+    assert [(r.status, r.complete, r.body == data) for r in results] == [(200, True, True)] * 3
+    assert sorted(r.headers["x-upstream-cache"] for r in results) == ["hit", "hit", "miss"]
+    assert upstream.hits["/b.bin"] == 1
+    assert proxy.engine.flights.wait_idle(5)
+    assert part_files(proxy.engine.cache.root) == []
 
 
 # -- deadlines -------------------------------------------------------------------
@@ -351,6 +378,22 @@ def test_deadlines_on_metadata_serve_stale_or_say_why(upstream: Upstream, start_
     assert time.monotonic() - started < 3
 
 
+def test_closing_the_engine_cancels_its_downloads(upstream: Upstream, tmp_path: Path) -> None:
+    upstream.files["/c.bin"] = os.urandom(2 * MiB)
+    upstream.faults["/c.bin"] = Fault(chunk_delay=0.05)  # ~1.6 s
+    engine = engine_for(tmp_path, upstream, NO_LIMITS, ManualClock())
+    stream = engine_get(engine, "c.bin")
+    next(stream)
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 1.5
+    assert engine.flights.in_flight() == 0
+    with pytest.raises(FlightFailed, match="cancelled: the proxy is shutting down"):
+        b"".join(stream)
+    assert engine.cache.lookup("g", "c.bin") is None
+    assert part_files(engine.cache.root) == []
+
+
 # -- verification ----------------------------------------------------------------
 def test_a_failed_verification_cuts_every_joined_client(upstream: Upstream, start_proxy: StartProxy) -> None:
     size = 9 * MiB
@@ -358,7 +401,7 @@ def test_a_failed_verification_cuts_every_joined_client(upstream: Upstream, star
     data = bytes(range(256)) * (size // 256)
     name = "big-1.0-py3-none-any.whl"
     upstream.files[f"/files/{name}"] = data
-    upstream.faults[f"/files/{name}"] = Fault(chunk_delay=0.005)  # 144 chunks, ~0.7 s
+    upstream.faults[f"/files/{name}"] = Fault(chunk_delay=0.01)  # 144 chunks, ~1.5 s
     upstream.files["/simple/big/"] = (
         f'<!DOCTYPE html><html><body><a href="../../files/{name}#sha256={sha(b"other")}">{name}</a>'
         "</body></html>\n"
@@ -388,7 +431,7 @@ def test_a_failed_verification_cuts_every_joined_client(upstream: Upstream, star
 def test_a_failure_before_the_answer_reaches_every_client_as_an_error(
     upstream: Upstream, start_proxy: StartProxy
 ) -> None:
-    upstream.faults["/gone.bin"] = Fault(status=503, delay=0.3)  # everyone joins, then 503
+    upstream.faults["/gone.bin"] = Fault(status=503, delay=1.0)  # everyone joins, then 503
     proxy = start_proxy(proxy_def(key="g", format="generic", url=upstream.url))
     results = get_many(proxy.base_url, ["/g/gone.bin"] * 4)
     assert [r.status for r in results] == [502] * 4

@@ -106,6 +106,17 @@ def raw_get(base: str, path: str, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+def read_some(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read an answer's head and the first bytes of its body."""
+    got = b""
+    while b"\r\n\r\n" not in got or got.endswith(b"\r\n\r\n"):
+        more = sock.recv(65536)
+        assert more, "the proxy closed the connection"
+        got += more
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -194,8 +205,9 @@ def test_a_vanished_client_leaves_the_download_to_finish(upstream: Upstream, sta
     proxy = start_proxy(proxy_def(key="g", format="generic", url=upstream.url))
 
     sock = raw_get(proxy.base_url, "/g/v.bin")
-    first = sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 200") and b"X-Upstream-Cache: miss" in first
+    head, body = read_some(sock)
+    assert head.startswith(b"HTTP/1.1 200") and b"X-Upstream-Cache: miss" in head
+    assert body and data.startswith(body)
     sock.close()  # gone after the first bytes
 
     assert proxy.engine.flights.wait_idle(10), "the download did not end"
@@ -204,6 +216,25 @@ def test_a_vanished_client_leaves_the_download_to_finish(upstream: Upstream, sta
     assert (later.status, later.headers["x-upstream-cache"], later.body == data) == (200, "hit", True)
     assert upstream.hits["/v.bin"] == 1
     assert part_files(proxy.engine.cache.root) == []
+
+
+def test_a_download_whose_clients_vanished_stops_at_the_orphan_deadline(
+    upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    upstream.files["/gone.bin"] = os.urandom(2 * MiB)
+    upstream.faults["/gone.bin"] = Fault(chunk_delay=0.05)  # 32 chunks, ~1.6 s
+    limits = FetchLimits(deadline=0, min_rate=0, orphan_deadline=0.2)
+    proxy = start_proxy(proxy_def(key="g", format="generic", url=upstream.url), fetch=limits)
+
+    sock = raw_get(proxy.base_url, "/g/gone.bin")
+    read_some(sock)
+    sock.close()  # the server notices at its next write, and lets go of the download
+    assert proxy.engine.flights.wait_idle(5), "the orphaned download went on"
+    cache = proxy.engine.cache
+    assert cache.lookup("g", "gone.bin") is None
+    assert part_files(cache.root) == []
+    assert entry_free(cache, "g", "gone.bin")
+    assert upstream.hits["/gone.bin"] == 1
 
 
 @pytest.mark.parametrize("encoded", [False, True], ids=["content-length", "gzip-no-length"])

@@ -12,9 +12,9 @@ Kept from the tee this replaces:
 
 - the last chunk written is held back until the blob is verified and indexed, so no client
   receives a whole body that failed verification, and one that did finds it in the cache;
-- when the download fails after answers started, every joined client's stream raises
-  ``FlightFailed``, so the server cuts its connection; a client that joins a failed flight gets
-  the failure as an error reply.
+- when the download fails after the upstream's answer began, every client that joined it gets a
+  200 whose stream raises ``FlightFailed``, so the server cuts its connection (whether or not the
+  client had read anything yet); a failure before that reaches every client as an error reply.
 
 Deadlines: the upstream's pace (``upstream.client.Pace``: ``fetch_deadline``, ``min_rate``), and
 ``orphan_deadline`` after the last client left.  They are judged as chunks arrive; an upstream
@@ -24,8 +24,9 @@ nothing, removes its part file and releases the lock.
 The request that started the download is answered ``miss``; those that joined it ``hit`` (they
 cost no upstream request, like a request that waited for another process's download).
 
-Bytes go out by ``pread`` from the part file, one descriptor per client, not by ``sendfile``: a
-reply is an iterator of chunks, and a file still growing has no final length to hand the kernel.
+Each client has its own descriptor on the part file.  Iterating a reader copies the bytes out
+with ``pread``; a server that can, sends them with ``sendfile`` instead (``next_span``, ``advance``):
+no copy through Python, which is what lets many clients of one download keep up with it.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class Flight:
             while self.state == STARTING:
                 self._cond.wait()
             self._pending -= 1
-            if self._fd is not None and self.state in (STREAMING, DONE):
+            if self._fd is not None:  # the answer began (it may have ended since): read the file
                 fd = os.dup(self._fd)
                 self._readers += 1
                 self._release_fd_if_unused()
@@ -309,8 +310,29 @@ class FlightReader:
         return self
 
     def __next__(self) -> bytes:
-        if self._fd < 0:
+        span = self.next_span()
+        if span is None:
             raise StopIteration
+        offset, count = span
+        data = _read_at(self._fd, count, offset)
+        if not data:
+            self._fail("the part file is shorter than what was written to it")
+        self._offset += len(data)
+        return data
+
+    def fileno(self) -> int:
+        """The part file's descriptor, for a server that sends spans with ``sendfile``."""
+        return self._fd
+
+    def next_span(self, limit: int = _READ_CHUNK) -> tuple[int, int] | None:
+        """The next bytes to send, as (offset, count) in ``fileno()``, once they are visible; None
+        at the end (the reader is closed then).  Raises FlightFailed like iterating does.
+
+        For a server that sends with ``sendfile`` instead of iterating: it calls
+        ``advance(sent)`` after each send, and ``close()`` if it stops early.
+        """
+        if self._fd < 0:
+            return None
         flight = self._flight
         with flight._cond:
             while self._offset >= flight.visible and flight.state == STREAMING:
@@ -323,13 +345,13 @@ class FlightReader:
             self._recorded = True
             self._record(entry)
         if self._offset < visible:
-            data = _read_at(self._fd, min(visible - self._offset, _READ_CHUNK), self._offset)
-            if not data:
-                self._fail("the part file is shorter than what was written to it")
-            self._offset += len(data)
-            return data
+            return self._offset, min(visible - self._offset, limit)
         self.close()
-        raise StopIteration
+        return None
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes were sent from ``next_span``'s offset."""
+        self._offset += count
 
     def _record(self, entry: Entry) -> None:
         ctx, res = self._ctx, self._res

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.clock import Clock
 from pytest_upstream.engine.dispatch import Engine
+from pytest_upstream.engine.flights import FlightReader
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
 from pytest_upstream.repro.served import ServedLog
@@ -269,6 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
         assert reply.stream is not None
         self._start(reply.status, reply.headers, reply.length)
         chunked = reply.length is None
+        if not chunked and isinstance(reply.stream, FlightReader):
+            self._sendfile_flight(reply.stream)
+            return
         client_ok = True
         try:
             for chunk in reply.stream:
@@ -297,6 +301,23 @@ class _Handler(BaseHTTPRequestHandler):
                 close()
         if chunked and client_ok:
             self.wfile.write(b"0\r\n\r\n")
+
+    def _sendfile_flight(self, reader: FlightReader) -> None:
+        """A download in progress, sent from its growing file with ``sendfile`` (engine/flights.py)."""
+        try:
+            with open(reader.fileno(), "rb", closefd=False) as part:
+                while (span := reader.next_span()) is not None:
+                    offset, count = span
+                    reader.advance(self.connection.sendfile(part, offset, count))
+        except OSError:  # the client left: the download goes on without it
+            self.close_connection = True
+        except Exception as exc:  # the download failed: cut the connection (see _send_stream)
+            log.warning("aborted %s: %s", self.path, exc)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        finally:
+            reader.close()
 
 
 def _reason(text: str) -> str | None:

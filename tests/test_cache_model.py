@@ -15,7 +15,8 @@ state and how often the upstream was asked for the path:
 * replay mode never contacts the upstream: cached (at any age) is a hit,
   anything else a 504;
 * N concurrent requests for one path give the same answers as N sequential
-  ones, and fetch from the upstream at most once when the fetch succeeds.
+  ones, and fetch from the upstream at most once when the fetch succeeds (for an
+  artifact, a failed fetch is shared by the requests that joined it).
 """
 
 from __future__ import annotations
@@ -185,9 +186,14 @@ class CacheModel(RuleBasedStateMachine):
         got, expected = sorted(outcomes, key=repr), sorted((p[0] for p in predictions), key=repr)
         assert got == expected, f"{path} x{n}: engine answered {got}, model predicts {expected}"
         contacts = sum(p[1] for p in predictions)
-        assert self.hits(path) - before == contacts
         if any(p[0][2] == "miss" for p in predictions):
             assert contacts == 1  # a successful fetch is shared, never repeated
+        if path in ARTIFACTS and contacts > 1:
+            # A failing artifact fetch is shared too by the requests that joined its download
+            # (engine/flights.py); one that arrives after the failure asks again.
+            assert 1 <= self.hits(path) - before <= contacts
+        else:
+            assert self.hits(path) - before == contacts
 
     @rule(seconds=st.sampled_from([1.0, TTL - 1, TTL, TTL + 1, 10 * TTL]))
     def advance_clock(self, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import signal
@@ -29,7 +30,7 @@ from pytest_upstream.config.settings import (
     parse_proxy,
 )
 from pytest_upstream.config.sources import FORMATS, SOURCES
-from pytest_upstream.config.units import parse_age, plural
+from pytest_upstream.config.units import parse_age, parse_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.repro.served import SERVE_LOG_LIMIT, ServedLog
@@ -81,7 +82,9 @@ def _bind(settings: Settings, host: str, port: int) -> ProxyServer:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
+    settings = with_fetch_flags(
+        args, _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
+    )
     writes_lock = _serve_checks(args, settings)
     from pytest_upstream.server.limits import raise_open_file_limit
 
@@ -309,6 +312,63 @@ def _positive(text: str) -> int:
     return value
 
 
+# -- fetch deadlines: serve flags (docs/configuration.md § Fetch deadlines) -------------------------
+def _add_fetch_flags(serve: argparse.ArgumentParser) -> None:
+    flags = serve.add_argument_group("fetch deadlines (default: the config's)")
+    flags.add_argument(
+        "--fetch-deadline",
+        type=_age,
+        metavar="AGE",
+        help="longest a download may take (1h; 0: none)",
+    )
+    flags.add_argument(
+        "--min-rate", type=_size, metavar="SIZE", help="slowest download kept, per second (1K; 0: none)"
+    )
+    flags.add_argument("--min-rate-window", type=_age, metavar="AGE", help="time min-rate is averaged over")
+    flags.add_argument(
+        "--orphan-deadline",
+        type=_age,
+        metavar="AGE",
+        help="how long a download outlives its clients",
+    )
+
+
+def with_fetch_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``settings`` with the fetch-deadline flags given to ``serve`` (they beat the config)."""
+    given = {
+        name: value
+        for name, value in (
+            ("deadline", args.fetch_deadline),
+            ("min_rate", args.min_rate),
+            ("rate_window", args.min_rate_window),
+            ("orphan_deadline", args.orphan_deadline),
+        )
+        if value is not None
+    }
+    if not given:
+        return settings
+    if given.get("rate_window") == 0:
+        raise ConfigError("--min-rate-window must be more than 0 seconds")
+    return dataclasses.replace(settings, fetch=dataclasses.replace(settings.fetch, **given))
+
+
+def _age(text: str) -> float:
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- end of fetch deadlines ----------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-proxy", description="A pull-through cache for registries."
@@ -355,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="open connections at most (0: from the open-file limit)",
     )
+    _add_fetch_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
     lock = sub.add_parser("lock", help="check a lock file against the cache")

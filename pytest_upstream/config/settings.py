@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.config.auth import AuthSpec
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
+from pytest_upstream.config.units import parse_age, parse_size
 
 MODES = ("record", "replay", "refresh")
 TABLE = "pytest-upstream"
@@ -49,6 +50,69 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
+
+# -- fetch deadlines (docs/configuration.md § Fetch deadlines) -------------------------------------
+DEFAULT_FETCH_DEADLINE = 3600.0
+DEFAULT_MIN_RATE = 1024
+DEFAULT_MIN_RATE_WINDOW = 30.0
+DEFAULT_ORPHAN_DEADLINE = 60.0
+_FETCH_FIELDS = {"fetch_deadline", "min_rate", "min_rate_window", "orphan_deadline"}
+_TOP_FIELDS |= _FETCH_FIELDS
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How long one upstream download may take, whoever is waiting for it.
+
+    ``deadline``: seconds from the upstream request to the last byte (0: none).
+    ``min_rate``: bytes per second, averaged over each ``rate_window`` seconds, below which a
+    download is given up (0: none); a stalled upstream is cut by its read ``timeout`` anyway, this
+    catches one that drips.  ``orphan_deadline``: seconds a download continues after its last
+    client left (0: it stops as soon as that is noticed).  Checked as each chunk arrives.
+    """
+
+    deadline: float = DEFAULT_FETCH_DEADLINE
+    min_rate: int = DEFAULT_MIN_RATE
+    rate_window: float = DEFAULT_MIN_RATE_WINDOW
+    orphan_deadline: float = DEFAULT_ORPHAN_DEADLINE
+
+
+def parse_fetch_limits(table: Mapping[str, Any], where: str) -> FetchLimits:
+    """The fetch deadlines of a ``[tool.pytest-upstream]`` table: seconds as numbers or ages
+    (``"1h"``), ``min_rate`` as bytes per second or a size (``"1K"``)."""
+    return FetchLimits(
+        deadline=_age(table.get("fetch_deadline", DEFAULT_FETCH_DEADLINE), where, "fetch_deadline"),
+        min_rate=_size(table.get("min_rate", DEFAULT_MIN_RATE), where, "min_rate"),
+        rate_window=_positive(
+            _age(table.get("min_rate_window", DEFAULT_MIN_RATE_WINDOW), where, "min_rate_window"),
+            where,
+            "min_rate_window",
+        ),
+        orphan_deadline=_age(table.get("orphan_deadline", DEFAULT_ORPHAN_DEADLINE), where, "orphan_deadline"),
+    )
+
+
+def _age(value: Any, where: str, name: str) -> float:
+    if isinstance(value, str):
+        try:
+            return parse_age(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {name}: {exc}") from None
+    return _number(value, where, name)
+
+
+def _size(value: Any, where: str, name: str) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {name}: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where}: {name} must be a non-negative number of bytes (got {value!r})")
+    return int(value)
+
+
+# -- end of fetch deadlines ------------------------------------------------------------------------
 
 
 class ConfigError(ValueError):
@@ -118,6 +182,7 @@ class Settings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     send_timeout: float = DEFAULT_SEND_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    fetch: FetchLimits = field(default_factory=FetchLimits)  # upstream download deadlines
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -294,6 +359,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         lock_timeout=lock_timeout,
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
         **_connection_limits(table, where),
+        fetch=parse_fetch_limits(table, where),
     )
 
 

@@ -12,7 +12,6 @@ nothing of HTTP servers, pytest or any one format.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
+from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
 from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
@@ -73,7 +73,11 @@ class Engine:
             ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics)
         )
         self.freshness = Freshness(self.clock)
-        self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders)
+        self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders, settings.fetch)
+        # Artifact misses: one download per entry in the background, clients served from its file.
+        self.flights = Flights(
+            self.cache, self.fetcher, self.recorders, self.clock.now, settings.fetch.orphan_deadline
+        )
         self.renders = RenderMemo()
         self.allowed_keys: frozenset[str] | None = None  # None: all; a test's marker may narrow it
 
@@ -89,6 +93,7 @@ class Engine:
         self.settings = replace(self.settings, mode=mode)
 
     def close(self) -> None:
+        self.flights.close()
         self.client.close()
 
     def remember(self, key: str, res: Resource, entry: Entry) -> None:
@@ -328,27 +333,18 @@ class Engine:
             return self.fetcher.fetch_whole(ctx, res, entry)
 
     def _try_stream(self, ctx: RequestContext, res: Resource) -> Reply | Obtained | None:
-        """For an artifact miss: a Reply whose body streams while it is stored (``Fetcher.stream``).
+        """For an artifact miss: join the entry's download, or start it (engine/flights.py).
 
         None when ``obtain`` should serve it (a hit, metadata, a HEAD, replay mode, or another
-        process fetched it while we waited for the lock).
+        process fetched it while the download waited for the lock).
         """
         if res.kind is not Kind.ARTIFACT or ctx.request.method != "GET" or ctx.mode == "replay":
             return None
         if self._usable(ctx, res) is not None:
             return None
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(
-                self.cache.locked(ctx.proxy.key, res.path, res.variant, self.settings.lock_timeout)
-            )
-            if self._usable(ctx, res) is not None:
-                stack.close()
-                return None
-        except BaseException:
-            stack.close()
-            raise
-        return self.fetcher.stream(ctx, res, stack)
+        return self.flights.serve(
+            ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res) is not None
+        )
 
 
 def _reason_for(status: int, message: str) -> str:

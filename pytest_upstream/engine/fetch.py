@@ -1,27 +1,29 @@
 """The one fetch-and-store pipeline: ask the upstream (retrying once after an auth challenge),
-check its status, verify the bytes and store blob and index entry, whole or while streaming them
-to the client.  ``store_answer`` is also how imported cassettes enter the cache, so an imported
-answer is checked and indexed exactly like a live one.
+check its status, verify the bytes and store blob and index entry.  A whole answer is stored
+here; an artifact streamed to its clients while it is stored runs in a flight (flights.py) built
+on these steps.  Every download keeps to the fetch deadlines (``FetchLimits``, through
+``upstream.client.Pace``).  ``store_answer`` is also how imported cassettes enter the cache, so an
+imported answer is checked and indexed exactly like a live one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
+from pytest_upstream.config.settings import FetchLimits
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness
-from pytest_upstream.engine.recorders import Answer, Recorders
+from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, Resource
-from pytest_upstream.messages import Reply
 from pytest_upstream.store.cache import Cache, Entry
 from pytest_upstream.store.entry import NOT_FOUND
-from pytest_upstream.upstream.client import UpstreamClient, UpstreamError, iter_body
+from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, iter_body
 
 CACHE_HEADER = "X-Upstream-Cache"
 USER_AGENT = "pytest-upstream"
@@ -73,12 +75,22 @@ def store_answer(
 
 class Fetcher:
     def __init__(
-        self, cache: Cache, client: UpstreamClient, freshness: Freshness, recorders: Recorders
+        self,
+        cache: Cache,
+        client: UpstreamClient,
+        freshness: Freshness,
+        recorders: Recorders,
+        limits: FetchLimits | None = None,
     ) -> None:
         self.cache = cache
         self.client = client
         self.freshness = freshness
         self.recorders = recorders
+        self.limits = limits or FetchLimits()
+
+    def pace(self) -> Pace:
+        """The deadline and minimum rate of one download, on the engine's clock."""
+        return Pace(self.limits, self.freshness.clock.now)
 
     # -- asking --------------------------------------------------------------
     def open(
@@ -150,12 +162,13 @@ class Fetcher:
         proxy = ctx.proxy
         try:
             with contextlib.ExitStack() as stack:
+                pace = self.pace()
                 resp = self.open(stack, ctx, res, stale)
                 if resp.status_code == 304 and stale is not None:
                     self.freshness.mark_refreshed(ctx.mode, proxy, res)
                     return Obtained(self.cache.store_entry(replace(stale, fetched_at=ctx.now())), "hit")
                 self.check_status(ctx, res, resp)
-                return self.store(ctx, res, resp)
+                return self.store(ctx, res, resp, pace)
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:
                 self.freshness.mark_refreshed(ctx.mode, proxy, res)
@@ -164,72 +177,24 @@ class Fetcher:
                 raise
             raise UpstreamFailed(f"upstream {res.upstream_url} for {proxy.key!r}: {exc}") from exc
 
-    def store(self, ctx: RequestContext, res: Resource, resp: httpx.Response) -> Obtained:
+    def store(self, ctx: RequestContext, res: Resource, resp: httpx.Response, pace: Pace | None) -> Obtained:
+        """Store the 200 answer ``resp`` read whole (``store_answer``), keeping to ``pace``."""
         entry = store_answer(
-            self.cache, ctx.fmt, res, ctx.proxy.key, resp.headers, iter_body(resp), ctx.now()
+            self.cache, ctx.fmt, res, ctx.proxy.key, resp.headers, iter_body(resp, pace), ctx.now()
         )
         self.freshness.mark_refreshed(ctx.mode, ctx.proxy, res)
         return Obtained(entry, "miss")
 
-    # -- streamed answers ----------------------------------------------------
-    def stream(self, ctx: RequestContext, res: Resource, stack: contextlib.ExitStack) -> Reply | Obtained:
-        """An artifact miss, with its per-entry lock held in ``stack``: a Reply whose body streams
-        while it is stored, or the stored entry for a small artifact with a published digest
-        (verified before the first byte is sent).  ``stack`` is closed when the stream ends."""
-        try:
-            resp = self.open(stack, ctx, res, None)
-            self.check_status(ctx, res, resp)
-            length = _declared_length(resp)
-            if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
-                with stack:
-                    return self.store(ctx, res, resp)
-        except UpstreamError as exc:
-            stack.close()
-            raise UpstreamFailed(f"upstream {res.upstream_url} for {ctx.proxy.key!r}: {exc}") from exc
-        except BaseException:
-            stack.close()
-            raise
-        headers = {
+    # -- streamed answers (the download itself runs in engine/flights.py) --------
+    def stream_headers(self, ctx: RequestContext, res: Resource, resp: httpx.Response) -> dict[str, str]:
+        """The headers of an answer streamed while the upstream's ``resp`` is stored."""
+        return {
             CACHE_HEADER: "miss",
             "Content-Type": resp.headers.get("content-type")
             or res.content_type
             or "application/octet-stream",
             **ctx.fmt.reply_headers(res, _kept_headers(res, resp)),
         }
-        return Reply(200, headers, stream=self._tee(ctx, res, resp, stack), length=length)
-
-    def _tee(
-        self, ctx: RequestContext, res: Resource, resp: httpx.Response, stack: contextlib.ExitStack
-    ) -> Iterator[bytes]:
-        """Yield upstream chunks while writing them to the cache; commit at the end.
-
-        Raises (so the server cuts the connection) on a truncated body or a
-        digest mismatch; nothing is stored then.  The last chunk is held back
-        until the blob is verified and indexed, so a client never receives a
-        whole body that failed verification, and one that did receive a whole
-        body finds it in the cache.
-        """
-        req = ctx.request
-        held = b""
-        with stack:
-            writer = self.cache.writer(tuple(res.expected))
-            try:
-                for chunk in iter_body(resp):
-                    writer.write(chunk)
-                    if held:
-                        yield held
-                    held = chunk
-                sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
-            except Exception as exc:
-                self.recorders.answered(Answer(req, res.path, res, "error", 502, error=str(exc)))
-                raise
-            finally:
-                writer.discard()
-            entry = self.cache.store_entry(res.index_entry(ctx.proxy.key, resp.headers, sha, size, ctx.now()))
-        self.recorders.answered(Answer(req, res.path, res, "miss", 200, size, sha))
-        self.recorders.used(ctx.proxy.key, res, entry)
-        if held:
-            yield held
 
 
 def _kept_headers(res: Resource, resp: httpx.Response) -> dict[str, str]:
@@ -247,7 +212,7 @@ def _error_body(resp: httpx.Response, limit: int = 65536) -> bytes:
     return body[:limit]
 
 
-def _declared_length(resp: httpx.Response) -> int | None:
+def declared_length(resp: httpx.Response) -> int | None:
     """Content-Length, when it describes the bytes we will relay (no content coding)."""
     if resp.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
         return None

@@ -24,11 +24,13 @@ import re
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import BinaryIO
 
+from pytest_upstream.engine.flights import FlightReader
 from pytest_upstream.messages import Headers, Reply
 
 log = logging.getLogger("pytest_upstream.server")
@@ -253,27 +255,54 @@ def _send_file(wire: Wire, request: Headers, reply: Reply, path: Path) -> None:
 
 
 def _send_stream(wire: Wire, reply: Reply) -> None:
-    """A body as the engine produces it (a miss relayed while it is stored).
-
-    The stream is run to its end even when this client has gone: today's engine stores
-    the download as it relays it, for the clients after this one.
-    """
+    """A body as the engine produces it: a download in progress (engine/flights.py) or another
+    stream.  A client that leaves stops reading the stream and closes it; the download goes on
+    for the others without it.  A stream that fails (a truncated upstream, a digest mismatch)
+    raises StreamFailed: the caller cuts the connection, so the body never ends normally."""
     assert reply.stream is not None
-    wire.head(reply.status, reply.headers, reply.reason, reply.length)
-    client_error: OSError | None = None
+    stream = reply.stream
     try:
-        for chunk in reply.stream:
-            if client_error is not None or not chunk or wire.head_only:
-                continue
+        wire.head(reply.status, reply.headers, reply.reason, reply.length)
+        if wire.head_only:
+            return
+        if isinstance(stream, FlightReader) and reply.length is not None:
+            _send_flight(wire, stream)
+        else:
+            for chunk in _guarded(stream):
+                wire.data(chunk)  # OSError: the client left or stalled past the send timeout
+        wire.end()
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _guarded(stream: Iterator[bytes]) -> Iterator[bytes]:
+    """The stream's chunks; its own failures become StreamFailed (the client's stay OSError)."""
+    while True:
+        try:
+            chunk = next(stream)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise StreamFailed(str(exc) or type(exc).__name__) from exc
+        yield chunk
+
+
+def _send_flight(wire: Wire, reader: FlightReader) -> None:
+    """A download in progress, sent from its growing part file with sendfile, span by span as
+    the bytes arrive (the last span only once the download is verified and stored)."""
+    with open(reader.fileno(), "rb", closefd=False) as part:
+        while True:
             try:
-                wire.data(chunk)
-            except OSError as exc:
-                client_error = exc
-    except Exception as exc:  # truncated upstream, a digest mismatch: never end the body normally
-        raise StreamFailed(str(exc) or type(exc).__name__) from exc
-    if client_error is not None:
-        raise client_error
-    wire.end()
+                span = reader.next_span()
+            except Exception as exc:
+                raise StreamFailed(str(exc) or type(exc).__name__) from exc
+            if span is None:
+                return
+            offset, count = span
+            wire.file(part, offset, count)
+            reader.advance(count)
 
 
 def cut(sock: socket.socket) -> None:

@@ -70,6 +70,18 @@ class BlobWriter:
             h.update(chunk)
         self.size += len(chunk)
 
+    def flush(self) -> None:
+        """Hand what was written to the OS, so readers of the part file (``open_reader``) see it."""
+        self._out.flush()
+
+    def open_reader(self) -> int:
+        """A read-only descriptor on the part file, for serving it while it grows.
+
+        It stays valid when the file is committed (renamed to its blob) or discarded (unlinked),
+        so a reader that opened it never sees the bytes vanish under it.
+        """
+        return os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
     def finish(self) -> dict[str, str]:
         """Flush and return the digests (hex) of what was written."""
         self._out.flush()

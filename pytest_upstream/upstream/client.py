@@ -15,6 +15,7 @@ with a clear error rather than silently capturing the proxy's traffic.
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,9 @@ from unittest import mock
 
 import httpcore
 import httpx
+
+from pytest_upstream.config.settings import FetchLimits
+from pytest_upstream.config.units import human_size
 
 
 def _original(cls: type, name: str) -> Callable[..., Any]:
@@ -113,14 +117,58 @@ class UpstreamClient:
         self._client.close()
 
 
-def iter_body(response: httpx.Response) -> Iterator[bytes]:
+class Pace:
+    """A download's deadline and minimum rate (``FetchLimits``), judged as its chunks arrive.
+
+    The read ``timeout`` cuts an upstream that sends nothing; this cuts one that keeps a download
+    alive by dripping (a byte every few seconds resets every read timeout): the average rate over
+    each ``rate_window`` must reach ``min_rate``, and the whole download must end within
+    ``deadline``.  ``now`` is the engine's clock, so a test can advance it instead of waiting.
+    """
+
+    def __init__(self, limits: FetchLimits, now: Callable[[], float] = time.time) -> None:
+        self.limits = limits
+        self._now = now
+        self.started = now()
+        self._mark = (self.started, 0)  # (time, bytes so far) at the start of the current window
+
+    def body_starts(self) -> None:
+        """The rate is judged from the first byte on: an upstream slow to answer is the read
+        ``timeout``'s business (and the deadline's), not a slow transfer."""
+        self._mark = (self._now(), 0)
+
+    def check(self, received: int) -> None:
+        """Raise UpstreamError if the download, ``received`` bytes so far, broke a limit."""
+        limits, now = self.limits, self._now()
+        if limits.deadline and now - self.started > limits.deadline:
+            raise UpstreamError(f"gave up after the fetch deadline ({limits.deadline:g}s, fetch_deadline)")
+        since, at = self._mark
+        elapsed = now - since
+        if limits.min_rate and elapsed >= limits.rate_window:
+            if received - at < limits.min_rate * elapsed:
+                raise UpstreamError(
+                    f"too slow: {human_size(received - at)} in the last {elapsed:.0f}s, below the "
+                    f"minimum {human_size(limits.min_rate)}/s (min_rate)"
+                )
+            self._mark = (now, received)
+
+
+def iter_body(response: httpx.Response, pace: Pace | None = None) -> Iterator[bytes]:
     """The body with any Content-Encoding undone, turning transport errors into UpstreamError.
 
     The cache stores and verifies the content itself, never a transfer compression of it.
     Chunks come as the socket delivers them: re-cutting them to a fixed size
-    copied every byte once more and cost a third of a cold miss.
+    copied every byte once more and cost a third of a cold miss.  With a ``pace``, a download
+    that breaks its deadline or minimum rate raises UpstreamError too.
     """
+    received = 0
+    if pace is not None:
+        pace.body_starts()
     try:
-        yield from response.iter_bytes()
+        for chunk in response.iter_bytes():
+            if pace is not None:
+                received += len(chunk)
+                pace.check(received)
+            yield chunk
     except httpx.HTTPError as exc:
         raise UpstreamError(_describe(exc)) from exc

@@ -276,9 +276,12 @@ def open_fds(pid: int) -> int:
 def established(port: int) -> int:
     """Connections to ``port`` that the server side has established (``ss``): a client's view
     overcounts, since a connect the listen backlog dropped still looks open until it sends."""
-    out = subprocess.run(
-        ["ss", "-tanH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
-    ).stdout
+    try:
+        out = subprocess.run(
+            ["ss", "-tanH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+        ).stdout
+    except FileNotFoundError:  # no iproute2: unknown
+        return -1
     return sum(1 for line in out.splitlines() if line.strip())
 
 

@@ -2,7 +2,7 @@
 """The serving core as a long-running service: issue 9's targets, measured against references.
 
     benchmarks/setup.sh                                     # once: nginx, wrk, curl (apt-get)
-    .venv/bin/python benchmarks/service_bench.py            # ~4 minutes; rewrites its section
+    .venv/bin/python benchmarks/service_bench.py            # ~3 minutes; rewrites its section
     .venv/bin/python benchmarks/service_bench.py --quick    # each part well under a minute, prints
     .venv/bin/python benchmarks/service_bench.py --only 13  # some parts only
 
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import DOC, ProxyProcess, busy, log, machine, raise_file_limit, work_dir, write_section
+from harness import DOC, ROOT, ProxyProcess, busy, log, machine, raise_file_limit, work_dir, write_section
 from instruments import (
     HOST,
     Fetch,
@@ -732,6 +732,26 @@ def render(info: dict[str, str], tools: str, profile: Profile, quick: bool, r: R
     return "\n".join(out) + "\n"
 
 
+def code_version() -> str:
+    """The commit measured (and whether the tree had changes), so figures can be told apart."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"commit {rev}" + (" with uncommitted changes" if dirty else "")
+
+
 def tool_versions(nginx: Nginx) -> str:
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     words = (wrk.stdout + wrk.stderr).split()
@@ -761,7 +781,7 @@ def main() -> int:
     output = args.output or (None if args.quick else DOC)
     info = machine()
     date = info.pop("Date")
-    info = {**info, "Load average at start": load(), "Date": date}
+    info = {**info, "Code": code_version(), "Load average at start": load(), "Date": date}
     results = Results()
     started = time.monotonic()
     with work_dir("upstream-service-bench-", args.tmp, logs=["proxy-stderr.log", "nginx/error.log"]) as work:

@@ -87,6 +87,11 @@ def load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def counted(items: list[str]) -> str:
+    """``a x3, b x1``: a list of outcomes, each with how often it happened."""
+    return ", ".join(f"{k} x{v}" for k, v in Counter(items).items())
+
+
 def size_label(n: int) -> str:
     return f"{n / (1024 * MiB):g} GiB" if n >= 1024 * MiB else f"{n // MiB} MiB"
 
@@ -468,7 +473,7 @@ class Bench:
                 f"timed out {holder.connect_timeouts:,}; closed by serve {holder.closed_by_server:,} "
                 f"({holder.answered:,} after an answer); probes ms "
                 f"{', '.join(ms(t) for t in loaded.times) or '-'}"
-                + (f"; failed probes: {', '.join(loaded.failures)}" if loaded.failures else "")
+                + (f"; failed probes: {counted(loaded.failures)}" if loaded.failures else "")
                 + f"; after release: {after.summary()}; serve {'alive' if alive else 'EXITED'}"
             )
 
@@ -491,7 +496,7 @@ class Bench:
         stalled: socket.socket | None = None
         try:
             stalled = stalled_client(proxy.port, path)
-            time.sleep(0.3)  # the stalled client's request is the first: it starts the fetch
+            time.sleep(0.05)  # its request arrives first and starts the fetch; the others join it
             took, outcomes = crowd(proxy.port, path, p.stall_clients, p.stall_deadline)
         finally:
             if stalled is not None:
@@ -527,11 +532,8 @@ class Bench:
         self.r.detail(
             f"- {what}: lone download ms {', '.join(f'{t * 1000:.0f}' for t in lone)}; the {n}'s times ms "
             f"{', '.join(f'{t * 1000:.0f}' for t in times) or '-'}"
-            + (
-                f"; not finished: {', '.join(f'{k} x{v}' for k, v in Counter(others).items())}"
-                if others
-                else ""
-            )
+            + (f"; answered as {counted([o.cache or '(none)' for o in done])}" if done else "")
+            + (f"; not finished: {counted(others)}" if others else "")
             + "; upstream requests (method status bytes sent) "
             + (", ".join(f"{m} {s} {b / MiB:.1f} MiB" for m, s, b in fetches) or "none logged")
         )
@@ -673,13 +675,16 @@ HOW = """\
   inherits it.
 - **(2)** the lone time is a cold download through a fresh proxy, alone (median of the runs). Then a
   fresh proxy gets the stalled client first (a 4 KiB receive buffer, a GET, never a read), and
-  0.3 s later the clients start together; each gives up at the deadline. Time runs from their start
+  50 ms later the clients start together, while the fetch runs; each gives up at the deadline (their
+  `X-Upstream-Cache` answers are listed). Time runs from their start
   to the last one's last byte. Upstream fetches: nginx's log lines for the file, read after the
   proxy was stopped (nginx logs a transfer when it ends).
 - **(3)** wrk `-t2 -c16` (keep-alive) on the warm 1 KiB file in 2 s bursts until the count is
   reached, VmRSS read from `/proc/PID/status` after a 1 s warm-up burst and after each burst. Then a
   fresh proxy serves the big file as a cold miss and once more as a warm hit while VmRSS is sampled
   every 5 ms; growth = the highest of the sampled peaks and VmHWM, minus VmRSS before.
+- **Load average** counts runnable threads, serve's own among them: the 1,000 threads of the
+  current server waking at once when (1) releases its connections show up in it.
 - **(4)** a fresh proxy per run; a direct download from nginx and one through the proxy
   alternate. First body byte: connect to the first byte after the proxy's headers.
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import selectors
 import shutil
@@ -143,7 +144,8 @@ class _Held:
 
 
 class Holder:
-    """Keeps ``count`` connections to a server open from one thread (non-blocking, a selector).
+    """Keeps ``count`` connections to a server open from one thread (non-blocking, a selector);
+    ``server_count`` (the server side's established connections) paces the ramp.
 
     Half of them only connect; the other half send the start of a request and then one more byte
     of an endless header line every ``trickle_every`` seconds.  A connection the server closes or
@@ -151,8 +153,16 @@ class Holder:
     has not completed within 3 s is dropped and retried: the pressure stays on for the whole hold.
     """
 
-    def __init__(self, port: int, count: int, trickle_every: float = 1.0, burst: int = 20) -> None:
+    def __init__(
+        self,
+        port: int,
+        count: int,
+        trickle_every: float = 1.0,
+        burst: int = 20,
+        server_count: Callable[[], int] | None = None,
+    ) -> None:
         self.port, self.count, self.trickle_every, self.burst = port, count, trickle_every, burst
+        self.server_count = server_count
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Held] = {}
         self.started = 0  # connects begun
@@ -196,7 +206,14 @@ class Holder:
         c.sock.close()
 
     def _open_some(self, now: float) -> None:
-        for _ in range(min(self.burst, self.count - len(self.conns))):
+        want = min(self.burst, self.count - len(self.conns))
+        if want > 0 and self.server_count is not None:
+            # Never run more than 64 ahead of what the server has established: a connect the full
+            # listen backlog drops still looks open to an idle client, which would never learn.
+            server = self.server_count()
+            if server >= 0:
+                want = min(want, server + 64 - len(self.conns))
+        for _ in range(want):
             try:
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             except OSError:
@@ -424,7 +441,8 @@ class Bench:
             try:
                 quiet = probe(proxy.port, p.probes, 0.05)
                 cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-                holder = Holder(proxy.port, count).start()
+                watch = functools.partial(established, proxy.port)
+                holder = Holder(proxy.port, count, server_count=watch).start()
                 try:
                     ramp = holder.wait_open(15.0)
                     connected = holder.open_now

@@ -1,10 +1,12 @@
 """What the benchmark scripts share: child processes, the proxy, the machine, the report.
 
-``run.py``, ``build_bench.py`` and ``docker_bench.py`` each measure something else, but all of
-them start ``upstream-proxy serve`` and other servers as child processes and stop them again,
-work in a temp dir that is removed at the end (showing the proxies' stderr when a run fails),
-describe the machine they ran on, and write their own section of docs/benchmarks.md.  That
-is done here, once.
+``run.py``, ``service_bench.py``, ``build_bench.py`` and ``docker_bench.py`` each measure
+something else, but all of them start ``upstream-proxy serve`` and other servers as child
+processes and stop them again, work in a temp dir that is removed at the end (showing the
+proxies' stderr when a run fails), describe the machine they ran on, and write their own
+section of docs/benchmarks.md.  That is done here, once.  (The instruments ``run.py`` and
+``service_bench.py`` share, a raw-socket client, nginx, wrk and /proc readings, are in
+``instruments.py``.)
 
 Each script's section sits between two marker comments, ``<!-- NAME: begin ... -->`` and
 ``<!-- NAME: end -->`` (NAME is the script's file name); a full run replaces what is between

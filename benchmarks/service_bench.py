@@ -685,10 +685,12 @@ HOW = """\
   a deadline on the whole exchange); wrk for the warm hits of (3).
 - **(1)** one thread holds the connections with non-blocking sockets: half only connect, half send
   `GET /files/small.bin HTTP/1.1`, `Host` and the start of a header line, then one byte of it a
-  second. Any the server closes (or answers) are opened again, at most 200 a tick, and a connect not
-  completed in 3 s is retried, so the pressure stays on. Once all are open (or after 10 s), probes of
-  the 1 KiB file (new connection each, 5 s deadline) run spread over the hold; the reference is the
-  same probes just before, with nothing held. The second variant starts serve with a soft
+  second. Connects run at most 64 ahead of the connections serve's port has established (`ss`), so
+  none is lost unseen to a full listen backlog. Any the server closes (or answers) are opened again,
+  and a connect not completed in 3 s is retried, so the pressure stays on. Once all are open and
+  serve's count stops rising, probes of the 1 KiB file (a new connection each, a 2 s deadline) run
+  spread over the hold (30 s in a full run; fewer when they time out); the reference is the same probes
+  just before, with nothing held. The second variant starts serve with a soft
   `RLIMIT_NOFILE` of 1,024 (the usual default) and holds 1,100; serve's CPU use over the hold shows
   an accept loop spinning on EMFILE. The bench raises its own descriptor limit; the first serve
   inherits it.

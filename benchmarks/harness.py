@@ -1,10 +1,12 @@
 """What the benchmark scripts share: child processes, the proxy, the machine, the report.
 
-``run.py``, ``build_bench.py`` and ``docker_bench.py`` each measure something else, but all of
-them start ``upstream-proxy serve`` and other servers as child processes and stop them again,
-work in a temp dir that is removed at the end (showing the proxies' stderr when a run fails),
-describe the machine they ran on, and write their own section of docs/benchmarks.md.  That
-is done here, once.
+``run.py``, ``service_bench.py``, ``build_bench.py`` and ``docker_bench.py`` each measure
+something else, but all of them start ``upstream-proxy serve`` and other servers as child
+processes and stop them again, work in a temp dir that is removed at the end (showing the
+proxies' stderr when a run fails), describe the machine they ran on, and write their own
+section of docs/benchmarks.md.  That is done here, once.  (The instruments ``run.py`` and
+``service_bench.py`` share, a raw-socket client, nginx, wrk and /proc readings, are in
+``instruments.py``.)
 
 Each script's section sits between two marker comments, ``<!-- NAME: begin ... -->`` and
 ``<!-- NAME: end -->`` (NAME is the script's file name); a full run replaces what is between
@@ -20,6 +22,8 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -28,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ __all__ = [
     "free_port",
     "log",
     "machine",
+    "raise_file_limit",
     "stop",
     "wait_port",
     "work_dir",
@@ -85,35 +90,64 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 15.0) -> 
     raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout}s")
 
 
+_BASE_URL = re.compile(r"http://[0-9.]+:[0-9]+")
+
+
+def raise_file_limit(want: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards ``want`` (children inherit it); the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
 def proxy_command() -> list[str]:
     script = Path(sys.executable).parent / "upstream-proxy"
     return [str(script)] if script.exists() else [sys.executable, "-m", "pytest_upstream"]
 
 
 class ProxyProcess:
-    """``upstream-proxy --config FILE serve --port 0 --cache DIR [--workers N]``, a child process.
+    """``upstream-proxy --config FILE serve --port 0 --cache DIR [--workers N] [EXTRA...]``, a child
+    process (with ``nofile``: its soft descriptor limit set to that).
 
     Its stderr is appended to ``stderr`` (``work_dir`` shows the end of it when a run fails);
     its stdout, after the first line (the URL), is drained so it never blocks on a full pipe.
     """
 
-    def __init__(self, config: Path, cache: Path, stderr: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        config: Path,
+        cache: Path,
+        stderr: Path,
+        workers: int = 1,
+        nofile: int | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.cache = cache
         self._stderr = open(stderr, "ab")  # noqa: SIM115 - closed in stop()
         command = [*proxy_command(), "--config", str(config), "serve", "--port", "0", "--cache", str(cache)]
         self.proc = subprocess.Popen(
-            [*command, *(["--workers", str(workers)] if workers != 1 else [])],
+            [*command, *(["--workers", str(workers)] if workers != 1 else []), *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
         )
+        if nofile is not None:  # set at once, long before the child opens many descriptors
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
         assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().strip()
-        if not first.startswith("http://"):
+        # The base URL is the first http:// URL of the banner's first lines (its wording may change).
+        lines: list[str] = []
+        while len(lines) < 5 and (line := self.proc.stdout.readline()):
+            lines.append(line.strip())
+            if found := _BASE_URL.search(line):
+                break
+        else:
             self.stop()
-            raise RuntimeError(f"upstream-proxy did not print its URL (got {first!r}); see {stderr}")
-        self.base_url = first.rstrip("/")
+            raise RuntimeError(f"upstream-proxy did not print its URL (got {lines!r}); see {stderr}")
+        self.base_url = found.group(0)
         self.port = int(self.base_url.rsplit(":", 1)[1])
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 

@@ -27,28 +27,36 @@ big files and caches) is removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
-import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import DOC, ProxyProcess, busy, free_port, log, machine, stop, wait_port, work_dir, write_section
+from harness import DOC, ProxyProcess, busy, log, machine, stop, work_dir, write_section
+from instruments import (
+    HOST,
+    Fetch,
+    MiB,
+    Nginx,
+    RssSampler,
+    WrkResult,
+    curl_get,
+    expect,
+    http_get,
+    proc_status_kb,
+    run_wrk,
+    write_random_file,
+)
 
 from fixtures.build_wheels import write_tree
 from pytest_upstream.formats.pypi import parse_page, render_html
 
-HOST = "127.0.0.1"
-MiB = 1024 * 1024
 PAGE_PROJECT = "upstream-demo-a"
 PAGE_TARGET_BYTES = 5 * 1024
 RSS_LIMIT_MB = 50.0
@@ -68,217 +76,7 @@ FULL = Profile(100 * MiB, 1024 * MiB, hit_reps=7, miss_reps=5, wrk_seconds=5, wr
 QUICK = Profile(10 * MiB, 64 * MiB, hit_reps=3, miss_reps=2, wrk_seconds=2, wrk_rounds=1)
 
 
-# -- clients ---------------------------------------------------------------
-@dataclass
-class Fetch:
-    status: int
-    headers: dict[str, str]
-    size: int
-    t_head: float  # seconds from connect to the end of the response headers
-    t_first: float  # ... to the first body byte
-    t_total: float  # ... to the last body byte
-    max_gap: float = 0.0  # the longest wait between two reads of the body
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.size / self.t_total / 1e6
-
-    @property
-    def cache(self) -> str:
-        return self.headers.get("x-upstream-cache", "")
-
-
-_BUF = memoryview(bytearray(8 * MiB))
-
-
-def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> Fetch:
-    """One GET over a fresh connection; the body is read into a reused 8 MiB buffer and dropped.
-
-    A raw-socket reader (recv_into, no parsing of the body) so the client
-    costs next to nothing next to the server it measures, and it can tell
-    the first body byte apart from the headers.
-    """
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {HOST}:{port}",
-        "User-Agent: upstream-bench",
-        "Connection: close",
-    ]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    mv = _BUF
-    t0 = time.perf_counter()
-    with socket.create_connection((HOST, port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(request)
-        head = bytearray()
-        while (end := head.find(b"\r\n\r\n")) < 0:
-            n = s.recv_into(mv)
-            if not n:
-                raise RuntimeError(f"GET {path}: connection closed before the headers ended")
-            head += mv[:n]
-        t_head = time.perf_counter()
-        status_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
-        status = int(status_line.split()[1])
-        hdrs: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            hdrs[name.strip().lower()] = value.strip()
-        if "chunked" in hdrs.get("transfer-encoding", "").lower():
-            raise RuntimeError(f"GET {path}: unexpected chunked body (no Content-Length)")
-        length = int(hdrs["content-length"]) if "content-length" in hdrs else None
-        got = len(head) - end - 4
-        t_first = t_head if got else 0.0
-        max_gap, last = 0.0, t_head
-        while length is None or got < length:
-            n = s.recv_into(mv)
-            now = time.perf_counter()
-            if not n:
-                break
-            if not t_first:
-                t_first = now
-            got += n
-            max_gap, last = max(max_gap, now - last), now
-        t_end = time.perf_counter()
-    if length is not None and got != length:
-        raise RuntimeError(f"GET {path}: got {got} of {length} bytes")
-    return Fetch(status, hdrs, got, t_head - t0, (t_first or t_end) - t0, t_end - t0, max_gap)
-
-
-def curl_get(url: str) -> Fetch:
-    """The same GET with curl (a cross-check that the Python reader is not the bottleneck)."""
-    fmt = "%{http_code} %{size_download} %{time_starttransfer} %{time_total}"
-    out = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", fmt, url], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return Fetch(int(out[0]), {}, int(out[1]), float(out[2]), float(out[2]), float(out[3]))
-
-
-def expect(f: Fetch, what: str, size: int, cache: str | None = None) -> Fetch:
-    if f.status != 200 or f.size != size or (cache is not None and f.cache != cache):
-        raise RuntimeError(
-            f"{what}: status {f.status}, {f.size} bytes, X-Upstream-Cache {f.cache!r} "
-            f"(expected 200, {size} bytes, {cache!r})"
-        )
-    return f
-
-
-# -- servers ---------------------------------------------------------------
-class Nginx:
-    def __init__(self, work: Path, www: Path) -> None:
-        self.dir = work / "nginx"
-        self.dir.mkdir()
-        self.port = free_port()
-        self.cache_port = free_port()  # nginx's own pull-through cache, a reference for (b)
-        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        temps = "".join(
-            f"    {name}_temp_path {self.dir / name};\n"
-            for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        self.conf = self.dir / "nginx.conf"
-        self.conf.write_text(
-            f"""{user}worker_processes 2;
-daemon off;
-pid {self.dir / "nginx.pid"};
-error_log {self.dir / "error.log"} warn;
-events {{ worker_connections 1024; }}
-http {{
-    types {{ text/html html; application/octet-stream bin whl; }}
-    default_type application/octet-stream;
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_requests 1000000;
-{temps}    proxy_cache_path {self.dir / "cache"} levels=1:2 keys_zone=bench:10m max_size=8g use_temp_path=off;
-    server {{
-        listen {HOST}:{self.port};
-        root {www};
-        location / {{ }}
-    }}
-    server {{
-        listen {HOST}:{self.cache_port};
-        location / {{
-            proxy_pass http://{HOST}:{self.port};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache bench;
-            proxy_cache_valid 200 1h;
-            add_header X-Cache-Status $upstream_cache_status;
-        }}
-    }}
-}}
-"""
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Nginx:
-        self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL,
-        )
-        wait_port(self.port, self.proc)
-        wait_port(self.cache_port, self.proc)
-        return self
-
-    def stop(self) -> None:
-        stop(self.proc, signal.SIGQUIT)
-
-    def version(self) -> str:
-        out = subprocess.run([self.binary, "-v"], capture_output=True, text=True)
-        return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
-
-
-# -- memory sampling -------------------------------------------------------
-def proc_status_kb(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                out[name] = int(value.split()[0])
-    return out
-
-
-class RssSampler:
-    """Polls VmRSS of a process every few milliseconds while a transfer runs."""
-
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
-        self.pid, self.interval = pid, interval
-        self.peak_kb = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, KeyError):
-                self.peak_kb = max(self.peak_kb, proc_status_kb(self.pid)["VmRSS"])
-                self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -- fixtures --------------------------------------------------------------
-def write_random_file(path: Path, size: int) -> None:
-    """Random (incompressible) bytes: a 16 MiB random block repeated, written in chunks."""
-    block = os.urandom(min(size, 16 * MiB))
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(block))
-            f.write(block[:n] if n < len(block) else block)
-            left -= n
-
-
 def fake_link(i: int) -> str:
     name = f"upstream_demo_a-0.{i}.0-py3-none-any.whl"
     sha = hashlib.sha256(name.encode()).hexdigest()
@@ -367,49 +165,6 @@ def start_bare_server(work: Path, body: Path) -> tuple[subprocess.Popen[str], in
     )
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
-
-
-# -- wrk -------------------------------------------------------------------
-@dataclass
-class WrkResult:
-    rps: float
-    requests: int
-    errors: int
-    p50_ms: float
-    p99_ms: float
-
-
-def _ms(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
-    if not m:
-        return float("nan")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
-
-
-def run_wrk(url: str, seconds: int) -> WrkResult:
-    out = subprocess.run(
-        ["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", "Accept: text/html", url],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(g) for g in m.groups())
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    return WrkResult(
-        rps,
-        requests,
-        errors,
-        _ms(p50.group(1)) if p50 else float("nan"),
-        _ms(p99.group(1)) if p99 else float("nan"),
-    )
 
 
 # -- the benchmarks --------------------------------------------------------
@@ -541,8 +296,8 @@ class Bench:
         self.r.row(
             f"(a) warm hit {size // MiB} MiB: proxy / nginx throughput",
             f"{p:.0f} / {n:.0f} MB/s = {ratio:.2f}x",
-            ">= 0.8x",
-            ratio >= 0.8,
+            ">= 0.9x",
+            ratio >= 0.9,
         )
         self.r.detail(
             f"- (a) {self.p.hit_reps} runs each, alternating, MB/s: proxy {fmt_list(prx)}; "
@@ -585,16 +340,15 @@ class Bench:
         self.r.row(
             f"(b) cold miss {size // MiB} MiB: proxy / direct time",
             f"{t * 1000:.0f} / {d * 1000:.0f} ms = {ratio:.2f}x",
-            "<= 1.2x",
-            ratio <= 1.2,
+            "<= 2x",
+            ratio <= 2.0,
         )
         fb = statistics.median(ttfb)
-        early = all(b < dd for b, dd in zip(ttfb, direct, strict=True))
         self.r.row(
-            "(b) cold miss: proxy first body byte vs direct download total",
-            f"{fb * 1000:.1f} ms vs {d * 1000:.0f} ms",
-            "first byte before the upstream download ends",
-            fb < d and early,
+            "(b) cold miss: proxy first body byte (median; direct download total for scale)",
+            f"{fb * 1000:.1f} ms (direct total {d * 1000:.0f} ms)",
+            "<= 10 ms",
+            fb <= 0.010,
         )
         self.r.detail(
             f"- (b) {self.p.miss_reps} runs, fresh cache each, ms: through proxy {fmt_ms(through)}; "
@@ -662,21 +416,20 @@ class Bench:
         n = statistics.median(w.rps for w in ngx)
         p = statistics.median(w.rps for w in prx)
         ratio = p / n
-        aim = " (aim 0.25x met)" if ratio >= 0.25 else " (aim 0.25x not met)"
         self.r.row(
             f"(c) warm {self.page_size / 1024:.1f} KiB index page, wrk -t2 -c16 -d{self.p.wrk_seconds}s: "
             "proxy / nginx req/s",
-            f"{p:,.0f} / {n:,.0f} = {ratio:.3f}x{aim}",
-            ">= 0.1x (aim 0.25x)",
-            ratio >= 0.1,
+            f"{p:,.0f} / {n:,.0f} = {ratio:.3f}x",
+            ">= 0.25x",
+            ratio >= 0.25,
         )
         p2 = statistics.median(w.rps for w in prx2)
         self.r.row(
             "(c) the same with `serve --workers 2` (two processes on one port and cache, as nginx's two "
             "workers): proxy / nginx req/s",
-            f"{p2:,.0f} / {n:,.0f} = {p2 / n:.3f}x" + (" (aim 0.25x met)" if p2 / n >= 0.25 else ""),
-            ">= 0.1x (aim 0.25x)",
-            p2 / n >= 0.1,
+            f"{p2:,.0f} / {n:,.0f} = {p2 / n:.3f}x",
+            ">= 0.5x",
+            p2 / n >= 0.5,
         )
         self.r.detail(f"- (c) serve --workers 2 req/s {fmt_list([w.rps for w in prx2])}")
         b = statistics.median(w.rps for w in ref)
@@ -753,6 +506,9 @@ class Bench:
 
 
 NOTES = """## Why targets are missed, and what would help
+
+These notes describe the server before issue 9's rewrite (ThreadingHTTPServer) and the targets it
+had then ((a) 0.8x, (b) 1.2x, (c) 0.1x); the targets above are issue 9's.
 
 Findings from profiling the proxy on this machine (py-spy on the serving process, cProfile on one
 keep-alive connection, and prototypes patched in at run time). They are not regenerated by

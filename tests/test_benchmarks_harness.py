@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SCRIPTS = ("run.py", "docker_bench.py", "build_bench.py")
+SCRIPTS = ("run.py", "docker_bench.py", "build_bench.py", "service_bench.py")
 
 
 def section_of(text: str, name: str) -> str:
@@ -73,3 +73,50 @@ def test_a_proxy_process_serves_and_stops(tmp_path: Path) -> None:
             urllib.request.urlopen(f"{proxy.base_url}/nope/x", timeout=10)
         assert info.value.code == 404  # the proxy answered: no proxy "nope"
     assert proxy.proc.poll() is not None
+
+
+def test_a_proxy_process_can_run_with_the_usual_descriptor_limit(tmp_path: Path) -> None:
+    config = tmp_path / "pyproject.toml"
+    config.write_text(
+        '[[tool.pytest-upstream.proxy]]\nkey = "g"\nformat = "generic"\nurl = "http://127.0.0.1:9/"\n'
+    )
+    with harness.ProxyProcess(config, tmp_path / "cache", tmp_path / "stderr.log", nofile=256) as proxy:
+        limits = Path(f"/proc/{proxy.pid}/limits").read_text()
+        assert "Max open files            256 " in limits  # what service_bench's EMFILE case relies on
+
+
+def test_the_holder_keeps_its_connections_open_and_reopens_what_the_server_closes() -> None:
+    import socket
+    import time
+
+    import service_bench
+
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
+        port = listener.getsockname()[1]
+        holder = service_bench.Holder(port, 10, trickle_every=0.1).start()
+        try:
+            accepted = []
+            listener.settimeout(10)
+            for _ in range(10):
+                accepted.append(listener.accept()[0])
+            assert holder.wait_open(10) < 10 and holder.open_now == 10
+            starts = []
+            for conn in accepted:
+                conn.settimeout(0.3)
+                try:
+                    starts.append(conn.recv(4096))
+                except TimeoutError:
+                    starts.append(b"")  # an idle one: connected, sends nothing
+            assert sum(1 for s in starts if s.startswith(b"GET /files/small.bin HTTP/1.1\r\n")) == 5
+            assert sum(1 for s in starts if s == b"") == 5
+            accepted.pop().close()  # the server drops one: the holder notices and connects again
+            deadline = time.monotonic() + 10
+            while (holder.closed_by_server, holder.started) != (1, 11) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (holder.closed_by_server, holder.started) == (1, 11)
+            accepted.append(listener.accept()[0])
+            assert holder.wait_open(10) < 10 and holder.open_now == 10
+        finally:
+            holder.stop()
+            for conn in accepted:
+                conn.close()

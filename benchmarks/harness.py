@@ -109,7 +109,7 @@ def proxy_command() -> list[str]:
 
 class ProxyProcess:
     """``upstream-proxy --config FILE serve --port 0 --cache DIR [--workers N] [EXTRA...]``, a child
-    process (with ``nofile``: its soft descriptor limit set to that).
+    process (with ``nofile``: its descriptor limits, soft and hard, set to that).
 
     Its stderr is appended to ``stderr`` (``work_dir`` shows the end of it when a run fails);
     its stdout, after the first line (the URL), is drained so it never blocks on a full pipe.
@@ -135,8 +135,10 @@ class ProxyProcess:
             text=True,
         )
         if nofile is not None:  # set at once, long before the child opens many descriptors
+            # Both limits: serve raises its soft limit to the hard one when it starts.
             _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+            limit = min(nofile, hard)
+            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (limit, limit))
         assert self.proc.stdout is not None
         # The base URL is the first http:// URL of the banner's first lines (its wording may change).
         lines: list[str] = []

@@ -301,3 +301,37 @@ def test_pip_and_uv_show_why_a_replay_miss_failed(tmp_path: Path) -> None:
         assert "504 Not recorded (replay mode)" in uv.stderr, uv.stderr
     finally:
         serve.stop()
+
+
+def test_log_lines_are_written_in_batches_in_order_and_warnings_at_once() -> None:
+    import io
+    import logging
+    import time
+
+    from pytest_upstream.cli.logs import BatchingHandler
+
+    log = logging.getLogger("pytest_upstream.test_batching")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    slow, quick = io.StringIO(), io.StringIO()
+    for stream, interval in ((slow, 600.0), (quick, 0.1)):
+        handler = BatchingHandler(stream, interval=interval)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.addHandler(handler)
+    try:
+        log.info("one")
+        log.info("two")
+        assert slow.getvalue() == ""  # batched: not written per line
+        log.warning("three")  # a warning goes out at once, after the lines before it
+        assert slow.getvalue() == "INFO one\nINFO two\nWARNING three\n"
+        deadline = time.monotonic() + 5
+        while "three" not in quick.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("four")  # then nothing more: the flusher writes it within its interval
+        while "four" not in quick.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert quick.getvalue() == "INFO one\nINFO two\nWARNING three\nINFO four\n"
+    finally:
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+            handler.close()

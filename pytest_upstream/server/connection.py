@@ -77,11 +77,26 @@ class Connection:
         self._recv_timeout = -1.0
         self.idle = False  # waiting, kept alive, for the first byte of a next request
         self.idle_since = time.monotonic()
+        # Waiting for (the rest of) a request head since this time; None while answering.  At the
+        # cap such a connection is shed after the idle ones, the longest waiting first: so
+        # connections trickling a header (slowloris) cannot keep a real client out.
+        self.head_since: float | None = time.monotonic()
 
     def shed(self, *, only_idle: bool = True) -> bool:
-        """Close this connection from another thread (the cap, EMFILE, stop); False if it was busy."""
+        """Close this connection from another thread (the cap, EMFILE, stop); False if it was
+        answering a request (``only_idle``: if it was not idle between requests either)."""
         with self._lock:
             if only_idle and not self.idle:
+                return False
+            if self.head_since is None:
+                return False
+            cut(self.sock)
+            return True
+
+    def shed_waiting(self) -> bool:
+        """Close this connection if it is still waiting for a request head (the cap)."""
+        with self._lock:
+            if self.head_since is None:
                 return False
             cut(self.sock)
             return True
@@ -121,9 +136,13 @@ class Connection:
                     self._refuse(bad.status, bad.reason)
                     return
             opened = 0.0
+            with self._lock:
+                self.head_since = None  # answering: never shed
             if not self._answer(reader.ready.popleft()) or self.site.stopping.is_set():
                 self._linger()
                 return
+            with self._lock:
+                self.head_since = time.monotonic()
 
     # -- reading ------------------------------------------------------------
     def _receive(self, opened: float) -> bool:

@@ -1,9 +1,11 @@
 """The accept loop: a thread per connection, at most ``max_connections`` of them.
 
 At the cap, the oldest connection idling between kept-alive requests is closed to make room
-(a client re-opens one at no cost); when none is idle the newcomer gets ``503`` and is closed,
-so the clients already being served keep their descriptors.  Running out of descriptors
-(EMFILE) sheds an idle connection too; else one reserved descriptor answers one client 503
+(a client re-opens one at no cost), else the one that has waited longest for its request head
+(a client trickling a header, slowloris, cannot keep real clients out); when every connection
+is being answered the newcomer gets ``503`` and is closed, so the clients already being served
+keep their descriptors.  Running out of descriptors
+(EMFILE) sheds a connection the same way; else one reserved descriptor answers one client 503
 and the loop backs off (up to a second) instead of spinning on a listening socket that stays
 readable.  ``serve --workers`` forks processes that run this same loop on the one socket.
 """
@@ -119,9 +121,18 @@ class Listener:
             self._connections.pop(connection, None)
 
     def _shed_oldest_idle(self) -> bool:
+        """Make room: the connection idle the longest, else the one waiting longest for its
+        request head (a slowloris client); never one being answered."""
         with self._lock:
-            idle = sorted((c for c in self._connections if c.idle), key=lambda c: c.idle_since)
-        return any(c.shed() for c in idle)
+            connections = list(self._connections)
+        idle = sorted((c for c in connections if c.idle), key=lambda c: c.idle_since)
+        if any(c.shed() for c in idle):
+            return True
+        waiting = sorted(
+            (c for c in connections if not c.idle and c.head_since is not None),
+            key=lambda c: c.head_since or 0.0,
+        )
+        return any(c.shed_waiting() for c in waiting)
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         now = time.monotonic()

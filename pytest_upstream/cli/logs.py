@@ -47,7 +47,7 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     background thread flushes a quiet period's lines), and at once for a WARNING or worse.
 
     One access line per request made a write and a flush per request: measured on a warm index
-    page, that cost 40 % of ``serve``'s requests per second; batched, about 10 %
+    page, that cost 40 % of ``serve``'s requests per second; batched, about a quarter
     (docs/operations.md).  Lines reach the stream in order, at most ``interval`` late.
     """
 

@@ -57,7 +57,7 @@ class Stats:
         return asdict(self)
 
 
-SERVE_LOG_LIMIT = 10_000  # records ``serve`` keeps (~500 B each)
+SERVE_LOG_LIMIT = 1_000  # records ``serve`` keeps (~500 B each: about 0.5 MB)
 
 
 class ServedLog:

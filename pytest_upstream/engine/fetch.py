@@ -20,8 +20,8 @@ from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Recorders
-from pytest_upstream.formats.base import Format, FormatError, Kind, Resource
-from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.store.cache import Cache, DigestMismatch, Entry
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, iter_body
 
@@ -66,7 +66,7 @@ def store_answer(
             if body is not None:
                 body += chunk
         if body is not None:
-            fmt.check(res, bytes(body))
+            fmt.check(res, bytes(body), headers)
         sha, size = cache.commit_blob(writer, expected, res.upstream_url)
     finally:
         writer.discard()
@@ -169,6 +169,14 @@ class Fetcher:
                     return Obtained(self.cache.store_entry(replace(stale, fetched_at=ctx.now())), "hit")
                 self.check_status(ctx, res, resp)
                 return self.store(ctx, res, resp, pace)
+        except (MalformedUpstream, DigestMismatch) as exc:
+            # A 200 that is not what the format expects (an HTML error page where an index or a
+            # packument belongs, a manifest of another media type or digest): an upstream
+            # failure like a 5xx, so the stored copy stays and is served as stale.
+            if stale is None:
+                raise
+            self.freshness.mark_refreshed(ctx.mode, proxy, res)
+            return Obtained(stale, "stale", f"{proxy.key}: upstream {res.upstream_url}: {exc}")
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:
                 self.freshness.mark_refreshed(ctx.mode, proxy, res)

@@ -133,8 +133,10 @@ class Format:
         """Map a proxy request to an upstream resource, or answer it directly."""
         raise NotImplementedError
 
-    def check(self, resource: Resource, body: bytes) -> None:
-        """Raise MalformedUpstream if metadata bytes are unusable (nothing is then stored)."""
+    def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
+        """Raise MalformedUpstream if a metadata answer (bytes and the upstream's response
+        ``headers``) is not what the format expects: nothing is then stored, and a stale copy
+        is served instead (an upstream failure, like a 5xx)."""
 
     def published_digests(self, resource: Resource, headers: Mapping[str, str]) -> dict[str, str]:
         """Digests {algo: hex} that the upstream's response headers vouch for (e.g. a

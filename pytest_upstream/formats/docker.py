@@ -337,14 +337,18 @@ class DockerFormat(Format):
         return FormatError(status, text, code=code or _CODES.get(status, "UNKNOWN"))
 
     # -- verification -----------------------------------------------------------------
-    def check(self, resource: Resource, body: bytes) -> None:
-        """Manifests by tag and tag lists must be JSON objects (an HTML login page is not)."""
+    def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
+        """Tag lists and manifests by tag must be JSON objects (an HTML login page is not); a
+        manifest must be of a manifest media type the client accepts, its body's ``mediaType``
+        (when it has one) must agree, and its digest (``published_digests``) must match."""
         try:
             data = json.loads(body)
         except ValueError:
             data = None
         if not isinstance(data, dict):
             raise MalformedUpstream(f"{resource.upstream_url} did not answer a JSON object")
+        if "/manifests/" in resource.path:
+            _check_manifest_type(resource, data, _base_type(headers.get("content-type")))
 
     def published_digests(self, resource: Resource, headers: Mapping[str, str]) -> dict[str, str]:
         """A manifest fetched by tag must match the upstream's Docker-Content-Digest."""
@@ -385,6 +389,39 @@ class DockerFormat(Format):
         self, ctx: FormatContext, resource: Resource, challenge: httpx.Response, client: UpstreamClient
     ) -> dict[str, str] | None:
         return self._tokens.fetch(ctx, resource, challenge, client)
+
+
+def _check_manifest_type(resource: Resource, data: dict[str, object], ctype: str) -> None:
+    """MalformedUpstream unless a manifest's media type is a manifest type the client accepted.
+
+    The type is the answer's Content-Type, else the body's ``mediaType``.  Schema 1 (what a
+    registry converts to for a client that accepts nothing newer) is always allowed; otherwise,
+    when the client's Accept (the variant) names manifest types, the answer's must be one.
+    """
+    declared = data.get("mediaType")
+    media = ctype if ctype in MANIFEST_TYPES else declared if isinstance(declared, str) else ""
+    if media == "" and data.get("schemaVersion") == 1:
+        media = DOCKER_SCHEMA1
+    if media not in MANIFEST_TYPES:
+        shown = ctype or "none"
+        raise MalformedUpstream(f"{resource.upstream_url} answered Content-Type {shown}, not a manifest")
+    if isinstance(declared, str) and declared and declared != media:
+        raise MalformedUpstream(
+            f"{resource.upstream_url} answered Content-Type {media} for a manifest of type {declared}"
+        )
+    accepted = {part.split(";", 1)[0] for part in resource.variant.split(", ") if part}
+    if (
+        accepted & set(MANIFEST_TYPES)
+        and media not in accepted
+        and media
+        not in (
+            DOCKER_SCHEMA1,
+            DOCKER_SCHEMA1_SIGNED,
+        )
+    ):
+        raise MalformedUpstream(
+            f"{resource.upstream_url} answered a {media} manifest, which the client did not accept"
+        )
 
 
 def _error_reply(status: int, code: str, message: str) -> Reply:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
@@ -209,6 +210,6 @@ class MavenFormat(Format):
             return {}
         return {CHECKSUMS[VERIFY_WITH][0]: digest}
 
-    def check(self, resource: Resource, body: bytes) -> None:
+    def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
         if resource.path.rsplit("/", 1)[-1] == METADATA_FILE:
             check_metadata_xml(body, resource.upstream_url)

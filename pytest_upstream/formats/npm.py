@@ -27,6 +27,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -420,7 +421,7 @@ class NpmFormat(Format):
         return None
 
     # -- hooks --------------------------------------------------------------
-    def check(self, resource: Resource, body: bytes) -> None:
+    def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
         parse_packument(body, resource.path)
 
     def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:

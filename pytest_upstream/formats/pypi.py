@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
@@ -74,6 +75,7 @@ class Page:
     files: list[FileLink] = field(default_factory=list)
     projects: list[str] = field(default_factory=list)  # the root index
     versions: list[str] | None = None
+    declared: bool = False  # an HTML page that names its PEP 629 repository version
 
 
 class _AnchorParser(HTMLParser):
@@ -82,10 +84,13 @@ class _AnchorParser(HTMLParser):
         self.anchors: list[tuple[dict[str, str | None], str]] = []
         self._open: dict[str, str | None] | None = None
         self._text: list[str] = []
+        self.repository_version = False  # PEP 629's <meta name="pypi:repository-version">
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "a":
             self._open, self._text = dict(attrs), []
+        elif tag == "meta" and dict(attrs).get("name") == "pypi:repository-version":
+            self.repository_version = True
 
     def handle_data(self, data: str) -> None:
         if self._open is not None:
@@ -126,7 +131,7 @@ def _parse_html(text: str, page_url: str, *, root: bool) -> Page:
     parser = _AnchorParser()
     parser.feed(text)
     parser.close()
-    page = Page(name="")
+    page = Page(name="", declared=parser.repository_version)
     for attrs, label in parser.anchors:
         href = attrs.get("href")
         if not href:
@@ -374,8 +379,28 @@ class PyPIFormat(Format):
             )
         return Resource(path, link.url, Kind.ARTIFACT, expected=link.expected())
 
-    def check(self, resource: Resource, body: bytes) -> None:
-        parse_page(body, resource.upstream_url, root=resource.path == "simple/")
+    def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
+        """A simple index, or an upstream failure (the stored page stays and is served stale).
+
+        The body must be what its Content-Type says (JSON under a JSON type); an HTML page must
+        be a simple index: it declares PEP 629's ``pypi:repository-version``, or it links at
+        least one project (the root index) or distribution file (a project page).  A "502 Bad
+        Gateway" page from a load balancer does neither.
+        """
+        url, root = resource.upstream_url, resource.path == "simple/"
+        ctype = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype.endswith(("/json", "+json")) and not _is_json(body):
+            raise MalformedUpstream(f"index page {url}: Content-Type {ctype} but the body is not JSON")
+        page = parse_page(body, url, root=root)
+        if _is_json(body) or page.declared:
+            return
+        if page.projects if root else any(parse_dist_filename(f.filename) for f in page.files):
+            return
+        links = "project" if root else "distribution file"
+        raise MalformedUpstream(
+            f"index page {url} is not a simple index: no pypi:repository-version and no {links} "
+            f"links (Content-Type {ctype or 'none'}; an error page?)"
+        )
 
     def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
         root = resource.path == "simple/"

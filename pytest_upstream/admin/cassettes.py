@@ -39,6 +39,7 @@ from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.store.cache import Cache, DigestMismatch, Entry
+from pytest_upstream.store.headers import headers_problem
 
 # Formats whose resolve() works offline from the cache alone.
 IMPORTABLE_FORMATS = ("generic", "maven", "pypi")
@@ -142,9 +143,12 @@ def read_cassette(path: Path) -> list[Interaction]:
         interactions = []
         for index, (request, response) in enumerate(zip(requests, responses, strict=True)):
             decoded = decode_response(response)
-            headers = httpx.Headers(
-                [(str(k), str(v)) for k, vs in (decoded.get("headers") or {}).items() for v in _values(vs)]
-            )
+            pairs = [
+                (str(k), str(v)) for k, vs in (decoded.get("headers") or {}).items() for v in _values(vs)
+            ]
+            if problem := headers_problem(pairs, known=None):  # a CR/LF would split a reply
+                raise CassetteError(f"{path}: interaction {index}: refused: {problem}")
+            headers = httpx.Headers(pairs)
             body = (decoded.get("body") or {}).get("string") or b""
             if isinstance(body, str):
                 body = body.encode("utf-8")

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.store.cache import Entry
+from pytest_upstream.store.headers import KEPT_HEADERS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -73,6 +74,13 @@ class Resource:
     render_as: Hashable = ""
     keep_headers: tuple[str, ...] = ()  # upstream response headers stored and replayed
     negative_ttl: float | None = None  # cache an upstream 404 for this long (None: never)
+
+    def __post_init__(self) -> None:
+        # Entry files, lock files and archives may carry only the headers in KEPT_HEADERS
+        # (store/headers.py); a header a format keeps must be among them, or it could not be read back.
+        for name in self.keep_headers:
+            if name.lower() not in KEPT_HEADERS:
+                raise ValueError(f"keep_headers: {name!r} is not in store.headers.KEPT_HEADERS")
 
     def index_entry(
         self, key: str, headers: Mapping[str, str], sha256: str, size: int, fetched_at: float

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_upstream.store.files import atomic_write
+from pytest_upstream.store.headers import KEPT_HEADERS, header_problem, headers_problem
 
 LOCK_VERSION = 1
 
@@ -44,7 +45,25 @@ class LockFileEntry:
         fields = dict(raw)
         if "headers" in fields:
             fields["headers"] = tuple((str(n), str(v)) for n, v in fields["headers"])
-        return cls(**fields)
+        entry = cls(**fields)
+        entry.check()
+        return entry
+
+    def check(self) -> None:
+        """ValueError unless the fields are of their types and the headers are safe to send:
+        a lock file is committed and edited by hand, and its headers are replayed."""
+        for name in ("key", "path", "variant", "sha256", "kind"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"field {name!r} is not a string")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            raise ValueError("field 'size' is not a non-negative integer")
+        if self.content_type is not None:
+            if not isinstance(self.content_type, str):
+                raise ValueError("field 'content_type' is not a string or null")
+            if problem := header_problem("Content-Type", self.content_type):
+                raise ValueError(f"field 'content_type': {problem}")
+        if problem := headers_problem(self.headers, KEPT_HEADERS):
+            raise ValueError(f"field 'headers': {problem}")
 
     @property
     def identity(self) -> tuple[str, str, str]:

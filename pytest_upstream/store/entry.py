@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from pytest_upstream.store.headers import KEPT_HEADERS, header_problem, headers_problem
 from pytest_upstream.store.layout import HEX64
 
 METADATA = "metadata"  # has a TTL; refreshed
 ARTIFACT = "artifact"  # immutable
 NOT_FOUND = "notfound"  # a remembered upstream 404: its blob is empty
 KINDS = (METADATA, ARTIFACT, NOT_FOUND)
-MAX_ENTRY_BYTES = 1024 * 1024  # an entry is a few hundred bytes; a larger file is not one
+MAX_ENTRY_BYTES = 1024 * 1024
+_HEADER_FIELDS = (("content_type", "Content-Type"), ("etag", "ETag"), ("last_modified", "Last-Modified"))
+_URL_BAD = re.compile(r"[\x00-\x20\x7f]")  # an entry is a few hundred bytes; a larger file is not one
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,19 @@ def parse_entry(data: bytes, key_dir: str, file_name: str) -> Entry:
         isinstance(k, str) and isinstance(v, str) for k, v in entry.headers.items()
     ):
         raise ValueError("field 'headers' is not an object of strings")
+    # Values that reach a reply or an upstream request: a hand-edited file cannot split one.
+    for name, header in (
+        ("content_type", "Content-Type"),
+        ("etag", "ETag"),
+        ("last_modified", "Last-Modified"),
+    ):
+        value = getattr(entry, name)
+        if value is not None and (problem := header_problem(header, value)):
+            raise ValueError(f"field {name!r}: {problem}")
+    if problem := headers_problem(entry.headers.items(), KEPT_HEADERS):
+        raise ValueError(f"field 'headers': {problem}")
+    if _URL_BAD.search(entry.upstream_url):
+        raise ValueError("field 'upstream_url' holds whitespace or a control character")
     if not HEX64.fullmatch(entry.sha256):
         raise ValueError("field 'sha256' is not 64 lowercase hex digits")
     if entry.kind not in KINDS:

@@ -12,7 +12,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import socket
+import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPConnection
@@ -21,9 +27,19 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from pytest_upstream.admin.archive import ArchiveRefused, export_archive, import_into
+from pytest_upstream.admin.cassettes import CassetteError, read_cassette
+from pytest_upstream.admin.verify import verify
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.engine.clock import ManualClock
+from pytest_upstream.formats.base import Kind, Resource
+from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.server.proxy_server import ProxyServer
+from pytest_upstream.server.responses import Wire
+from pytest_upstream.store.blobs import REVERIFY_AFTER, stamp_of
+from pytest_upstream.store.cache import Cache
+from pytest_upstream.store.entry import parse_entry
+from pytest_upstream.store.headers import header_problem
 
 from .conftest import MakeProxy, proxy_def
 from .upstreams import FakeRegistry, Fault, Upstream
@@ -222,3 +238,217 @@ def test_a_simple_index_without_links_is_accepted_when_it_declares_its_version(
         up.content_types["/simple/demo/"] = "text/html"
         proxy = make_proxy(_pypi(up.url))
         assert get(proxy, "/pypi/simple/demo/").status == 200
+
+
+# -- header values from files ----------------------------------------------------------------
+INJECTED = "text/plain\r\nX-Injected: yes"
+
+
+def _generic(url: str) -> ProxyDefinition:
+    return proxy_def(key="g", format="generic", url=url)
+
+
+def _entry_file(cache: Path) -> Path:
+    (found,) = (cache / "entries" / "g").glob("*/*.json")
+    return found
+
+
+def _rewrite_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_bytes())
+    data.update(changes)
+    tmp = path.with_suffix(".new")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        (
+            "content_type",
+            INJECTED,
+            "field 'content_type': header Content-Type holds the control character '\\r'",
+        ),
+        ("last_modified", "Mon\nSet-Cookie: a=b", "field 'last_modified'"),
+        ("etag", '"x"\x00', "field 'etag'"),
+        ("headers", {"Set-Cookie": "a=b"}, "header 'Set-Cookie' is not one the proxy keeps"),
+        ("headers", {"Link": "<a>\r\nX-Injected: yes"}, "header Link holds the control character"),
+        ("headers", {"Link": "x" * 9000}, "at most 8192"),
+        ("upstream_url", "http://h/a\r\nX: y", "field 'upstream_url'"),
+    ],
+)
+def test_a_tampered_entry_file_is_refused_and_never_served(
+    field: str,
+    value: object,
+    why: str,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with Upstream() as up:
+        up.files["/a.txt"] = b"hello"
+        up.content_types["/a.txt"] = "text/plain"
+        proxy = make_proxy(_generic(up.url), cache=tmp_path / "cache")
+        assert get(proxy, "/g/a.txt").status == 200
+        entry_file = _entry_file(tmp_path / "cache")
+        _rewrite_json(entry_file, **{field: value})
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_entry(entry_file.read_bytes(), "g", entry_file.name)
+        again = get(proxy, "/g/a.txt")
+        assert (again.status, again.body, again.headers["x-upstream-cache"]) == (200, b"hello", "miss")
+        assert "x-injected" not in again.headers and "set-cookie" not in again.headers
+        assert up.hits["/a.txt"] == 2  # the bad entry counted as absent: fetched again over it
+        assert f"ignoring the entry file {entry_file}" in caplog.text
+    assert verify(Cache(tmp_path / "cache")).ok  # the refetch replaced it with a good one
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ({"content_type": INJECTED}, "field 'content_type': header Content-Type holds the control character"),
+        ({"headers": [["Docker-Content-Digest", "sha256:x\r\nX-Injected: yes"]]}, "holds the control"),
+        ({"headers": [["Set-Cookie", "a=b"]]}, "header 'Set-Cookie' is not one the proxy keeps"),
+        ({"headers": [["X Bad", "a"]]}, "is not a valid header name"),
+        ({"size": "12"}, "field 'size' is not a non-negative integer"),
+    ],
+)
+def test_a_lock_file_with_a_bad_header_is_refused_naming_file_and_entry(
+    line: dict[str, object], why: str, tmp_path: Path
+) -> None:
+    good = {"key": "g", "path": "a.txt", "variant": "", "sha256": "a" * 64, "size": 5, "kind": "artifact"}
+    path = tmp_path / "upstream.lock"
+    path.write_text(json.dumps({"version": 1, "entries": [good, {**good, "path": "b.txt", **line}]}))
+    with pytest.raises(LockError, match=re.escape(f"{path}: entry 2: ") + ".*" + re.escape(why)):
+        LockFile.load(path)
+    path.write_text(json.dumps({"version": 1, "entries": [good]}))
+    assert len(LockFile.load(path)) == 1
+
+
+def test_an_archive_with_a_tampered_entry_is_refused_and_imports_nothing(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with Upstream() as up:
+        up.files["/a.txt"] = b"hello"
+        proxy = make_proxy(_generic(up.url), cache=tmp_path / "cache")
+        assert get(proxy, "/g/a.txt").status == 200
+    archive, tampered = tmp_path / "cache.tar", tmp_path / "tampered.tar"
+    export_archive(Cache(tmp_path / "cache"), archive)
+    with tarfile.open(archive) as src, tarfile.open(tampered, "w", format=tarfile.GNU_FORMAT) as out:
+        for member in src:
+            data = src.extractfile(member) if member.isreg() else None
+            if data is not None and member.name.startswith("entries/"):
+                raw = json.loads(data.read())
+                raw["content_type"] = INJECTED
+                body = json.dumps(raw).encode()
+                member.size = len(body)
+                out.addfile(member, io.BytesIO(body))
+            else:
+                out.addfile(member, data)
+    with pytest.raises(
+        ArchiveRefused, match=r"tampered\.tar: refused, nothing imported: entries/g/.*content_type"
+    ):
+        import_into(tmp_path / "new", tampered)
+    assert not (tmp_path / "new" / "VERSION").exists()
+
+
+def test_a_cassette_with_a_header_line_break_is_refused_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("vcr")
+    cassette = tmp_path / "c.yaml"
+    cassette.write_text(
+        "interactions:\n"
+        "- request: {body: null, headers: {}, method: GET, uri: 'http://127.0.0.1:1/a.txt'}\n"
+        "  response:\n"
+        "    body: {string: hello}\n"
+        '    headers: {Content-Type: ["text/plain\\r\\nX-Injected: yes"]}\n'
+        "    status: {code: 200, message: OK}\n"
+        "version: 1\n"
+    )
+    with pytest.raises(
+        CassetteError, match=re.escape(f"{cassette}: interaction 0: refused: header Content-Type")
+    ):
+        read_cassette(cassette)
+
+
+def test_the_server_never_sends_a_header_value_with_a_line_break() -> None:
+    """The last line of defence (server/responses.py): whatever a bug lets through is dropped."""
+    a, b = socket.socketpair()
+    with a, b:
+        Wire(a).whole(200, {"X-Ok": "fine", "X-Bad": "a\r\nX-Injected: yes", "X-Nul": "a\x00"}, b"")
+        head = b.recv(65536)
+    assert b"X-Ok: fine\r\n" in head
+    assert b"X-Injected" not in head and b"X-Bad" not in head and b"X-Nul" not in head
+
+
+def test_every_kept_header_can_be_read_back() -> None:
+    """A format keeping a header the file readers refuse would poison its own entries."""
+    with pytest.raises(ValueError, match="KEPT_HEADERS"):
+        Resource("p", "http://h/p", Kind.METADATA, keep_headers=("Set-Cookie",))
+    assert header_problem("Docker-Content-Digest", "sha256:" + "0" * 64) == ""
+
+
+# -- bit rot ----------------------------------------------------------------------------------
+def _rot_in_place(blob: Path) -> os.stat_result:
+    """Change a blob's bytes keeping its size and mtime, as a careless (or hostile) edit would."""
+    before = blob.stat()
+    time.sleep(0.03)  # past the kernel's coarse file clock tick: the ctime will differ
+    blob.chmod(0o644)
+    with open(blob, "r+b") as f:
+        f.write(b"J")
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = blob.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    return after
+
+
+def test_a_blob_changed_in_place_keeping_size_and_mtime_is_caught_by_its_ctime(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    with Upstream() as up:
+        up.files["/a.txt"] = b"hello"
+        proxy = make_proxy(_generic(up.url), cache=tmp_path / "cache")
+        assert get(proxy, "/g/a.txt").body == b"hello"
+        entry = proxy.engine.cache.lookup("g", "a.txt")
+        assert entry is not None
+        blob = proxy.engine.cache.blob_path(entry.sha256)
+        _rot_in_place(blob)
+        # another process (a new CI job): its marker no longer matches the stamp
+        assert Cache(tmp_path / "cache").verified_digest(entry.sha256, entry.size) is None
+        assert not blob.exists()  # found corrupt and removed
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        # the same process, which hashed it before: the ctime in its memo no longer matches
+        assert get(proxy, "/g/a.txt").body == b"hello"
+        _rot_in_place(blob)
+        again = get(proxy, "/g/a.txt")
+        assert (again.status, again.body, again.headers["x-upstream-cache"]) == (200, b"hello", "miss")
+        assert up.hits["/a.txt"] == 3  # fetched again each time, never served rotten
+
+
+def test_a_blob_rotting_under_an_unchanged_stamp_is_rehashed_on_schedule(
+    make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    """The case no stamp can see (the disk flips bits): trusted for REVERIFY_AFTER, then re-hashed."""
+    with Upstream() as up:
+        up.files["/a.txt"] = b"hello"
+        proxy = make_proxy(_generic(up.url), cache=tmp_path / "cache")
+        assert get(proxy, "/g/a.txt").body == b"hello"
+        cache = proxy.engine.cache
+        entry = cache.lookup("g", "a.txt")
+        assert entry is not None
+        blob = cache.blob_path(entry.sha256)
+        hashed_at = cache.verifier.known(entry.sha256, stamp_of(blob.stat()))
+        assert hashed_at is not None
+        rotten = stamp_of(_rot_in_place(blob))
+        # what a silent bit flip looks like: the remembered stamp is still the file's stamp
+        cache.verifier.remember(entry.sha256, rotten, marker=True, hashed_at=hashed_at)
+        assert get(proxy, "/g/a.txt").body == b"Jello"  # within the schedule: what docs/cache.md admits
+        start = cache.verifier.now()
+        cache.verifier.now = lambda: start + REVERIFY_AFTER + 1
+        late = get(proxy, "/g/a.txt")
+        assert (late.body, late.headers["x-upstream-cache"]) == (b"hello", "miss")  # re-hashed, refetched
+        assert up.hits["/a.txt"] == 2
+        # the marker counts from the hash it records: a new process past the schedule hashes too
+        fresh = Cache(tmp_path / "cache")
+        new_stamp = stamp_of(blob.stat())
+        assert fresh.verifier.known(entry.sha256, new_stamp) is not None  # just hashed by the refetch
+        fresh.verifier.now = lambda: time.time() + REVERIFY_AFTER + 10
+        assert fresh.verifier.known(entry.sha256, new_stamp) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_
 from pytest_upstream.store.layout import LAYOUT_VERSION, Layout
 from pytest_upstream.store.local import LocalBackend
 from pytest_upstream.store.locks import striped_locks
+
+log = logging.getLogger("pytest_upstream")
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -156,7 +159,10 @@ class Cache:
             try:
                 with open(name, "rb") as f:
                     entry = parse_entry(f.read(), key_dir, file_name)
-            except (ValueError, OSError):
+            except OSError:
+                return None
+            except ValueError as exc:  # e.g. hand-edited: never served, fetched again over it
+                log.warning("ignoring the entry file %s: %s", name, exc)
                 return None
             if len(self._entry_memo) >= _ENTRY_MEMO_SIZE:
                 self._entry_memo.clear()
@@ -241,14 +247,15 @@ class Cache:
         """Set a blob's mtime to now (``cache prune`` spares recent blobs), keeping its verification.
 
         The new mtime (and ctime) changes the blob's stamp; a blob that was vouched for before
-        is vouched for under the new stamp, so the touch costs no second hash.
+        is vouched for under the new stamp, as of the same hash (the re-hash schedule does not
+        move), so the touch costs no second hash.
         FileNotFoundError if the blob is not there (pruned meanwhile).
         """
         path = self.layout.blob(sha256)
-        was_verified = self.verifier.known(sha256, stamp_of(os.stat(path)))
+        hashed_at = self.verifier.known(sha256, stamp_of(os.stat(path)))
         os.utime(path)
-        if was_verified:
-            self.verifier.remember(sha256, stamp_of(os.stat(path)), marker=True)
+        if hashed_at is not None:
+            self.verifier.remember(sha256, stamp_of(os.stat(path)), marker=True, hashed_at=hashed_at)
 
     def store_bytes(self, data: bytes) -> str:
         w = self.writer()

@@ -452,3 +452,17 @@ def test_a_blob_rotting_under_an_unchanged_stamp_is_rehashed_on_schedule(
         assert fresh.verifier.known(entry.sha256, new_stamp) is not None  # just hashed by the refetch
         fresh.verifier.now = lambda: time.time() + REVERIFY_AFTER + 10
         assert fresh.verifier.known(entry.sha256, new_stamp) is None
+
+
+def test_an_upstream_header_the_readers_would_refuse_is_not_stored(make_proxy: MakeProxy) -> None:
+    """Else every later read of the entry would fail and the file be fetched again and again."""
+    with Upstream() as up:
+        up.files["/a.txt"] = b"hello"
+        up.faults["/a.txt"] = Fault(200, b"hello", headers={"Last-Modified": "x" * 9000})
+        proxy = make_proxy(_generic(up.url))
+        assert get(proxy, "/g/a.txt").status == 200
+        entry = proxy.engine.cache.lookup("g", "a.txt")
+        assert entry is not None and entry.last_modified is None
+        again = get(proxy, "/g/a.txt")
+        assert (again.body, again.headers["x-upstream-cache"]) == (b"hello", "hit")
+        assert up.hits["/a.txt"] == 1

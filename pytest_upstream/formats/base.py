@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.store.cache import Entry
-from pytest_upstream.store.headers import KEPT_HEADERS
+from pytest_upstream.store.headers import KEPT_HEADERS, header_problem
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -86,7 +86,11 @@ class Resource:
         self, key: str, headers: Mapping[str, str], sha256: str, size: int, fetched_at: float
     ) -> Entry:
         """The index entry for this resource answered with ``headers`` (any case) and these bytes."""
-        low = {name.lower(): value for name, value in headers.items()}
+        # What the entry readers would refuse (a control character, an over-long value) is not
+        # stored, so an upstream's odd header cannot make every later read of the entry fail.
+        low = {
+            name.lower(): value for name, value in headers.items() if not header_problem(name, value, None)
+        }
         return Entry(
             key=key,
             path=self.path,

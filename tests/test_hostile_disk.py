@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import http.client
 import os
 import signal
@@ -340,3 +341,18 @@ def test_prune_removes_orphaned_part_files_and_reports_them(tmp_path: Path) -> N
         assert prune(cache, grace=0).parts_removed == 0
         assert busy.path.exists()
     busy.discard()
+
+
+def test_a_download_of_undeclared_length_is_passed_through_while_the_cache_is_degraded(
+    upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = b"u" * 500_000  # content-coded: no length to reserve, so a full disk would cut it
+    upstream.files["/u.bin"] = gzip.compress(data)
+    upstream.faults["/u.bin"] = Fault(headers={"Content-Encoding": "gzip"})
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    proxy.engine.cache.store_failed("the cache cannot store 10 bytes: No space left on device")
+    status, headers, body, whole = request(proxy.base_url, "/g/u.bin")
+    assert (status, whole, headers["x-upstream-cache"], body == data) == (200, True, "pass-through", True)
+    assert blobs_in(tmp_path / "cache") == []
+    monkeypatch.setattr(cache_module, "FAILURE_MEMORY", 0.0)  # the failure is forgotten: stored again
+    assert request(proxy.base_url, "/g/u.bin")[1]["x-upstream-cache"] == "miss"

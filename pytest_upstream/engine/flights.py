@@ -53,12 +53,12 @@ from pytest_upstream.engine.fetch import (
     declared_length,
     store_failed,
 )
-from pytest_upstream.engine.passthrough import PASS_THROUGH, PassThrough
+from pytest_upstream.engine.passthrough import PassThrough
 from pytest_upstream.engine.recorders import Answer, Recorders
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
-from pytest_upstream.store.cache import BlobWriter, Cache, Entry, StoreFailed, entry_id
+from pytest_upstream.store.cache import UNKNOWN, BlobWriter, Cache, Entry, StoreFailed, entry_id
 from pytest_upstream.upstream.client import Pace, UpstreamError, iter_body
 
 log = logging.getLogger("pytest_upstream.engine.flights")
@@ -240,23 +240,16 @@ class Flight:
                     if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
                         self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
                         return None
-                    writer = flights.cache.writer(tuple(res.expected), self.eid, reserve=length)
+                    size = UNKNOWN if length is None else length
+                    writer = flights.cache.writer(tuple(res.expected), self.eid, size)
                 except StoreFailed as exc:
                     if resp.is_stream_consumed:  # failed mid-body: nothing was sent, refuse (503)
                         store_failed(flights.cache, exc, f"{res.upstream_url} refused (503)")
                         raise
-                    self._pass_through(stack.pop_all(), resp, pace, head, exc)
+                    body = PassThrough(stack.pop_all(), resp, pace, ctx, res, flights.recorders)
+                    self._end(PASSING, error=exc, relay=body.reply(flights.cache, exc, head.headers, length))
                     return None
                 return self._stream(writer, resp, pace, head)
-
-    def _pass_through(
-        self, stack: contextlib.ExitStack, resp: httpx.Response, pace: Pace, head: _Head, why: StoreFailed
-    ) -> None:
-        """Hand the upstream's answer to one client, uncached (engine/passthrough.py)."""
-        store_failed(self._flights.cache, why, f"passing {self.res.upstream_url} through uncached")
-        body = PassThrough(stack, resp, pace, self.ctx, self.res, self._flights.recorders)
-        relay = Reply(200, {**head.headers, CACHE_HEADER: PASS_THROUGH}, stream=body, length=head.length)
-        self._end(PASSING, error=why, relay=relay)
 
     def _stream(self, writer: BlobWriter, resp: httpx.Response, pace: Pace, head: _Head) -> Entry:
         """Write the body to the part file, publishing all but the last chunk as it grows.  Disk

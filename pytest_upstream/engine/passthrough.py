@@ -21,9 +21,11 @@ from collections.abc import Iterator
 import httpx
 
 from pytest_upstream.engine.context import RequestContext
+from pytest_upstream.engine.fetch import CACHE_HEADER, store_failed
 from pytest_upstream.engine.recorders import Answer, Recorders
 from pytest_upstream.formats.base import Resource
-from pytest_upstream.store.cache import verify_digests
+from pytest_upstream.messages import Reply
+from pytest_upstream.store.cache import Cache, StoreFailed, verify_digests
 from pytest_upstream.upstream.client import Pace, iter_body
 
 PASS_THROUGH = "pass-through"  # the X-Upstream-Cache value, and the served record's cache state
@@ -51,6 +53,11 @@ class PassThrough:
         self._size = 0
         self._body: Iterator[bytes] | None = iter_body(resp, pace)
         self._held = b""  # the last chunk, sent once the body is verified
+
+    def reply(self, cache: Cache, why: StoreFailed, headers: dict[str, str], length: int | None) -> Reply:
+        """The reply that carries this body (logged at WARNING, and the cache marked degraded)."""
+        store_failed(cache, why, f"passing {self._res.upstream_url} through uncached")
+        return Reply(200, {**headers, CACHE_HEADER: PASS_THROUGH}, stream=self, length=length)
 
     def __iter__(self) -> PassThrough:
         return self

@@ -42,6 +42,7 @@ from pytest_upstream.store.locks import striped_locks
 
 __all__ = [
     "LAYOUT_VERSION",
+    "UNKNOWN",
     "USE_STAMP_INTERVAL",
     "BlobWriter",
     "Cache",
@@ -59,6 +60,7 @@ __all__ = [
 _STALE_TMP_SECONDS = 24 * 3600
 LOW_SPACE = 16 * 1024 * 1024  # free bytes under which the cache counts as degraded
 FAILURE_MEMORY = 60.0  # seconds a failed write keeps the cache degraded
+UNKNOWN = -1  # Cache.writer's reserve for a download of undeclared length
 # A download's part file: ``.part-<entry id>.<random>.tmp`` (``BlobWriter``), so a clean-up can
 # ask the entry's lock whether the download that writes it still runs.
 _PART = re.compile(r"\.part-([0-9a-f]{64})\.[0-9a-f]{16}\.tmp")
@@ -274,8 +276,12 @@ class Cache:
         self, algorithms: tuple[str, ...] = (), eid: str = "", reserve: int | None = None
     ) -> BlobWriter:
         """A part file for new bytes; ``eid``: the entry whose lock the caller holds while writing;
-        ``reserve``: the bytes to claim on disk first (``BlobWriter.reserve``).  StoreFailed when
-        the cache cannot store them (nothing is left behind then)."""
+        ``reserve``: the bytes to claim on disk first (``BlobWriter.reserve``), or ``UNKNOWN`` for
+        a stream of undeclared length, refused while the cache is ``degraded`` (it could fill
+        the disk after its first bytes were served).  StoreFailed when the cache cannot store
+        (nothing is left behind then)."""
+        if reserve == UNKNOWN and (why := self.degraded()):
+            raise StoreFailed(f"{why} (a download of undeclared length is not started)")
         writer = BlobWriter(self.tmp, algorithms, eid)
         if reserve is not None:
             try:

@@ -184,18 +184,42 @@ def test_a_whole_answer_that_cannot_be_stored_is_a_503_or_the_stale_copy(
     assert request(proxy.base_url, "/g/a.bin")[0] == 404
 
 
+def test_expired_metadata_that_cannot_be_stored_is_served_stale(
+    upstream: Upstream, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.files["/meta.json"] = b'{"v": 1}'
+    definition = proxy_def(
+        key="g", format="generic", url=upstream.url, mutable_paths=["*.json"], metadata_ttl=0
+    )
+    proxy = make_proxy(definition)
+    assert request(proxy.base_url, "/g/meta.json")[1]["x-upstream-cache"] == "miss"
+    upstream.files["/meta.json"] = b'{"v": 2}'
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "AtomicFile", full)
+    status, headers, body, _ = request(proxy.base_url, "/g/meta.json")
+    assert (status, headers["x-upstream-cache"], body) == (200, "stale", b'{"v": 1}')
+    assert "No space left" in headers["x-upstream-error"]
+
+
 # -- a read-only cache -------------------------------------------------------
 def test_a_read_only_cache_serves_hits_and_passes_misses_through(
     small_fs: Path, upstream: Upstream, tmp_path: Path
 ) -> None:
     upstream.files["/cached.bin"] = b"c" * 5000
     upstream.files["/new.bin"] = b"n" * 300_000
+    upstream.files["/meta.json"] = b'{"v": 1}'
     cache_dir = small_fs / "cache"
-    definition = proxy_def(key="g", format="generic", url=upstream.url)
+    definition = proxy_def(
+        key="g", format="generic", url=upstream.url, mutable_paths=["*.json"], metadata_ttl=0
+    )
     settings = Settings(cache_dir=cache_dir, mode="record", proxies=(definition,))
     first = ProxyServer(settings).start()
     try:
         assert request(first.base_url, "/g/cached.bin")[0] == 200
+        assert request(first.base_url, "/g/meta.json")[0] == 200
     finally:
         first.stop()
     remount_read_only(small_fs)
@@ -207,6 +231,10 @@ def test_a_read_only_cache_serves_hits_and_passes_misses_through(
         assert (status, whole, headers["x-upstream-cache"]) == (200, True, "pass-through")
         assert body == b"n" * 300_000
         assert request(proxy.base_url, "/g/new.bin", method="HEAD")[0] == 503
+        upstream.files["/meta.json"] = b'{"v": 2}'  # expired metadata: the stale copy, saying why
+        status, headers, body, _ = request(proxy.base_url, "/g/meta.json")
+        assert (status, headers["x-upstream-cache"], body) == (200, "stale", b'{"v": 1}')
+        assert "cannot store" in headers["x-upstream-error"]
         status, _, text, _ = request(proxy.base_url, "/-/ready")
         assert status == 200 and b"degraded" in text and b"not writable" in text
     finally:

@@ -186,6 +186,7 @@ class Fetcher:
             store_failed(self.cache, exc, "serving the stale copy" if stale else "refused (503)")
             if stale is None:
                 raise
+            self.freshness.mark_refreshed(ctx.mode, proxy, res)
             return Obtained(stale, "stale", f"{proxy.key}: {exc}")
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:

@@ -115,6 +115,7 @@ def test_a_miss_larger_than_the_free_space_is_passed_through_whole(
     assert status == 200 and text.startswith(b"ready, degraded: ")
     records = [r for r in proxy.engine.served.records if r.path == "big.bin"]
     assert [r.cache for r in records] == ["pass-through"]
+    assert proxy.engine.metrics.requests("g", "pass_through") == 1
 
 
 def test_enospc_before_the_body_passes_the_miss_through(

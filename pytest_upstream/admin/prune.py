@@ -42,6 +42,8 @@ class PruneReport:
     pinned_bytes: int = 0  # blobs the --keep-lock files name (their entries are kept too)
     busy_bytes: int = 0  # blobs of busy entries
     recent_bytes: int = 0  # unreferenced blobs written within the grace period
+    parts_removed: int = 0  # part files of killed downloads (Cache.remove_orphan_parts)
+    part_bytes_freed: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,8 @@ class PruneReport:
             "pinned_bytes": self.pinned_bytes,
             "busy_bytes": self.busy_bytes,
             "recent_bytes": self.recent_bytes,
+            "parts_removed": self.parts_removed,
+            "part_bytes_freed": self.part_bytes_freed,
         }
 
 
@@ -67,7 +71,8 @@ def prune(
     now: float | None = None,
     keep: frozenset[str] = frozenset(),
 ) -> PruneReport:
-    """Remove entries least recently used first, then the blobs no entry names.
+    """Remove entries least recently used first, then the blobs no entry names, and the part
+    files of downloads that no longer run (their entry lock is free: store/cache.py).
 
     Blobs in ``keep`` (the digests lock files name: a locked replay serves them by digest,
     whatever the index says) are never removed.  Their entries go only when they are too old
@@ -80,6 +85,11 @@ def prune(
     """
     now = time.time() if now is None else now
     report = PruneReport()
+    # Part files of killed downloads: those the cache's opening removed, and any orphaned since.
+    parts, part_bytes = cache.remove_orphan_parts()
+    report.parts_removed = cache.orphans_at_open[0] + parts
+    report.part_bytes_freed = cache.orphans_at_open[1] + part_bytes
+    cache.orphans_at_open = (0, 0)
     files = [f for f in scan_entries(cache) if f.entry is not None]
     blobs, _ = scan_blobs(cache)
     refs = Counter(f.entry.sha256 for f in files if f.entry is not None)

@@ -110,6 +110,12 @@ def _prune(
         f"{human_size(report.size_after)} in {cache.root}"
         + (f"; {plural(len(report.busy), 'busy entry', 'busy entries')} skipped" if report.busy else "")
         + (f"; {report.used_meanwhile} used meanwhile, kept" if report.used_meanwhile else "")
+        + (
+            f"; {plural(report.parts_removed, 'orphaned part file')} removed "
+            f"({human_size(report.part_bytes_freed)})"
+            if report.parts_removed
+            else ""
+        )
     )
     if max_size is not None and report.size_after > max_size:
         why = [

@@ -13,7 +13,6 @@ nothing of HTTP servers, pytest or any one format.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, R
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.repro.lockfile import LockFile
 from pytest_upstream.repro.served import ServedLog
-from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout
+from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout, StoreFailed
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import UpstreamClient
 
@@ -183,6 +182,8 @@ class Engine:
             return self._fail(ctx, resource, 502, str(exc), reason="Upstream credentials not set")
         except LockTimeout as exc:
             return self._fail(ctx, resource, 504, str(exc), reason="Timed out waiting for another fetch")
+        except StoreFailed as exc:  # disk full or read-only, before any body byte (docs/cache.md)
+            return self._fail(ctx, resource, 503, str(exc), reason="Cache cannot store")
         except CacheError as exc:
             log.exception("cache failure")
             return self._fail(ctx, resource, 500, f"cache error: {exc}", reason="Cache error")
@@ -226,18 +227,23 @@ class Engine:
                 reply = Reply.text(503, f"not ready: {problem}")
                 reply.reason = "Not ready"
                 return reply
+            degraded = self.cache.degraded()
+            if degraded:  # hits are served, misses passed through: ready, and says why it is degraded
+                return Reply.text(200, f"ready, degraded: {degraded}")
             return Reply.text(200, "ready")
         reply = Reply.text(404, "the proxy's own URLs are /-/metrics and /-/ready")
         reply.reason = "No such URL"
         return reply
 
     def not_ready(self) -> str:
-        """Why this engine cannot serve now ("" when it can): the cache must be writable."""
+        """Why this engine cannot serve now ("" when it can): the cache's directories must exist.
+
+        A cache that cannot store (read-only, full) still serves its hits and passes misses
+        through: that is ``Cache.degraded``, reported by a 200.
+        """
         for directory in self.cache.layout.directories:
             if not directory.is_dir():
                 return f"cache directory {directory} is missing"
-            if not os.access(directory, os.W_OK | os.X_OK):
-                return f"cache directory {directory} is not writable"
         return ""
 
     # -- answering -----------------------------------------------------------
@@ -325,12 +331,17 @@ class Engine:
             return Obtained(found[0], "hit", blob=found[1])
         if ctx.mode == "replay":
             raise ReplayMiss(miss_message(self.settings, self.lock, proxy, res))
-        with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
-            again = self._usable(ctx, res)
-            entry = again[0] if again else None
-            if entry is not None and self.freshness.fresh(ctx.mode, proxy, res, entry):
-                return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
-            return self.fetcher.fetch_whole(ctx, res, entry)
+        try:
+            with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
+                again = self._usable(ctx, res)
+                entry = again[0] if again else None
+                if entry is not None and self.freshness.fresh(ctx.mode, proxy, res, entry):
+                    return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
+                return self.fetcher.fetch_whole(ctx, res, entry)
+        except StoreFailed as exc:  # a read-only cache cannot lock: its stale copy, else a 503
+            if found is None:
+                raise
+            return Obtained(found[0], "stale", f"{proxy.key}: {exc}", blob=found[1])
 
     def _try_stream(self, ctx: RequestContext, res: Resource) -> Reply | Obtained | None:
         """For an artifact miss: join the entry's download, or start it (engine/flights.py).

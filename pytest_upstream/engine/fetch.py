@@ -9,6 +9,7 @@ imported answer is checked and indexed exactly like a live one.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +22,11 @@ from pytest_upstream.engine.errors import UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
-from pytest_upstream.store.cache import Cache, DigestMismatch, Entry
+from pytest_upstream.store.cache import Cache, DigestMismatch, Entry, StoreFailed, entry_id
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, iter_body
+
+log = logging.getLogger("pytest_upstream.engine.fetch")
 
 CACHE_HEADER = "X-Upstream-Cache"
 USER_AGENT = "pytest-upstream"
@@ -52,13 +55,16 @@ def store_answer(
     headers: Mapping[str, str],
     chunks: Iterable[bytes],
     fetched_at: float,
+    eid: str = "",
 ) -> Entry:
     """Check and verify a 200 answer read whole, then store its blob and index entry.
 
     Raises MalformedUpstream (the format's ``check``) or DigestMismatch; nothing is stored then.
+    StoreFailed when the cache cannot store (disk full, read-only).  ``eid``: the entry whose
+    lock the caller holds (names the part file, ``Cache.writer``).
     """
     expected = {**fmt.published_digests(res, headers), **res.expected}
-    writer = cache.writer(tuple(expected))
+    writer = cache.writer(tuple(expected), eid)
     try:
         body = bytearray() if res.kind is Kind.METADATA else None
         for chunk in chunks:
@@ -144,6 +150,13 @@ class Fetcher:
         raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
 
     def _remember_not_found(self, ctx: RequestContext, res: Resource) -> None:
+        """Best effort: a cache that cannot store just asks the upstream again next time."""
+        try:
+            self._store_not_found(ctx, res)
+        except StoreFailed as exc:
+            store_failed(self.cache, exc)
+
+    def _store_not_found(self, ctx: RequestContext, res: Resource) -> None:
         entry = Entry(
             key=ctx.proxy.key,
             path=res.path,
@@ -177,6 +190,12 @@ class Fetcher:
                 raise
             self.freshness.mark_refreshed(ctx.mode, proxy, res)
             return Obtained(stale, "stale", f"{proxy.key}: upstream {res.upstream_url}: {exc}")
+        except StoreFailed as exc:  # nothing was sent yet: the stale copy, or a 503 (dispatch.py)
+            store_failed(self.cache, exc, "serving the stale copy" if stale else "refused (503)")
+            if stale is None:
+                raise
+            self.freshness.mark_refreshed(ctx.mode, proxy, res)
+            return Obtained(stale, "stale", f"{proxy.key}: {exc}")
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:
                 self.freshness.mark_refreshed(ctx.mode, proxy, res)
@@ -187,8 +206,10 @@ class Fetcher:
 
     def store(self, ctx: RequestContext, res: Resource, resp: httpx.Response, pace: Pace | None) -> Obtained:
         """Store the 200 answer ``resp`` read whole (``store_answer``), keeping to ``pace``."""
+        key = ctx.proxy.key
+        eid = entry_id(key, res.path, res.variant)
         entry = store_answer(
-            self.cache, ctx.fmt, res, ctx.proxy.key, resp.headers, iter_body(resp, pace), ctx.now()
+            self.cache, ctx.fmt, res, key, resp.headers, iter_body(resp, pace), ctx.now(), eid
         )
         self.freshness.mark_refreshed(ctx.mode, ctx.proxy, res)
         return Obtained(entry, "miss")
@@ -218,6 +239,12 @@ def _error_body(resp: httpx.Response, limit: int = 65536) -> bytes:
             if len(body) >= limit:
                 break
     return body[:limit]
+
+
+def store_failed(cache: Cache, exc: StoreFailed, action: str = "") -> None:
+    """Log (WARNING) and remember that the cache could not store: ``/-/ready`` reports it."""
+    cache.store_failed(str(exc))
+    log.warning("%s%s", exc, f"; {action}" if action else "")
 
 
 def declared_length(resp: httpx.Response) -> int | None:

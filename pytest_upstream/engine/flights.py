@@ -27,6 +27,9 @@ cost no upstream request, like a request that waited for another process's downl
 Each client has its own descriptor on the part file.  Iterating a reader copies the bytes out
 with ``pread``; a server that can, sends them with ``sendfile`` instead (``next_span``, ``advance``):
 no copy through Python, which is what lets many clients of one download keep up with it.
+
+A cache that cannot store (disk full, read-only: ``StoreFailed`` before the first byte) relays the
+answer to one client instead (PASSING, engine/passthrough.py); docs/cache.md, "Disk full".
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ from pytest_upstream.engine.fetch import (
     Fetcher,
     Obtained,
     declared_length,
+    store_failed,
 )
+from pytest_upstream.engine.passthrough import PassThrough
 from pytest_upstream.engine.recorders import Answer, Recorders
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
-from pytest_upstream.store.cache import Cache, Entry, entry_id
+from pytest_upstream.store.cache import UNKNOWN, BlobWriter, Cache, Entry, StoreFailed, entry_id
 from pytest_upstream.upstream.client import Pace, UpstreamError, iter_body
 
 log = logging.getLogger("pytest_upstream.engine.flights")
@@ -66,6 +71,7 @@ STARTING = "starting"  # waiting for the entry lock or the upstream's answer
 FOUND = "found"  # another process stored the entry meanwhile: serve it from the cache
 STORED = "stored"  # a small artifact with published digests, stored whole before serving
 STREAMING = "streaming"  # the part file grows; clients read it
+PASSING = "passing"  # the cache cannot store: one client is relayed the upstream's answer (passthrough.py)
 DONE = "done"  # verified, stored and indexed
 FAILED = "failed"
 
@@ -121,6 +127,7 @@ class Flight:
         self.entry: Entry | None = None
         self.obtained: Obtained | None = None
         self.error: BaseException | None = None
+        self._relay: Reply | None = None  # PASSING: the reply one client takes
         self._fd: int | None = None  # the part file, for clients that have no reader yet
         self._pending = 0  # clients that joined and have no reader yet
         self._readers = 0  # open readers
@@ -161,6 +168,12 @@ class Flight:
             self._client_left()
             self._release_fd_if_unused()
             state, error, obtained = self.state, self.error, self.obtained
+            relay, self._relay = self._relay, None
+        if relay is not None:
+            return relay
+        if state == PASSING:
+            assert error is not None
+            raise StoreFailed(f"{error}; another client of this download is being passed it uncached")
         if state == FAILED:
             assert error is not None
             raise error  # the same object in every client's thread: only its traceback differs
@@ -204,10 +217,15 @@ class Flight:
 
     def _fetch(self) -> Entry | None:
         """Download, verify and store; None when the flight already ended (FOUND, STORED)."""
-        ctx, res, flights = self.ctx, self.res, self._flights
-        fetcher = flights.fetcher
-        with flights.cache.locked(ctx.proxy.key, res.path, res.variant, self._lock_timeout):
-            if self._usable():  # another process fetched it while we waited for the lock
+        ctx, res, flights, fetcher = self.ctx, self.res, self._flights, self._flights.fetcher
+        lock = flights.cache.locked(ctx.proxy.key, res.path, res.variant, self._lock_timeout)
+        with contextlib.ExitStack() as held:
+            unlockable = None  # a cache that cannot even lock cannot store: relay (passthrough.py)
+            try:
+                held.enter_context(lock)
+            except StoreFailed as exc:
+                unlockable = exc
+            if unlockable is None and self._usable():  # another process fetched it meanwhile
                 self._end(FOUND)
                 return None
             with contextlib.ExitStack() as stack:
@@ -215,15 +233,29 @@ class Flight:
                 resp = fetcher.open(stack, ctx, res, None)
                 fetcher.check_status(ctx, res, resp)
                 length = declared_length(resp)
-                if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
-                    self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
+                head = _Head(fetcher.stream_headers(ctx, res, resp), length)
+                try:
+                    if unlockable is not None:
+                        raise unlockable
+                    if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
+                        self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
+                        return None
+                    size = UNKNOWN if length is None else length
+                    writer = flights.cache.writer(tuple(res.expected), self.eid, size)
+                except StoreFailed as exc:
+                    if resp.is_stream_consumed:  # failed mid-body: nothing was sent, refuse (503)
+                        store_failed(flights.cache, exc, f"{res.upstream_url} refused (503)")
+                        raise
+                    body = PassThrough(stack.pop_all(), resp, pace, ctx, res, flights.recorders)
+                    self._end(PASSING, error=exc, relay=body.reply(flights.cache, exc, head.headers, length))
                     return None
-                return self._stream(resp, pace, _Head(fetcher.stream_headers(ctx, res, resp), length))
+                return self._stream(writer, resp, pace, head)
 
-    def _stream(self, resp: httpx.Response, pace: Pace, head: _Head) -> Entry:
-        """Write the body to the part file, publishing all but the last chunk as it grows."""
+    def _stream(self, writer: BlobWriter, resp: httpx.Response, pace: Pace, head: _Head) -> Entry:
+        """Write the body to the part file, publishing all but the last chunk as it grows.  Disk
+        full mid-body (no length was declared to reserve) fails the flight; an index entry that
+        cannot be written does not: the clients get the whole verified body."""
         ctx, res, cache = self.ctx, self.res, self._flights.cache
-        writer = cache.writer(tuple(res.expected))
         try:
             fd = writer.open_reader()
             with self._cond:
@@ -240,9 +272,17 @@ class Flight:
                         self._cond.notify_all()
                 written += len(chunk)
             sha, size = cache.commit_blob(writer, res.expected, res.upstream_url)
+        except StoreFailed as exc:
+            store_failed(cache, exc, f"download of {res.upstream_url} stopped")
+            raise
         finally:
             writer.discard()
-        return cache.store_entry(res.index_entry(ctx.proxy.key, resp.headers, sha, size, ctx.now()))
+        entry = res.index_entry(ctx.proxy.key, resp.headers, sha, size, ctx.now())
+        try:
+            return cache.store_entry(entry)
+        except StoreFailed as exc:
+            store_failed(cache, exc, f"{res.upstream_url} served whole but not indexed")
+            return entry
 
     def _check_wanted(self) -> None:
         """Raise FlightCancelled when the engine closes, or no client came back in time."""
@@ -274,10 +314,12 @@ class Flight:
         entry: Entry | None = None,
         obtained: Obtained | None = None,
         error: BaseException | None = None,
+        relay: Reply | None = None,
     ) -> None:
         with self._flights.mutex, self._cond:
             self._flights.forget(self)
             self.state, self.entry, self.obtained, self.error = state, entry, obtained, error
+            self._relay = relay
             if entry is not None:
                 self.visible = entry.size
             self._release_fd_if_unused()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-RESULTS = ("hit", "miss", "stale", "replay_miss", "error")
+RESULTS = ("hit", "miss", "stale", "replay_miss", "pass_through", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "upstream_proxy"
 
@@ -48,7 +48,7 @@ class Metrics:
             self._requests[key, result] += 1
             if nbytes and result in ("hit", "stale"):
                 self._bytes[key, "cache"] += nbytes
-            elif nbytes and result == "miss":
+            elif nbytes and result in ("miss", "pass_through"):
                 self._bytes[key, "upstream"] += nbytes
 
     def fetch_started(self, key: str) -> None:

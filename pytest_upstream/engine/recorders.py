@@ -146,7 +146,8 @@ class MetricsRecorder:
         log.warning("upstream failed for %s: %s: %s", key, url, error)
 
     def answered(self, answer: Answer) -> None:
-        result = answer.cache if answer.cache in RESULTS else "error"
+        result = answer.cache.replace("-", "_")  # pass-through (X-Upstream-Cache) is pass_through here
+        result = result if result in RESULTS else "error"
         if answer.replay_miss:
             result = "replay_miss"
         size = 0 if answer.request.method == "HEAD" else answer.size

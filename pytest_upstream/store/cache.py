@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,9 +28,16 @@ from typing import Any
 
 from pytest_upstream.store.blobs import Verifier, stamp_of
 from pytest_upstream.store.entry import Entry, entry_bytes, entry_id, parse_entry
-from pytest_upstream.store.errors import CacheError, ClaimMismatch, DigestMismatch, LockTimeout
+from pytest_upstream.store.errors import (
+    CacheError,
+    ClaimMismatch,
+    DigestMismatch,
+    LockTimeout,
+    StoreFailed,
+    cannot_store,
+)
 from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_temporary
-from pytest_upstream.store.layout import LAYOUT_VERSION, Layout
+from pytest_upstream.store.layout import LAYOUT_VERSION, Layout, dir_names
 from pytest_upstream.store.local import LocalBackend
 from pytest_upstream.store.locks import striped_locks
 
@@ -36,6 +45,7 @@ log = logging.getLogger("pytest_upstream")
 
 __all__ = [
     "LAYOUT_VERSION",
+    "UNKNOWN",
     "USE_STAMP_INTERVAL",
     "BlobWriter",
     "Cache",
@@ -44,38 +54,86 @@ __all__ = [
     "DigestMismatch",
     "Entry",
     "LockTimeout",
+    "StoreFailed",
     "entry_id",
     "fsync_dir",
     "verify_digests",
 ]
 
 _STALE_TMP_SECONDS = 24 * 3600
+LOW_SPACE = 16 * 1024 * 1024  # free bytes under which the cache counts as degraded
+FAILURE_MEMORY = 60.0  # seconds a failed write keeps the cache degraded
+UNKNOWN = -1  # Cache.writer's reserve for a download of undeclared length
+# A download's part file: ``.part-<entry id>.<random>.tmp`` (``BlobWriter``), so a clean-up can
+# ask the entry's lock whether the download that writes it still runs.
+_PART = re.compile(r"\.part-([0-9a-f]{64})\.[0-9a-f]{16}\.tmp")
 _ENTRY_MEMO_SIZE = 10_000
 # A hit sets its entry file's mtime to now (the clock of ``cache prune``'s LRU order) when the
 # mtime is older than this, so a warm entry costs one utime a minute, not one per hit.
 USE_STAMP_INTERVAL = 60.0
 
 
-class BlobWriter:
-    """A download in progress: bytes go to a temp file (an ``AtomicFile``) while being hashed."""
+@contextlib.contextmanager
+def storing(what: str) -> Iterator[None]:
+    """Turn an error that means "cannot store now" (disk full, quota, read-only) into StoreFailed."""
+    try:
+        yield
+    except OSError as exc:
+        if cannot_store(exc):
+            raise StoreFailed(f"the cache cannot store {what}: {exc.strerror or exc}") from exc
+        raise
 
-    def __init__(self, tmp_dir: Path, algorithms: tuple[str, ...] = ()) -> None:
-        self._out = AtomicFile(tmp_dir=tmp_dir)
+
+class BlobWriter:
+    """A download in progress: bytes go to a temp file (an ``AtomicFile``) while being hashed.
+
+    ``eid`` (the entry being fetched, under its lock) names the part file, so an orphan (a killed
+    download) can be told from a live one: ``Cache.remove_orphan_parts``.  Raises StoreFailed when
+    the cache cannot store (disk full, read-only), from the start or on any write.
+    """
+
+    def __init__(self, tmp_dir: Path, algorithms: tuple[str, ...] = (), eid: str = "") -> None:
+        with storing("a new file"):
+            self._out = AtomicFile(tmp_dir=tmp_dir, stem=f"part-{eid}" if eid else None)
         self.path = self._out.path
         self._hashes = {"sha256": hashlib.sha256()}
         for algo in algorithms:
             self._hashes.setdefault(algo, hashlib.new(algo))
         self.size = 0
+        self._reserved = 0
+
+    def reserve(self, length: int) -> None:
+        """Claim ``length`` bytes of disk before the first byte is served (``posix_fallocate``), so
+        a full disk is found while the client can still be told (StoreFailed).  Where the file
+        system cannot allocate ahead, its free space is compared instead."""
+        if length <= 0:
+            return
+        fd = self._out.file.fileno()
+        try:
+            os.posix_fallocate(fd, 0, length)
+            self._reserved = length
+            return
+        except AttributeError:  # pragma: no cover - platforms without posix_fallocate
+            pass
+        except OSError as exc:
+            if cannot_store(exc):
+                raise StoreFailed(f"the cache cannot store {length} bytes: {exc.strerror or exc}") from exc
+        with storing(f"{length} bytes"):
+            free = shutil.disk_usage(self.path.parent).free
+        if free < length:
+            raise StoreFailed(f"the cache cannot store {length} bytes: {free} bytes free")
 
     def write(self, chunk: bytes) -> None:
-        self._out.write(chunk)
+        with storing(f"{self.size + len(chunk)} bytes"):
+            self._out.write(chunk)
         for h in self._hashes.values():
             h.update(chunk)
         self.size += len(chunk)
 
     def flush(self) -> None:
         """Hand what was written to the OS, so readers of the part file (``open_reader``) see it."""
-        self._out.flush()
+        with storing(f"{self.size} bytes"):
+            self._out.flush()
 
     def open_reader(self) -> int:
         """A read-only descriptor on the part file, for serving it while it grows.
@@ -86,13 +144,17 @@ class BlobWriter:
         return os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
     def finish(self) -> dict[str, str]:
-        """Flush and return the digests (hex) of what was written."""
-        self._out.flush()
+        """Flush and return the digests (hex) of what was written (a reservation past them is cut)."""
+        with storing(f"{self.size} bytes"):
+            self._out.flush()
+            if self._reserved > self.size:
+                os.ftruncate(self._out.file.fileno(), self.size)
         return {algo: h.hexdigest() for algo, h in self._hashes.items()}
 
     def commit(self, target: Path) -> None:
         """fsync, rename to ``target`` and fsync its directory."""
-        self._out.commit(target)
+        with storing(f"{self.size} bytes"):
+            self._out.commit(target)
 
     def discard(self) -> None:
         self._out.discard()
@@ -129,6 +191,8 @@ class Cache:
         self.backend = LocalBackend(self.layout)
         self.verifier = Verifier(self.layout)
         self._entry_memo: dict[str, tuple[tuple[int, int, int], Entry]] = {}
+        self._store_failure: tuple[float, str] | None = None
+        self.orphans_at_open = (0, 0)  # part files (and bytes) the clean-up at open removed
         self._remove_stale_tmp()
 
     # -- paths -------------------------------------------------------------
@@ -202,7 +266,8 @@ class Cache:
         """
         if not self.blob_path(entry.sha256).is_file():
             raise CacheError(f"refusing to index {entry.path}: blob {entry.sha256} is missing")
-        self.backend.put_index(entry.key, entry.id, entry_bytes(entry), durable=durable)
+        with storing(f"the index entry of {entry.path}"):
+            self.backend.put_index(entry.key, entry.id, entry_bytes(entry), durable=durable)
         return entry
 
     def touch(self, entry: Entry, **changes: Any) -> Entry:
@@ -213,8 +278,24 @@ class Cache:
         self.backend.delete_index(entry.key, entry.id)
 
     # -- blobs -------------------------------------------------------------
-    def writer(self, algorithms: tuple[str, ...] = ()) -> BlobWriter:
-        return BlobWriter(self.tmp, algorithms)
+    def writer(
+        self, algorithms: tuple[str, ...] = (), eid: str = "", reserve: int | None = None
+    ) -> BlobWriter:
+        """A part file for new bytes; ``eid``: the entry whose lock the caller holds while writing;
+        ``reserve``: the bytes to claim on disk first (``BlobWriter.reserve``), or ``UNKNOWN`` for
+        a stream of undeclared length, refused while the cache is ``degraded`` (it could fill
+        the disk after its first bytes were served).  StoreFailed when the cache cannot store
+        (nothing is left behind then)."""
+        if reserve == UNKNOWN and (why := self.degraded()):
+            raise StoreFailed(f"{why} (a download of undeclared length is not started)")
+        writer = BlobWriter(self.tmp, algorithms, eid)
+        if reserve is not None:
+            try:
+                writer.reserve(reserve)
+            except BaseException:
+                writer.discard()
+                raise
+        return writer
 
     def commit_blob(self, writer: BlobWriter, expected: dict[str, str], what: str) -> tuple[str, int]:
         """Finish a download, verify it, and move it into the store.
@@ -232,7 +313,8 @@ class Cache:
                     # copy is caught by the verifier on its first use. The new mtime keeps
                     # `cache prune` (which spares recent blobs) off a blob that is about to be
                     # indexed again.
-                    self.freshen_blob(sha)
+                    with contextlib.suppress(OSError):  # best effort (a read-only cache)
+                        self.freshen_blob(sha)
                     return sha, writer.size
             except FileNotFoundError:
                 pass  # not stored, or pruned just now: store ours
@@ -316,23 +398,78 @@ class Cache:
         self.verifier.forget(sha256)
 
     # -- locks -------------------------------------------------------------
-    def locked(
-        self, key: str, path: str, variant: str, timeout: float
-    ) -> contextlib.AbstractContextManager[None]:
-        """Hold the entry's lock; the OS drops it if the holder dies (store/locks.py)."""
+    @contextlib.contextmanager
+    def locked(self, key: str, path: str, variant: str, timeout: float) -> Iterator[None]:
+        """Hold the entry's lock; the OS drops it if the holder dies (store/locks.py).
+
+        StoreFailed when the lock file cannot be created (a read-only cache): nothing can be
+        stored then, so the caller relays or refuses instead.
+        """
         message = f"timed out after {timeout:g}s waiting for another process to fetch {path!r} for {key!r}"
-        return striped_locks(self.layout).hold(entry_id(key, path, variant), timeout, message)
+        with contextlib.ExitStack() as stack:
+            with storing("an entry lock"):
+                stack.enter_context(
+                    striped_locks(self.layout).hold(entry_id(key, path, variant), timeout, message)
+                )
+            yield
 
     def locked_id(self, eid: str, timeout: float) -> contextlib.AbstractContextManager[None]:
         """The lock of an entry known only by its id (an unparseable entry file)."""
         return striped_locks(self.layout).hold(eid, timeout, f"entry {eid} busy")
 
+    # -- health --------------------------------------------------------------
+    def store_failed(self, why: str) -> None:
+        """Remember that a write failed for want of space or permission (``StoreFailed``)."""
+        self._store_failure = (time.monotonic(), why)
+
+    def degraded(self) -> str:
+        """Why this cache cannot store now ("" when it can): a read-only or unwritable directory,
+        less than ``LOW_SPACE`` free, or a write that failed in the last ``FAILURE_MEMORY`` seconds."""
+        for directory in (self.tmp, self.blobs, self.entries):
+            if not os.access(directory, os.W_OK | os.X_OK):
+                return f"cache directory {directory} is not writable"
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(self.tmp).free
+            if free < LOW_SPACE:
+                return f"cache file system has {free} bytes free"
+        failure = self._store_failure
+        if failure is not None and time.monotonic() - failure[0] < FAILURE_MEMORY:
+            return failure[1]
+        return ""
+
     # -- helpers -----------------------------------------------------------
+    def remove_orphan_parts(self) -> tuple[int, int]:
+        """Remove the part files of downloads that no longer run; (files, bytes) removed.
+
+        A part file is written only by the holder of its entry's lock (``BlobWriter``'s ``eid``),
+        and the OS drops a killed process's lock: a part file whose lock can be taken at once is
+        an orphan.  One whose lock is held (a download in this or another process, or an
+        unrelated fetch on the same lock stripe) stays, for the next clean-up.
+        """
+        removed = freed = 0
+        for name in sorted(dir_names(self.tmp)):
+            match = _PART.fullmatch(name)
+            if match is None:
+                continue
+            path = self.tmp / name
+            try:
+                with self.locked_id(match.group(1), 0):
+                    size = os.stat(path).st_size
+                    os.unlink(path)
+            except (CacheError, OSError):
+                continue  # busy, gone meanwhile, or a read-only cache
+            removed += 1
+            freed += size
+        return removed, freed
+
     def _remove_stale_tmp(self) -> None:
+        """At start: orphaned part files, and other temporary files left more than a day ago
+        (those name no entry, so their age is the only sign that nobody writes them)."""
+        self.orphans_at_open = self.remove_orphan_parts()
         cutoff = time.time() - _STALE_TMP_SECONDS
         with contextlib.suppress(OSError), os.scandir(self.tmp) as it:
             for file in it:
-                if is_temporary(file.name):
+                if is_temporary(file.name) and not _PART.fullmatch(file.name):
                     with contextlib.suppress(OSError):
                         if file.stat().st_mtime < cutoff:
                             os.unlink(file.path)

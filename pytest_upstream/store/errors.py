@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class CacheError(RuntimeError):
     """The cache could not be read or written."""
@@ -20,3 +22,24 @@ class ClaimMismatch(CacheError):
 
     The blob hashes to its name, so its bytes are kept; only the claim is in error.
     """
+
+
+class StoreFailed(CacheError):
+    """The cache cannot store now: the disk is full, over quota, or the cache is read-only.
+
+    Not a fault of the bytes or of the cache's contents: hits keep working, and the engine
+    passes a miss through or refuses it before any body byte (docs/cache.md, "Disk full").
+    """
+
+
+# The errors that mean "the cache cannot take more bytes now", rather than a bug or a bad file.
+CANNOT_STORE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
+    if hasattr(errno, name)
+)
+
+
+def cannot_store(exc: BaseException) -> bool:
+    """Whether ``exc`` says the cache cannot store (``CANNOT_STORE_ERRNOS``)."""
+    return isinstance(exc, StoreFailed) or (isinstance(exc, OSError) and exc.errno in CANNOT_STORE_ERRNOS)

@@ -39,8 +39,10 @@ class AtomicFile:
     """A temporary file that becomes ``target`` on ``commit``, or disappears on ``discard``.
 
     ``tmp_dir`` must be on the target's file system (the cache passes its ``tmp/``); by default
-    the temporary file lies beside the target.  As a context manager it commits when the block
-    ends normally and discards on an exception.
+    the temporary file lies beside the target.  The temporary file is named ``.STEM.<random>.tmp``;
+    ``stem`` defaults to the target's name (the cache names a download's part file after its
+    entry, so a clean-up can tell whether its download still runs: store/cache.py).  As a
+    context manager it commits when the block ends normally and discards on an exception.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class AtomicFile:
         tmp_dir: Path | None = None,
         durable: bool = True,
         mode: int | None = None,
+        stem: str | None = None,
     ) -> None:
         if target is None and tmp_dir is None:
             raise ValueError("AtomicFile needs a target or a tmp_dir")
@@ -59,7 +62,8 @@ class AtomicFile:
         self.mode = mode
         where = tmp_dir if tmp_dir is not None else self.target.parent  # type: ignore[union-attr]
         where.mkdir(parents=True, exist_ok=True)
-        stem = self.target.name[:64] if self.target is not None else "blob"
+        if stem is None:
+            stem = self.target.name[:64] if self.target is not None else "blob"
         while True:
             self.path = where / f".{stem}.{secrets.token_hex(8)}.tmp"
             try:

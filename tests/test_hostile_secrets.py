@@ -420,3 +420,46 @@ def test_dot_segment_variants_never_reach_the_upstream(upstream: Upstream, make_
     for name in ("a..b;c.txt", "x;v=1.txt"):
         upstream.files[f"/files/{name}"] = b"dots"
         assert http(proxy.url("g") + name)[:2] == (200, b"dots")
+
+
+def test_the_pytest_plugin_refuses_a_token_with_a_newline_naming_the_variable(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (pytester.path / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [tool.pytest-upstream]
+            cache = "cache-dir"
+            [[tool.pytest-upstream.proxy]]
+            key = "g"
+            format = "generic"
+            url = "http://127.0.0.1:9/"
+            auth = "bearer"
+            token_env = "PRIV_TOKEN"
+            """
+        )
+    )
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    monkeypatch.setenv("PRIV_TOKEN", SECRET + "\n")
+    result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "PRIV_TOKEN" in output and SECRET not in output
+
+
+def test_a_linked_url_with_credentials_is_recorded_without_them(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    """An index may link a file as ``http://user:pass@host/...``: the served records, the report
+    and the recorded lock name it without the credentials."""
+    from pytest_upstream.engine.recorders import Answer
+    from pytest_upstream.formats.base import Kind, Resource
+    from pytest_upstream.messages import ProxyRequest
+
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    res = Resource("a.bin", f"http://bob:{SECRET}@127.0.0.1:9/a.bin", Kind.ARTIFACT)
+    request = ProxyRequest("GET", "g", "a.bin", "", Headers(), "http://127.0.0.1")
+    answer = Answer(request, "a.bin", res, "error", 502, error=f"failed: {res.upstream_url}")
+    proxy.engine.recorders.answered(answer)
+    outputs = repr(proxy.served.records) + json.dumps(UpstreamProxy(proxy).report(detail=True))
+    assert SECRET not in outputs and "http://<redacted>@127.0.0.1:9/a.bin" in outputs

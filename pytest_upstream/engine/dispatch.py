@@ -70,7 +70,7 @@ class Engine:
         self._lock_recorder = LockRecorder()
         self.metrics = Metrics()
         self.recorders = Recorders(
-            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics)
+            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics), scrub=self.scrub
         )
         self.freshness = Freshness(self.clock)
         self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders, settings.fetch)
@@ -197,7 +197,7 @@ class Engine:
 
     def _upstream_failed(self, ctx: RequestContext, res: Resource | None, error: str) -> None:
         url = res.upstream_url if res is not None else ctx.proxy.url
-        self.recorders.upstream_failed(ctx.proxy.key, self.scrub(url), self.scrub(error))
+        self.recorders.upstream_failed(ctx.proxy.key, url, error)  # Recorders scrub it
 
     def _fail(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
     Refused: NUL and other control characters, backslashes, encoded slashes
     (``%2f``, ``%5c``), empty or dot segments (``//``, ``.``, ``..``, also when
     percent-encoded, as ``.%2e``), dot segments that a common server reads as ``..``
-    (``..;``, ``..;x``, ``%2e%2e;x``: servlet containers drop the ``;`` parameter), and
+    (``..;``, ``..;x``, ``%2e%2e;x``: servlet containers drop the ``;`` parameter; fullwidth
+    dots, which Unicode folding turns into ``..``), and
     overlong UTF-8 (``%c0%ae``).  Checked here, before anything is forwarded.
     ``rest`` keeps a trailing slash when the URL had one.
 
@@ -59,10 +61,11 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
     for seg in segments:
         if seg in ("", ".", ".."):
             raise BadPath("empty, '.' and '..' path segments are not allowed")
-        if seg.split(";", 1)[0].strip() in (".", ".."):
+        if unicodedata.normalize("NFKC", seg.split(";", 1)[0]).strip() in (".", ".."):
             # Servlet containers (Tomcat, Jetty) drop a ";parameter" from a segment, some
-            # servers trim blanks: "..;x" and ".. " reach them as "..".
-            raise BadPath("a '.' or '..' path segment with a ';' parameter or blanks is not allowed")
+            # servers trim blanks or fold Unicode (fullwidth dots): "..;x", ".. " and U+FF0E twice
+            # reach them as "..".
+            raise BadPath("a segment read as '.' or '..' by some servers (a ';' parameter, blanks, fullwidth dots)")
     key, rest = segments[0], "/".join(segments[1:])
     if trailing and rest:
         rest += "/"

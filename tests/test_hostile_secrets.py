@@ -397,6 +397,7 @@ DOT_SEGMENT_VARIANTS = [
     "/g/a/..%5cprivate",
     "/g/a/..%20/private",
     "/g/a/%e0%80%ae%e0%80%ae/x",
+    "/g/%ef%bc%8e%ef%bc%8e/private",  # fullwidth dots: Unicode folding makes them ".."
 ]
 
 

@@ -65,7 +65,7 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
             # Servlet containers (Tomcat, Jetty) drop a ";parameter" from a segment, some
             # servers trim blanks or fold Unicode (fullwidth dots): "..;x", ".. " and U+FF0E twice
             # reach them as "..".
-            raise BadPath("a segment read as '.' or '..' by some servers (a ';' parameter, blanks, fullwidth dots)")
+            raise BadPath("a segment some servers read as '.' or '..' (';' parameter, blanks, wide dots)")
     key, rest = segments[0], "/".join(segments[1:])
     if trailing and rest:
         rest += "/"

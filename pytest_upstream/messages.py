@@ -4,6 +4,8 @@ the format modules: a parsed request and the reply to send."""
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +16,21 @@ class BadPath(ValueError):
     """A request path that could escape its proxy or the cache."""
 
 
+# A percent-encoded overlong UTF-8 sequence (%c0%ae is '.', %c0%af '/', %e0%80%ae ...): invalid
+# UTF-8 that the strict decoding below refuses too; refused by name first, for a clear reason.
+_OVERLONG = re.compile(r"%c[01]%[89ab][0-9a-f]|%e0%[89][0-9a-f]%|%f0%8[0-9a-f]%", re.IGNORECASE)
+
+
 def split_proxy_path(raw_path: str) -> tuple[str, str]:
     """Split ``/<key>/<rest>`` into (key, rest), decoding and refusing traversal.
 
     Refused: NUL and other control characters, backslashes, encoded slashes
-    (``%2f``), empty or dot segments (``//``, ``.``, ``..``, also when
-    percent-encoded).  ``rest`` keeps a trailing slash when the URL had one.
+    (``%2f``, ``%5c``), empty or dot segments (``//``, ``.``, ``..``, also when
+    percent-encoded, as ``.%2e``), dot segments that a common server reads as ``..``
+    (``..;``, ``..;x``, ``%2e%2e;x``: servlet containers drop the ``;`` parameter; fullwidth
+    dots, which Unicode folding turns into ``..``), and
+    overlong UTF-8 (``%c0%ae``).  Checked here, before anything is forwarded.
+    ``rest`` keeps a trailing slash when the URL had one.
 
     One exception: npm sends a scoped package name as one segment,
     ``@scope%2fname``.  A segment below the key that starts with a literal
@@ -36,6 +47,8 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
         npm_scope = index >= 2 and len(scope) > 1 and scope[0] == "@" and bool(name) and "%2f" not in name
         if "%2f" in lowered and not npm_scope:
             raise BadPath("encoded slashes are not allowed in paths (except one in an npm @scope%2fname)")
+    if _OVERLONG.search(raw_path):
+        raise BadPath("overlong UTF-8 encodings are not allowed in paths")
     path = unquote(raw_path, errors="strict")
     if any(ord(c) < 0x20 or c == "\x7f" for c in path):
         raise BadPath("control characters (such as NUL) are not allowed in paths")
@@ -48,6 +61,11 @@ def split_proxy_path(raw_path: str) -> tuple[str, str]:
     for seg in segments:
         if seg in ("", ".", ".."):
             raise BadPath("empty, '.' and '..' path segments are not allowed")
+        if unicodedata.normalize("NFKC", seg.split(";", 1)[0]).strip() in (".", ".."):
+            # Servlet containers (Tomcat, Jetty) drop a ";parameter" from a segment, some
+            # servers trim blanks or fold Unicode (fullwidth dots): "..;x", ".. " and U+FF0E twice
+            # reach them as "..".
+            raise BadPath("a segment some servers read as '.' or '..' (';' parameter, blanks, wide dots)")
     key, rest = segments[0], "/".join(segments[1:])
     if trailing and rest:
         rest += "/"

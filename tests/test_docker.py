@@ -1026,7 +1026,13 @@ def test_token_auth_registry(
         status, body, _ = http(v2(anon2, "oci2/demo/tok/manifests/v1"), headers={"Accept": OCI_INDEX})
         assert status == 502 and "refused a token" in errors(body)[1]
         authed = make_proxy(
-            docker_proxy(reg.url, auth="basic", username_env="OCI_USER", password_env="OCI_PASS"),
+            docker_proxy(
+                reg.url,
+                auth="basic",
+                username_env="OCI_USER",
+                password_env="OCI_PASS",
+                auth_hosts=[tokens.url.split("://", 1)[1].rstrip("/")],  # the realm is on another port
+            ),
             cache=tmp_path / "c3",
         )
         r = pull(tmp_path, UpstreamProxy(authed).image("oci", "demo/tok:v1"), tmp_path / "authed")

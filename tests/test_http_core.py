@@ -234,11 +234,11 @@ def test_range_past_the_end_is_416_with_the_size(serve: Serve, upstream: Upstrea
     server = serve()
     exchange(server, b"GET /g/r.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")  # now cached
     data = exchange(
-        server, b"GET /g/r.bin HTTP/1.1\r\nHost: h\r\nRange: bytes=10-\r\nConnection: close\r\n\r\n"
+        server, b"GET /g/r.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=10-\r\nConnection: close\r\n\r\n"
     )
     assert data.startswith(b"HTTP/1.1 416 ") and b"\r\nContent-Range: bytes */10\r\n" in data
     data = exchange(
-        server, b"GET /g/r.bin HTTP/1.1\r\nHost: h\r\nRange: bytes=8-20\r\nConnection: close\r\n\r\n"
+        server, b"GET /g/r.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=8-20\r\nConnection: close\r\n\r\n"
     )
     assert (
         data.startswith(b"HTTP/1.1 206 ") and b"Content-Range: bytes 8-9/10" in data and data.endswith(b"89")
@@ -251,7 +251,8 @@ def test_head_of_a_file_sends_its_length_and_no_body(serve: Serve, upstream: Ups
     exchange(server, b"GET /g/h.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     with connect(server) as sock:
         sock.sendall(
-            b"HEAD /g/h.bin HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            b"HEAD /g/h.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         )
         data = until_closed(sock)
     assert [line.split(b" ")[1] for line in status_lines(data)] == [b"200", b"200"]
@@ -383,17 +384,16 @@ def test_a_client_that_stops_reading_is_dropped_after_send_timeout_others_are_se
     payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than the socket buffers hold
     upstream.files["/files/big.bin"] = payload
     server = serve(send_timeout=0.5)
-    assert exchange(server, b"GET /g/big.bin HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").endswith(
-        payload[-100:]
-    )
+    request = b"GET /g/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    assert exchange(server, request).endswith(payload[-100:])
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", port_of(server)))
     try:
-        stalled.sendall(b"GET /g/big.bin HTTP/1.1\r\nHost: h\r\n\r\n")  # and never reads
+        stalled.sendall(b"GET /g/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never reads
         assert wait_for(lambda: server.open_connections() == 1)
         started = time.monotonic()
-        data = exchange(server, b"GET /g/big.bin HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        data = exchange(server, b"GET /g/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert data.partition(b"\r\n\r\n")[2] == payload and time.monotonic() - started < 3.0
         assert wait_for(lambda: server.open_connections() == 0, timeout=5.0)  # the stalled one was dropped
     finally:
@@ -425,8 +425,8 @@ def test_each_answered_request_is_logged_once_with_its_fields(
     server = serve()
     with connect(server) as sock:
         sock.sendall(
-            b"GET /g/a.bin HTTP/1.1\r\nHost: h\r\n\r\n"
-            b"GET /g/a.bin HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            b"GET /g/a.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /g/a.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
         )
         until_closed(sock)
     exchange(server, b"GET /g/a.bin HTTP/1.1\r\nContent-Length: x\r\n\r\n")

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, with_client_flags
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
 from pytest_upstream.cli.workers import Supervisor, serve_in_worker
 from pytest_upstream.config.auth import AUTH_MODES
@@ -85,6 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = with_fetch_flags(
         args, _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
     )
+    settings = with_client_flags(args, settings)
     writes_lock = _serve_checks(args, settings)
     from pytest_upstream.server.limits import raise_open_file_limit
 
@@ -95,6 +97,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings, writes_lock: bool) -> int:
     server = _bind(settings, args.host, args.port)
+    warn_if_open(args.host, settings)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
         where = client_url(server.base_url, proxy)
@@ -416,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections at most (0: from the open-file limit)",
     )
     _add_fetch_flags(serve)
+    add_client_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
     lock = sub.add_parser("lock", help="check a lock file against the cache")

@@ -8,6 +8,7 @@ pyproject table, built-in defaults.  Callers apply the first three with
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -47,9 +48,11 @@ _PROXY_FIELDS = {
     "mutable_paths",
     "negative_ttl",
     "mirror",
+    "auth_hosts",
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
+_TOP_FIELDS |= {"allowed_hosts"}
 
 # -- fetch deadlines (docs/configuration.md § Fetch deadlines) -------------------------------------
 DEFAULT_FETCH_DEADLINE = 3600.0
@@ -147,6 +150,8 @@ class ProxyDefinition:
     mutable_paths: tuple[str, ...] = ()
     negative_ttl: float = DEFAULT_NEGATIVE_TTL
     mirror: bool | None = None  # docker: the registry mirror for keyless /v2/<name>/... (docs/docker.md)
+    # secrets and clients: credentials with their origin (issue 10)
+    auth_hosts: tuple[str, ...] = ()  # docker: token realms on other origins that may get credentials
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -166,6 +171,8 @@ class ProxyDefinition:
             table["mutable_paths"] = list(self.mutable_paths)
         if self.mirror is not None:
             table["mirror"] = self.mirror
+        if self.auth_hosts:
+            table["auth_hosts"] = list(self.auth_hosts)
         return table
 
 
@@ -183,6 +190,9 @@ class Settings:
     send_timeout: float = DEFAULT_SEND_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     fetch: FetchLimits = field(default_factory=FetchLimits)  # upstream download deadlines
+    # secrets and clients: who may use the proxy (issue 10, docs/configuration.md § Clients)
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound proxy answers besides loopback ones
+    client_token_env: str | None = None  # serve --token-env: the variable holding the clients' token
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -310,6 +320,7 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         mutable_paths=tuple(mutable),
         negative_ttl=_number(entry.get("negative_ttl", DEFAULT_NEGATIVE_TTL), where, "negative_ttl"),
         mirror=mirror,
+        **_secrets_fields(entry, where),
     )
 
 
@@ -360,7 +371,32 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
         **_connection_limits(table, where),
         fetch=parse_fetch_limits(table, where),
+        allowed_hosts=_host_list(table, "allowed_hosts", where),
     )
+
+
+# -- secrets and clients (issue 10, docs/configuration.md § Credentials and clients) ----------------
+_HOST_NAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def _host_list(table: Mapping[str, Any], name: str, where: str) -> tuple[str, ...]:
+    """A list of host names (``host`` or ``host:port``), lower-cased."""
+    value = table.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise ConfigError(f"{where}: {name} must be a list of host names (host or host:port)")
+    hosts = tuple(h.lower() for h in value)
+    for host in hosts:
+        if not _HOST_NAME.fullmatch(host):
+            raise ConfigError(f"{where}: {name}: {host!r} is not a host name (host or host:port)")
+    return hosts
+
+
+def _secrets_fields(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A proxy's ``auth_hosts``: the origins of token realms (docker) its credentials may go to."""
+    return {"auth_hosts": _host_list(entry, "auth_hosts", where)}
+
+
+# -- end of secrets and clients ---------------------------------------------------------------------
 
 
 def _connection_limits(table: Mapping[str, Any], where: str) -> dict[str, Any]:

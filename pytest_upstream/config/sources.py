@@ -15,6 +15,9 @@ class BuiltinSource:
     name: str
     format: str
     url: str
+    # Hosts other than the URL's that this registry's token flow sends credentials to (a
+    # docker realm on another origin); a configured proxy adds its own with ``auth_hosts``.
+    auth_hosts: tuple[str, ...] = ()
 
 
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
@@ -22,7 +25,7 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     for s in (
         BuiltinSource("pypi", "pypi", "https://pypi.org/simple/"),
         BuiltinSource("npm", "npm", "https://registry.npmjs.org/"),
-        BuiltinSource("dockerhub", "docker", "https://registry-1.docker.io/"),
+        BuiltinSource("dockerhub", "docker", "https://registry-1.docker.io/", ("auth.docker.io",)),
         BuiltinSource("maven-central", "maven", "https://repo.maven.apache.org/maven2/"),
     )
 }

@@ -17,7 +17,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from pytest_upstream.config.auth import CredentialsError
+from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
@@ -69,7 +69,7 @@ class Engine:
         self._lock_recorder = LockRecorder()
         self.metrics = Metrics()
         self.recorders = Recorders(
-            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics)
+            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics), scrub=self.scrub
         )
         self.freshness = Freshness(self.clock)
         self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders, settings.fetch)
@@ -188,9 +188,17 @@ class Engine:
             log.exception("cache failure")
             return self._fail(ctx, resource, 500, f"cache error: {exc}", reason="Cache error")
 
+    def scrub(self, text: str) -> str:
+        """``text`` without secrets (config/auth.py ``scrub``): every error text the engine lets out
+        (reply body and status line, served record, report, log) passes here first."""
+        names = [name for proxy in self.settings.proxies for name in proxy.auth.required_env()]
+        if self.settings.client_token_env:
+            names.append(self.settings.client_token_env)
+        return scrub(text, names)
+
     def _upstream_failed(self, ctx: RequestContext, res: Resource | None, error: str) -> None:
         url = res.upstream_url if res is not None else ctx.proxy.url
-        self.recorders.upstream_failed(ctx.proxy.key, url, error)
+        self.recorders.upstream_failed(ctx.proxy.key, url, error)  # Recorders scrub it
 
     def _fail(
         self,
@@ -203,6 +211,7 @@ class Engine:
         reason: str = "",
     ) -> Reply:
         replay_miss = status == 504 and reason == REPLAY_MISS_REASON
+        msg = self.scrub(msg)
         self.recorders.answered(
             Answer(ctx.request, ctx.request.path, res, cache, status, error=msg, replay_miss=replay_miss)
         )
@@ -265,7 +274,7 @@ class Engine:
         headers = {CACHE_HEADER: obtained.cache}
         if obtained.cache == "stale":
             self._upstream_failed(ctx, res, obtained.note)
-            headers["X-Upstream-Error"] = obtained.note
+            headers["X-Upstream-Error"] = self.scrub(obtained.note)
             headers["Warning"] = '110 - "Response is Stale"'
         if entry.last_modified:
             headers["Last-Modified"] = entry.last_modified

@@ -205,7 +205,9 @@ class Flight:
             failure = self._failure(exc)
             if self.head is not None:
                 level = logging.INFO if isinstance(exc, FlightCancelled) else logging.WARNING
-                log.log(level, "download of %s stopped: %s", self.res.upstream_url, failure)
+                scrub = self._flights.recorders.scrub
+                url, why = scrub(self.res.upstream_url), scrub(str(failure))
+                log.log(level, "download of %s stopped: %s", url, why)
             self._end(FAILED, error=failure)
             if not isinstance(exc, Exception):
                 raise

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from pytest_upstream.engine.metrics import RESULTS, Metrics
 from pytest_upstream.formats.base import Resource
@@ -21,6 +21,9 @@ from pytest_upstream.messages import ProxyRequest
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.served import ServedLog, ServedRecord
 from pytest_upstream.store.cache import Entry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("pytest_upstream")
 
@@ -160,8 +163,11 @@ class MetricsRecorder:
 class Recorders:
     """The engine's observers, told in order."""
 
-    def __init__(self, *recorders: Recorder) -> None:
+    def __init__(self, *recorders: Recorder, scrub: Callable[[str], str] = str) -> None:
         self._recorders = recorders
+        # Secrets out of every error text before any recorder (served log, report, lock, log line)
+        # sees it: the engine passes its ``Engine.scrub`` (config/auth.py ``scrub``).
+        self.scrub = scrub
 
     def fetching(self, url: str, key: str = "") -> None:
         for recorder in self._recorders:
@@ -172,13 +178,26 @@ class Recorders:
             recorder.fetch_ended(key, url)
 
     def upstream_failed(self, key: str, url: str, error: str) -> None:
+        url, error = self.scrub(url), self.scrub(error)
         for recorder in self._recorders:
             recorder.upstream_failed(key, url, error)
 
     def answered(self, answer: Answer) -> None:
+        if answer.error:
+            answer = replace(answer, error=self.scrub(answer.error))
+        if answer.resource is not None:
+            answer = replace(answer, resource=self._scrubbed(answer.resource))
         for recorder in self._recorders:
             recorder.answered(answer)
 
+    def _scrubbed(self, resource: Resource) -> Resource:
+        """The resource with credentials out of its URL (an index may link ``user:pass@host``)."""
+        if "@" not in resource.upstream_url:  # no userinfo: the common case, kept cheap (every hit)
+            return resource
+        url = self.scrub(resource.upstream_url)
+        return resource if url == resource.upstream_url else replace(resource, upstream_url=url)
+
     def used(self, key: str, resource: Resource, entry: Entry) -> None:
+        resource = self._scrubbed(resource)
         for recorder in self._recorders:
             recorder.used(key, resource, entry)

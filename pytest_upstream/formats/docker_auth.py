@@ -7,11 +7,18 @@ context's clock, so a test can let a token run out without waiting for it.
 
 The cache is bounded (``MAX_TOKENS``): a proxy serving many repositories for weeks gets one scope
 per repository, so when full, expired tokens go first, then the least recently used.
+
+Credentials stay with their origin (``may_send_credentials``): the Basic credentials go to a realm
+on the proxy's own origin, or on a host the proxy lists in ``auth_hosts`` (a built-in source's own
+pair, such as the Docker Hub registry's auth host, is built in: ``config/sources.py``), and never
+from https to http.  Any other realm is asked anonymously, and a warning names its host: the
+upstream (or whoever answered for it) chose that realm, not the operator.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -19,8 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
-from pytest_upstream.config.auth import AuthSpec
-from pytest_upstream.formats.base import FormatContext, FormatError, Resource
+from pytest_upstream.config.auth import AuthSpec, value_problem
+from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.config.sources import BUILTIN_SOURCES
+from pytest_upstream.formats.base import FormatContext, FormatError, Resource, same_origin
 
 if TYPE_CHECKING:
     import httpx
@@ -32,6 +41,29 @@ _DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
 MAX_TOKENS = 1024
 
 TokenKey = tuple[str, str, AuthSpec, str]
+log = logging.getLogger("pytest_upstream")
+
+
+def may_send_credentials(proxy: ProxyDefinition, realm: str) -> bool:
+    """Whether the proxy's credentials may go to the token realm ``realm``: never from https to
+    http; to the proxy's own origin; to a host in its ``auth_hosts`` (``host`` for any port, or
+    ``host:port``) or in its built-in source's pair (when the URL is the built-in one)."""
+    realm_parts, own = urlsplit(realm), urlsplit(proxy.url)
+    if own.scheme == "https" and realm_parts.scheme != "https":
+        return False
+    if same_origin(realm, proxy.url):
+        return True
+    allowed = set(proxy.auth_hosts)
+    builtin = BUILTIN_SOURCES.get(proxy.source)
+    if builtin is not None and proxy.url == builtin.url:
+        allowed |= set(builtin.auth_hosts)
+    host = (realm_parts.hostname or "").lower()
+    try:
+        port = realm_parts.port
+    except ValueError:
+        return False
+    shown = f"[{host}]" if ":" in host else host
+    return shown in allowed or (port is not None and f"{shown}:{port}" in allowed)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -108,7 +140,15 @@ class Tokens:
         url = realm + ("&" if parts.query else "?") + urlencode(query)
         headers = {"Accept": "application/json"}
         if proxy.auth.mode == "basic":
-            headers.update(proxy.auth.headers())
+            if may_send_credentials(proxy, realm):
+                headers.update(proxy.auth.headers())
+            else:
+                log.warning(
+                    "proxy %r: token realm %s is not the upstream's origin nor in auth_hosts (or is "
+                    "plain http after https): asking it without the proxy's credentials",
+                    proxy.key,
+                    f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else ""),
+                )
         try:
             with client.stream(url, headers=headers, timeout=proxy.timeout) as resp:
                 body = resp.read()
@@ -130,6 +170,8 @@ class Tokens:
             life = 0.0
         if not isinstance(value, str) or not value:
             raise FormatError(502, f"token server {realm} answered without a token")
+        if value_problem(value):  # it would go into a header: refused, and never quoted
+            raise FormatError(502, f"token server {realm} answered with a token that is not a header value")
         expires = ctx.now() + max(life - min(_TOKEN_MARGIN, life / 10), 0.0)
         now = ctx.now()
         with self._lock:

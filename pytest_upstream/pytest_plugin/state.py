@@ -49,6 +49,7 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
     """
     proxy = running_proxy(config)
     if proxy is None:
+        from pytest_upstream.config.auth import env_problems
         from pytest_upstream.config.settings import ConfigError
         from pytest_upstream.pytest_plugin.harness import UpstreamProxy, settings_for
         from pytest_upstream.repro.lockfile import LockError
@@ -61,6 +62,8 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
             base_dir=config.rootpath,
             lock=lock_option(config),
         )
+        if problems := env_problems(n for p in settings.proxies for n in p.auth.required_env()):
+            raise ConfigError("; ".join(problems))  # names the variables, never their values
         try:
             proxy = UpstreamProxy.start(settings)
         except LockError as exc:  # e.g. replay with a lock file that is not there

@@ -30,6 +30,7 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
 from pytest_upstream.server import access_log
+from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
 from pytest_upstream.server.responses import (
@@ -59,6 +60,7 @@ class Site:
     index: Callable[[], dict[str, Any]]
     refused: list[tuple[str, str]] = field(default_factory=list)  # (host, test) of refused forward requests
     stopping: threading.Event = field(default_factory=threading.Event)
+    admission: Admission = field(default_factory=lambda: Admission(loopback_bound=False))  # admission.py
 
 
 class Connection:
@@ -227,6 +229,11 @@ class Connection:
             if not (is_loopback(url.hostname or "") and port == self.site.port):
                 return "", self._refuse_forward(method, target, url.hostname or url.netloc)
             raw_path = url.path or "/"  # addressed to this proxy itself: serve it
+            host_checked = True  # the URL names this proxy on a loopback address
+        else:
+            host_checked = False
+        if (refusal := self.site.admission.refusal(raw_path, headers, host_checked)) is not None:
+            return "", refusal
         if raw_path == "/":
             return "", Reply.json(200, self.site.index())
         try:
@@ -243,7 +250,8 @@ class Connection:
             return key, self.site.engine.handle(request)
         except Exception as exc:  # a bug: answer 500 instead of dropping the connection
             log.exception("error handling %s %s", method, target)
-            return key, _error(500, f"Internal error in pytest-upstream ({type(exc).__name__}: {exc})")
+            why = self.site.engine.scrub(f"{type(exc).__name__}: {exc}")
+            return key, _error(500, f"Internal error in pytest-upstream ({why})")
 
     def _refuse_forward(self, method: str, target: str, host: str) -> Reply:
         """403 for a forward-proxy request (the plugin exports HTTP(S)_PROXY pointing here while

@@ -21,6 +21,7 @@ from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.clock import Clock
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.repro.served import ServedLog
+from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.connection import Site
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.listener import Listener
@@ -43,7 +44,13 @@ class ProxyServer:
         self.engine = Engine(settings, log_=served, clock=clock)
         self.limits = Limits.from_settings(settings)
         try:
-            self._site = Site(engine=self.engine, limits=self.limits, port=port, index=self._index)
+            self._site = Site(
+                engine=self.engine,
+                limits=self.limits,
+                port=port,
+                index=self._index,
+                admission=Admission.for_server(settings, host),
+            )
             self._listener = Listener(host, port, self._site)
         except BaseException:
             self.engine.close()

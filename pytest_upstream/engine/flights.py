@@ -54,7 +54,7 @@ from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
 from pytest_upstream.store.cache import Cache, Entry, entry_id
-from pytest_upstream.upstream.client import Pace, UpstreamError, iter_body
+from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
 
 log = logging.getLogger("pytest_upstream.engine.flights")
 
@@ -215,7 +215,8 @@ class Flight:
                 resp = fetcher.open(stack, ctx, res, None)
                 fetcher.check_status(ctx, res, resp)
                 length = declared_length(resp)
-                if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
+                small = res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT
+                if small or content_coded(resp):  # a coded body may break a decoding cap: a clean 502
                     self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
                     return None
                 return self._stream(resp, pace, _Head(fetcher.stream_headers(ctx, res, resp), length))

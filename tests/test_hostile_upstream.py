@@ -372,3 +372,92 @@ def test_only_idempotent_requests_are_retried(flaky: OneShotKeepAlive) -> None:
         assert flaky.connections == 1  # no second connection: a POST is not sent twice
     finally:
         client.close()
+
+
+# -- rendering metadata: memory and sharing -----------------------------------------------------------
+def _pypi_json_page(files: int) -> bytes:
+    import hashlib
+
+    page = {
+        "meta": {"api-version": "1.0"},
+        "name": "demo",
+        "files": [
+            {
+                "filename": f"demo-1.{i}-py3-none-any.whl",
+                "url": f"https://files.example/pk/{i:08x}/demo-1.{i}-py3-none-any.whl",
+                "hashes": {"sha256": hashlib.sha256(str(i).encode()).hexdigest()},
+                "requires-python": ">=3.8",
+            }
+            for i in range(files)
+        ],
+    }
+    return json.dumps(page).encode()
+
+
+def _memo_args(tmp_path: Path, body: bytes, render_as: str) -> tuple[object, ...]:
+    from pytest_upstream.formats import get_format
+    from pytest_upstream.formats.base import Kind, Resource
+    from pytest_upstream.store.cache import Entry
+
+    blob = tmp_path / "page"
+    blob.write_bytes(body)
+    entry = Entry(
+        key="py",
+        path="simple/demo/",
+        variant="",
+        upstream_url="u",
+        sha256="0" * 64,
+        size=len(body),
+        kind="metadata",
+        fetched_at=0.0,
+    )
+    res = Resource("simple/demo/", "https://x/simple/demo/", Kind.METADATA, render_as=render_as)
+    return ("py", get_format("pypi"), res, entry, blob)
+
+
+@pytest.mark.parametrize("render_as", ["json", "html"])
+def test_rendering_an_index_takes_a_small_multiple_of_its_size(tmp_path: Path, render_as: str) -> None:
+    import tracemalloc
+
+    from pytest_upstream.engine.render import RenderMemo
+
+    body = _pypi_json_page(4_000)  # about 1.2 MB
+    args = _memo_args(tmp_path, body, render_as)
+    tracemalloc.start()
+    try:
+        assert RenderMemo().render(*args) is not None  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * len(body), f"{peak / len(body):.1f} times the document"
+
+
+def test_concurrent_renders_of_one_document_share_one(tmp_path: Path) -> None:
+    from pytest_upstream.engine.render import RenderMemo
+
+    key, pypi, res, entry, blob = _memo_args(tmp_path, _pypi_json_page(100), "json")
+    calls: list[int] = []
+    started = threading.Event()
+
+    class SlowFormat(type(pypi)):  # type: ignore[misc]
+        def render(self, resource, body):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            started.set()
+            time.sleep(0.3)
+            return super().render(resource, body)
+
+    memo = RenderMemo(budget=1)  # nothing is kept: sharing must not depend on the memo
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(memo.render(key, SlowFormat(), res, entry, blob)))  # type: ignore[arg-type]
+        for _ in range(6)
+    ]
+    threads[0].start()
+    assert started.wait(5)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1 and len(results) == 6 and len({id(r) for r in results}) == 1
+    assert memo.render(key, SlowFormat(), res, entry, blob) is not None  # type: ignore[arg-type]
+    assert len(calls) == 2  # not kept (over the budget): rendered anew once nobody is rendering

@@ -55,6 +55,7 @@ from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
 from pytest_upstream.store.cache import Cache, Entry, entry_id
 from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
+from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
 
 log = logging.getLogger("pytest_upstream.engine.flights")
 
@@ -215,8 +216,7 @@ class Flight:
                 resp = fetcher.open(stack, ctx, res, None)
                 fetcher.check_status(ctx, res, resp)
                 length = declared_length(resp)
-                small = res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT
-                if small or content_coded(resp):  # a coded body may break a decoding cap: a clean 502
+                if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
                     self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
                     return None
                 return self._stream(resp, pace, _Head(fetcher.stream_headers(ctx, res, resp), length))
@@ -227,11 +227,20 @@ class Flight:
         writer = cache.writer(tuple(res.expected))
         try:
             fd = writer.open_reader()
+            chunks, written = iter_body(resp, pace), 0
+            if content_coded(resp):
+                # Decode past the point where a decompression bomb breaks max_expansion before
+                # the first byte goes out, so that a bomb is a clean 502, not a 200 cut short.
+                for chunk in chunks:
+                    writer.write(chunk)
+                    written += len(chunk)
+                    if written > EXPANSION_JUDGED_AFTER:
+                        break
+                writer.flush()
             with self._cond:
                 self._fd, self.head, self.state = fd, head, STREAMING
                 self._cond.notify_all()
-            written = 0
-            for chunk in iter_body(resp, pace):
+            for chunk in chunks:
                 self._check_wanted()
                 writer.write(chunk)
                 writer.flush()

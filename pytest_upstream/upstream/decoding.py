@@ -4,7 +4,7 @@ httpx decodes gzip and deflate without limit: about 1 MB of gzip inflates to a g
 proxy would hold in memory (an index page is read whole) or write to disk.  So the upstream client
 never lets httpx decode (``client.py`` takes the coding off the answer's headers) and decodes here
 instead, in bounded steps: no single step yields more than ``_STEP`` bytes, the total may not pass
-``DecodeLimits.max_size``, and once it passes ``_RATIO_FLOOR`` it may not exceed
+``DecodeLimits.max_size``, and once it passes ``EXPANSION_JUDGED_AFTER`` it may not exceed
 ``max_expansion`` times the encoded bytes read.  Past a cap, ``DecodingRefused`` (an
 UpstreamError): the engine answers 502 and stores nothing.
 
@@ -23,7 +23,7 @@ from pytest_upstream.upstream.errors import UpstreamError
 
 OFFERED = "gzip, deflate"  # the Accept-Encoding the client sends unless identity is asked for
 _STEP = 256 * 1024  # at most this many decoded bytes per decompress call
-_RATIO_FLOOR = 8 * 1024 * 1024  # the expansion cap is judged once the output is past this
+EXPANSION_JUDGED_AFTER = 8 * 1024 * 1024  # the expansion cap is judged once the output is past this
 
 
 class DecodingRefused(UpstreamError):
@@ -86,7 +86,7 @@ def _check(coding: str, limits: DecodeLimits, raw: int, decoded: int) -> None:
             f"the {coding}-coded answer decodes to more than {human_size(limits.max_size)} "
             f"(max_decoded_size); refused as a decompression bomb"
         )
-    if limits.max_expansion and decoded > _RATIO_FLOOR and decoded > limits.max_expansion * raw:
+    if limits.max_expansion and decoded > EXPANSION_JUDGED_AFTER and decoded > limits.max_expansion * raw:
         raise DecodingRefused(
             f"the {coding}-coded answer expands more than {limits.max_expansion:g} times "
             f"({human_size(raw)} became {human_size(decoded)}, max_expansion); refused as a "

@@ -461,3 +461,21 @@ def test_concurrent_renders_of_one_document_share_one(tmp_path: Path) -> None:
     assert len(calls) == 1 and len(results) == 6 and len({id(r) for r in results}) == 1
     assert memo.render(key, SlowFormat(), res, entry, blob) is not None  # type: ignore[arg-type]
     assert len(calls) == 2  # not kept (over the budget): rendered anew once nobody is rendering
+
+
+def test_the_retry_goes_over_a_new_connection_even_when_other_idle_ones_are_pooled() -> None:
+    """Two idle pooled connections, both dead: the retry must not take the second one."""
+    flaky = OneShotKeepAlive("close")
+    client = UpstreamClient(AddressPolicy([flaky.url]))
+    try:
+        with (
+            client.stream(flaky.url + "/a", headers={}, timeout=5) as first,
+            client.stream(flaky.url + "/b", headers={}, timeout=5) as second,
+        ):
+            assert first.read() == second.read() == b"ok"  # two connections, both idle now
+        with client.stream(flaky.url + "/c", headers={}, timeout=5) as third:
+            assert third.read() == b"ok"
+        assert flaky.connections == 3
+    finally:
+        client.close()
+        flaky.close()

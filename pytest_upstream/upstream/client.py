@@ -90,13 +90,19 @@ class _Pool(httpcore.ConnectionPool):
 class _Transport(httpx.HTTPTransport):
     handle_request = _original(httpx.HTTPTransport, "handle_request")
 
-    def __init__(self, ssl_context: ssl.SSLContext, max_connections: int) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        max_connections: int,
+        network_backend: httpcore.NetworkBackend | None = None,
+    ) -> None:
         super().__init__(verify=ssl_context)
         self._pool = _Pool(
             ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
             keepalive_expiry=30.0,
+            network_backend=network_backend,
         )
 
 
@@ -121,14 +127,7 @@ class _UpstreamTransport(_Transport):
     describe the coded bytes), so httpx never decodes anything itself."""
 
     def __init__(self, ssl_context: ssl.SSLContext, max_connections: int, policy: AddressPolicy) -> None:
-        super().__init__(ssl_context, max_connections)
-        self._pool = _Pool(
-            ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-            network_backend=GuardedBackend(policy),
-        )
+        super().__init__(ssl_context, max_connections, GuardedBackend(policy))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response: httpx.Response = super().handle_request(request)

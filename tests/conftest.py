@@ -47,7 +47,8 @@ MakeProxy = Callable[..., ProxyServer]
 def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     """Start a ProxyServer on loopback; stopped at teardown.
 
-    ``make_proxy(proxy_def(...), ..., mode="record", cache=path, clock=ManualClock())``
+    ``make_proxy(proxy_def(...), ..., mode="record", cache=path, clock=ManualClock())``;
+    ``allow_hosts=("127.0.0.1:<port>",)`` lets it reach a loopback host that is no upstream.
     """
     started: list[ProxyServer] = []
 
@@ -57,12 +58,14 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
         cache: Path | None = None,
         lock_timeout: float = 30.0,
         clock: Clock | None = None,
+        allow_hosts: tuple[str, ...] = (),
     ) -> ProxyServer:
         settings = Settings(
             cache_dir=cache or tmp_path / "cache",
             mode=mode,
             proxies=tuple(proxies),
             lock_timeout=lock_timeout,
+            allow_hosts=allow_hosts,
         )
         server = ProxyServer(settings, clock=clock).start()
         started.append(server)

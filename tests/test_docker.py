@@ -576,7 +576,8 @@ def test_blob_redirect_to_another_host_drops_authorization(
         fake.redirect_blobs_to = cdn.url
         cdn.files[f"/{LAYER_DIGEST}"] = LAYER
         proxy = make_proxy(
-            docker_proxy(fake.url, auth="basic", username_env="REG_USER", password_env="REG_PASS")
+            docker_proxy(fake.url, auth="basic", username_env="REG_USER", password_env="REG_PASS"),
+            allow_hosts=(cdn.url.split("//")[1],),  # a loopback host: the SSRF guard's
         )
         status, body, _ = http(v2(proxy, f"oci/demo/app/blobs/{LAYER_DIGEST}"))
         assert (status, body) == (200, LAYER)
@@ -986,7 +987,8 @@ def test_htpasswd_registry_with_blobs_redirected_to_another_host(
         push_oci(tmp_path, reg, "private/app", "v1", index, blobs, PUSH_USER, PUSH_PASS)
         assert http(f"{reg.url}/v2/private/app/manifests/v1")[0] == 401
         server = make_proxy(
-            docker_proxy(reg.url, auth="basic", username_env="OCI_USER", password_env="OCI_PASS")
+            docker_proxy(reg.url, auth="basic", username_env="OCI_USER", password_env="OCI_PASS"),
+            allow_hosts=(cdn.url.split("//")[1],),  # a loopback host: the SSRF guard's
         )
         r = pull(tmp_path, UpstreamProxy(server).image("oci", "private/app:v1"), tmp_path / "out")
         assert r.returncode == 0, r.stderr
@@ -1011,7 +1013,8 @@ def test_token_auth_registry(
         registry(tmp_path / "reg", token=tokens) as reg,
     ):
         push_oci(tmp_path, reg, "demo/tok", "v1", index, blobs, PUSH_USER, PUSH_PASS)
-        anon = make_proxy(docker_proxy(reg.url), cache=tmp_path / "c1")
+        realm = (tokens.url.split("//")[1],)  # the token server, on loopback: the SSRF guard's
+        anon = make_proxy(docker_proxy(reg.url), cache=tmp_path / "c1", allow_hosts=realm)
         before = len(tokens.requests)
         r = pull(tmp_path, UpstreamProxy(anon).image("oci", "demo/tok:v1"), tmp_path / "anon")
         assert r.returncode == 0, r.stderr
@@ -1022,7 +1025,7 @@ def test_token_auth_registry(
         ]
         # anonymous pulls no longer allowed: the anonymous proxy explains, the one with credentials pulls
         tokens.require_user = True
-        anon2 = make_proxy(docker_proxy(reg.url, key="oci2"), cache=tmp_path / "c2")
+        anon2 = make_proxy(docker_proxy(reg.url, key="oci2"), cache=tmp_path / "c2", allow_hosts=realm)
         status, body, _ = http(v2(anon2, "oci2/demo/tok/manifests/v1"), headers={"Accept": OCI_INDEX})
         assert status == 502 and "refused a token" in errors(body)[1]
         authed = make_proxy(
@@ -1034,6 +1037,7 @@ def test_token_auth_registry(
                 auth_hosts=[tokens.url.split("://", 1)[1].rstrip("/")],  # the realm is on another port
             ),
             cache=tmp_path / "c3",
+            allow_hosts=realm,
         )
         r = pull(tmp_path, UpstreamProxy(authed).image("oci", "demo/tok:v1"), tmp_path / "authed")
         assert r.returncode == 0, r.stderr

@@ -568,7 +568,12 @@ def test_credentials_only_go_to_the_registry_origin(
         doc = json.loads(registry.up.files["/demo-base"])
         doc["versions"]["1.0.0"]["dist"]["tarball"] = f"{cdn.url}/base.tgz"
         registry.up.files["/demo-base"] = json.dumps(doc).encode()
-        server = npm_proxy(make_proxy, registry.up, auth="bearer", token_env="NPM_TEST_TOKEN")
+        server = make_proxy(
+            proxy_def(
+                key="npm", format="npm", url=registry.up.url + "/", auth="bearer", token_env="NPM_TEST_TOKEN"
+            ),
+            allow_hosts=(cdn.url.split("//")[1],),  # a loopback host: the SSRF guard's
+        )
         r = fetch(server.url("npm") + "demo-base/-/demo-base-1.0.0.tgz")
         assert (r.status, r.body) == (200, Registry.BASE)
         assert dict(registry.up.request_headers)["/demo-base"]["Authorization"] == "Bearer s3cret"

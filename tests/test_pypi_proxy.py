@@ -255,7 +255,10 @@ def test_links_to_another_host_go_through_the_proxy(
             "</body></html>"
         ).encode()
         upstream.content_types["/simple/upstream-demo-b/"] = "text/html"
-        proxy = make_proxy(proxy_def(key="py", format="pypi", url=f"{upstream.url}/simple/"))
+        proxy = make_proxy(
+            proxy_def(key="py", format="pypi", url=f"{upstream.url}/simple/"),
+            allow_hosts=(files_host.url.split("//")[1],),  # a loopback host: the SSRF guard's
+        )
         with httpx.Client(base_url=proxy.base_url, trust_env=False, timeout=30) as client:
             page = client.get("/py/simple/upstream-demo-b/", headers={"Accept": "text/html"})
             assert page.status_code == 200

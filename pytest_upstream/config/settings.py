@@ -117,6 +117,47 @@ def _size(value: Any, where: str, name: str) -> int:
 
 # -- end of fetch deadlines ------------------------------------------------------------------------
 
+# -- hostile upstreams: bounded decoding and the SSRF guard (issue 10; docs/configuration.md) -------
+DEFAULT_MAX_DECODED_SIZE = 1024**3
+DEFAULT_MAX_EXPANSION = 100.0
+_PROXY_FIELDS |= {"max_decoded_size", "max_expansion"}
+_TOP_FIELDS |= {"allow_hosts"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps on undoing an upstream's Content-Encoding (gzip, deflate): a small body must not
+    inflate into gigabytes of memory or disk.  ``max_size``: decoded bytes (0: none);
+    ``max_expansion``: decoded bytes per encoded byte, judged once the output passes a few MiB
+    (0: none)."""
+
+    max_size: int = DEFAULT_MAX_DECODED_SIZE
+    max_expansion: float = DEFAULT_MAX_EXPANSION
+
+
+def parse_decode_limits(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A proxy entry's ``max_decoded_size`` (bytes or a size, ``"1G"``) and ``max_expansion``."""
+    ratio = entry.get("max_expansion", DEFAULT_MAX_EXPANSION)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 0:
+        raise ConfigError(f"{where}: max_expansion must be a non-negative number (got {ratio!r})")
+    size = _size(entry.get("max_decoded_size", DEFAULT_MAX_DECODED_SIZE), where, "max_decoded_size")
+    return {"decoding": DecodeLimits(max_size=size, max_expansion=float(ratio))}
+
+
+def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``allow_hosts``: host names, ``host:port``, IP addresses or networks (``10.1.0.0/16``)."""
+    hosts = table.get("allow_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise ConfigError(f"{where}: allow_hosts must be a list of host names, addresses or networks")
+    for host in hosts:  # "name:port" or "[v6]:port" (a bare IPv6 address has several colons)
+        port = host.rpartition("]:")[2] if host.startswith("[") else host.partition(":")[2]
+        if (host.count(":") == 1 or "]:" in host) and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"{where}: allow_hosts: {host!r} has no valid port after its ':'")
+    return {"allow_hosts": tuple(h.strip().lower() for h in hosts)}
+
+
+# -- end of hostile upstreams ----------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the file and the entry."""
@@ -152,6 +193,8 @@ class ProxyDefinition:
     mirror: bool | None = None  # docker: the registry mirror for keyless /v2/<name>/... (docs/docker.md)
     # secrets and clients: credentials with their origin (issue 10)
     auth_hosts: tuple[str, ...] = ()  # docker: token realms on other origins that may get credentials
+    # hostile upstreams: bounded decoding (issue 10)
+    decoding: DecodeLimits = field(default_factory=DecodeLimits)
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -193,6 +236,8 @@ class Settings:
     # secrets and clients: who may use the proxy (issue 10, docs/configuration.md § Clients)
     allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound proxy answers besides loopback ones
     client_token_env: str | None = None  # serve --token-env: the variable holding the clients' token
+    # hostile upstreams: the SSRF guard (issue 10): hosts besides the upstreams' own the proxy may reach
+    allow_hosts: tuple[str, ...] = ()
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -321,6 +366,7 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         negative_ttl=_number(entry.get("negative_ttl", DEFAULT_NEGATIVE_TTL), where, "negative_ttl"),
         mirror=mirror,
         **_secrets_fields(entry, where),
+        **parse_decode_limits(entry, where),
     )
 
 
@@ -372,6 +418,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         **_connection_limits(table, where),
         fetch=parse_fetch_limits(table, where),
         allowed_hosts=_host_list(table, "allowed_hosts", where),
+        **parse_allow_hosts(table, where),
     )
 
 

@@ -36,6 +36,7 @@ from pytest_upstream.repro.lockfile import LockFile
 from pytest_upstream.repro.served import ServedLog
 from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout, StoreFailed
 from pytest_upstream.store.entry import NOT_FOUND
+from pytest_upstream.upstream.addresses import AddressPolicy
 from pytest_upstream.upstream.client import UpstreamClient
 
 log = logging.getLogger("pytest_upstream")
@@ -61,7 +62,10 @@ class Engine:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.cache = Cache(settings.cache_dir)
-        self.client = UpstreamClient()
+        # The SSRF guard trusts the upstreams' origins, allow_hosts, and the token realms a docker
+        # proxy's auth_hosts names (credentials may go there, so connections may too).
+        trusted = [*settings.allow_hosts, *(host for p in settings.proxies for host in p.auth_hosts)]
+        self.client = UpstreamClient(AddressPolicy([p.url for p in settings.proxies], trusted))
         self.served = log_ or ServedLog()
         # The lock file (docs/reproducible-builds.md): replay serves exactly what it names;
         # the lock recorder collects what every answer came from, for a record or refresh run to save.

@@ -24,7 +24,7 @@ from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.store.cache import Cache, DigestMismatch, Entry, StoreFailed, entry_id
 from pytest_upstream.store.entry import NOT_FOUND
-from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, iter_body
+from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, content_coded, iter_body
 
 log = logging.getLogger("pytest_upstream.engine.fetch")
 
@@ -106,20 +106,24 @@ class Fetcher:
         self.recorders.fetching(res.upstream_url, ctx.proxy.key)
         stack.callback(self.recorders.fetch_ended, ctx.proxy.key, res.upstream_url)  # when the fetch ends
         headers = {"User-Agent": USER_AGENT, **res.request_headers, **ctx.fmt.upstream_headers(ctx, res)}
+        if res.expected:  # bytes hashed against a published digest: no content coding to undo
+            headers["Accept-Encoding"] = "identity"
         if stale is not None and stale.is_metadata:
             if stale.etag:
                 headers["If-None-Match"] = stale.etag
             if stale.last_modified:
                 headers["If-Modified-Since"] = stale.last_modified
-        timeout = ctx.proxy.timeout
-        resp = stack.enter_context(self.client.stream(res.upstream_url, headers=headers, timeout=timeout))
+        timeout, decoding = ctx.proxy.timeout, ctx.proxy.decoding
+        resp = stack.enter_context(
+            self.client.stream(res.upstream_url, headers=headers, timeout=timeout, decoding=decoding)
+        )
         if resp.status_code == 401:
             retry = ctx.fmt.reauthenticate(ctx, res, resp, self.client)
             if retry is not None:
                 resp.close()
                 headers.update(retry)
                 resp = stack.enter_context(
-                    self.client.stream(res.upstream_url, headers=headers, timeout=timeout)
+                    self.client.stream(res.upstream_url, headers=headers, timeout=timeout, decoding=decoding)
                 )
         return resp
 
@@ -134,7 +138,7 @@ class Fetcher:
             if status < 500:  # 429: the format may pass the upstream's error on (when nothing is stale)
                 failed.passthrough = ctx.fmt.upstream_error(res, status, _error_body(resp))
             raise failed
-        resp.read()
+        body = _error_body(resp)  # bounded: an error page is no reason to read gigabytes
         if status in (404, 410):
             if res.negative_ttl is not None:
                 self._remember_not_found(ctx, res)
@@ -145,7 +149,7 @@ class Fetcher:
                 f"upstream {res.upstream_url} refused access ({status}); check the auth "
                 f"settings of proxy {proxy.key!r}",
             )
-        if 400 <= status < 500 and (passthrough := ctx.fmt.upstream_error(res, status, resp.content[:65536])):
+        if 400 <= status < 500 and (passthrough := ctx.fmt.upstream_error(res, status, body)):
             raise passthrough
         raise FormatError(502, f"upstream {res.upstream_url} answered {status}")
 
@@ -249,7 +253,7 @@ def store_failed(cache: Cache, exc: StoreFailed, action: str = "") -> None:
 
 def declared_length(resp: httpx.Response) -> int | None:
     """Content-Length, when it describes the bytes we will relay (no content coding)."""
-    if resp.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+    if content_coded(resp):  # the client took the coded length off; be sure anyway
         return None
     try:
         return int(resp.headers["content-length"])

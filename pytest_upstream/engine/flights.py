@@ -3,33 +3,21 @@
 An artifact miss starts a *flight*: a background thread that takes the entry's lock, asks the
 upstream, writes the part file, verifies, stores blob and entry, and releases the lock.  Every
 client of that entry in this process, the first included, joins the flight and is served from
-the growing part file as bytes arrive (``FlightReader``), so a client that stalls, reads slowly
-or leaves never blocks, slows or cancels the download or another client, and never holds the
-entry lock.  Other processes wait for the entry lock as before (store/locks.py) and then find a
-hit: single flight across processes is the lock's job, within a process this registry's.
+the growing part file as bytes arrive (``FlightReader``: its own descriptor; ``pread``, or
+``sendfile`` through ``next_span``/``advance``), so a client that stalls, reads slowly or leaves
+never blocks, slows or cancels the download or another client, and never holds the entry lock.
+Other processes wait for the entry lock (store/locks.py) and then find a hit.
 
-Kept from the tee this replaces:
-
-- the last chunk written is held back until the blob is verified and indexed, so no client
-  receives a whole body that failed verification, and one that did finds it in the cache;
-- when the download fails after the upstream's answer began, every client that joined it gets a
-  200 whose stream raises ``FlightFailed``, so the server cuts its connection (whether or not the
-  client had read anything yet); a failure before that reaches every client as an error reply.
+The last chunk is held back until the blob is verified and indexed, so no client receives a
+whole body that failed verification.  A download that fails after the upstream's answer began
+makes every joined client's stream raise ``FlightFailed`` (the server cuts the connection); a
+failure before that reaches every client as an error reply.  The starter is answered ``miss``,
+joiners ``hit``.
 
 Deadlines: the upstream's pace (``upstream.client.Pace``: ``fetch_deadline``, ``min_rate``), and
-``orphan_deadline`` after the last client left.  They are judged as chunks arrive; an upstream
-that sends nothing at all is cut by its read ``timeout``.  A cancelled or failed flight stores
-nothing, removes its part file and releases the lock.
-
-The request that started the download is answered ``miss``; those that joined it ``hit`` (they
-cost no upstream request, like a request that waited for another process's download).
-
-Each client has its own descriptor on the part file.  Iterating a reader copies the bytes out
-with ``pread``; a server that can, sends them with ``sendfile`` instead (``next_span``, ``advance``):
-no copy through Python, which is what lets many clients of one download keep up with it.
-
-A cache that cannot store (disk full, read-only: ``StoreFailed`` before the first byte) relays the
-answer to one client instead (PASSING, engine/passthrough.py); docs/cache.md, "Disk full".
+``orphan_deadline`` after the last client left; a cancelled or failed flight stores nothing,
+removes its part file and releases the lock.  A cache that cannot store (``StoreFailed`` before
+the first byte) relays the answer to one client instead (PASSING, engine/passthrough.py).
 """
 
 from __future__ import annotations
@@ -59,7 +47,8 @@ from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
 from pytest_upstream.store.cache import UNKNOWN, BlobWriter, Cache, Entry, StoreFailed, entry_id
-from pytest_upstream.upstream.client import Pace, UpstreamError, iter_body
+from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
+from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
 
 log = logging.getLogger("pytest_upstream.engine.flights")
 
@@ -260,11 +249,20 @@ class Flight:
         ctx, res, cache = self.ctx, self.res, self._flights.cache
         try:
             fd = writer.open_reader()
+            chunks, written = iter_body(resp, pace), 0
+            if content_coded(resp):
+                # Decode past the point where a decompression bomb breaks max_expansion before
+                # the first byte goes out, so that a bomb is a clean 502, not a 200 cut short.
+                for chunk in chunks:
+                    writer.write(chunk)
+                    written += len(chunk)
+                    if written > EXPANSION_JUDGED_AFTER:
+                        break
+                writer.flush()
             with self._cond:
                 self._fd, self.head, self.state = fd, head, STREAMING
                 self._cond.notify_all()
-            written = 0
-            for chunk in iter_body(resp, pace):
+            for chunk in chunks:
                 self._check_wanted()
                 writer.write(chunk)
                 writer.flush()

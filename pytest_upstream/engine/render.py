@@ -9,6 +9,11 @@ The memo is bounded by the bytes it holds (``MEMO_BYTES``), least recently used 
 render bigger than a quarter of the budget is not kept at all, so a few huge packuments cannot
 flush every small index page, and no client (not even one sending many Host values, which
 ``render_as`` may carry as the base URL) can make it hold more than the budget.
+
+Concurrent renders of one key share one: the first request renders, the others wait for its
+result (or its error).  A render's memory is a small multiple of the document's size (the stored
+bytes, the parsed model, the output), so N clients asking for a large packument at once cost
+that once, not N times, whether or not the result is kept in the memo afterwards.
 """
 
 from __future__ import annotations
@@ -25,13 +30,24 @@ from pytest_upstream.store.cache import Entry
 MEMO_BYTES = 64 * 1024 * 1024
 
 Rendered = tuple[bytes, str, str]  # body, content type, ETag
+MemoKey = tuple[str, str, Hashable, str]
+
+
+class _Pending:
+    """A render in progress that others of the same key wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Rendered | None = None
+        self.error: BaseException | None = None
 
 
 class RenderMemo:
     def __init__(self, budget: int = MEMO_BYTES) -> None:
         self._budget = budget
         self._held = 0  # bytes of the rendered bodies in the memo
-        self._memo: OrderedDict[tuple[str, str, Hashable, str], Rendered] = OrderedDict()
+        self._memo: OrderedDict[MemoKey, Rendered] = OrderedDict()
+        self._pending: dict[MemoKey, _Pending] = {}  # renders in progress
         self._lock = threading.Lock()
 
     @property
@@ -46,6 +62,27 @@ class RenderMemo:
             if memo_key in self._memo:
                 self._memo.move_to_end(memo_key)
                 return self._memo[memo_key]
+            pending = self._pending.get(memo_key)
+            first = pending is None
+            if pending is None:
+                pending = self._pending[memo_key] = _Pending()
+        if not first:
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            return pending.result
+        try:
+            pending.result = self._render(memo_key, fmt, res, blob)
+        except BaseException as exc:
+            pending.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._pending[memo_key]
+            pending.done.set()
+        return pending.result
+
+    def _render(self, memo_key: MemoKey, fmt: Format, res: Resource, blob: Path) -> Rendered | None:
         out = fmt.render(res, blob.read_bytes())
         if out is None:
             return None

@@ -1,2 +1,3 @@
-"""Talking to upstreams (the remote registries): the pinned httpx client and its errors.
-Imports only ``config``."""
+"""Talking to upstreams (the remote registries): the pinned httpx client (``client.py``), bounded
+decoding of content codings (``decoding.py``), the SSRF guard (``addresses.py``) and their one
+error type (``errors.py``).  Imports only ``config``."""

@@ -10,6 +10,11 @@ any test starts a mock: the plugin starts the proxy at configure time) and
 pins them on private subclasses.  Mocks started later patch the base
 classes and never reach these.  A mock already active at import is refused
 with a clear error rather than silently capturing the proxy's traffic.
+
+The proxy's own transport (``_UpstreamTransport``) adds the guards against hostile upstreams:
+content codings are undone here, within caps (``decoding.py``), never by httpx; every connection
+goes through the SSRF guard (``addresses.py``); and a GET or HEAD that fails on a reused pooled
+connection (the server closed it, or broke the protocol) is sent once more on a fresh one.
 """
 
 from __future__ import annotations
@@ -24,8 +29,20 @@ from unittest import mock
 import httpcore
 import httpx
 
-from pytest_upstream.config.settings import FetchLimits
+from pytest_upstream.config.settings import DecodeLimits, FetchLimits
 from pytest_upstream.config.units import human_size
+from pytest_upstream.upstream.addresses import AddressPolicy, GuardedBackend
+from pytest_upstream.upstream.decoding import OFFERED, coding_of, decode
+from pytest_upstream.upstream.errors import UpstreamError
+
+__all__ = ["Pace", "UpstreamClient", "UpstreamError", "content_coded", "iter_body"]
+
+# Request and response extensions (httpx hands a request's dict to httpcore as it is).
+_DECODING = "pytest_upstream.decoding"  # the DecodeLimits of this request
+_REUSED = "pytest_upstream.reused"  # set by _Connection: the request went over a reused connection
+_FRESH = "pytest_upstream.fresh"  # this request must go over a new connection
+_CODED = "pytest_upstream.content_coding"  # the coding the answer came in (decoded here)
+_BROKEN_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def _original(cls: type, name: str) -> Callable[..., Any]:
@@ -35,8 +52,21 @@ def _original(cls: type, name: str) -> Callable[..., Any]:
     return method  # type: ignore[no-any-return]
 
 
+_connection_handle_request = _original(httpcore.HTTPConnection, "handle_request")
+
+
 class _Connection(httpcore.HTTPConnection):
-    handle_request = _original(httpcore.HTTPConnection, "handle_request")
+    _served = 0  # requests sent over this connection so far
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        if self._served and request.extensions.get(_FRESH):
+            # The retry of a request that broke on a reused connection: this one is idle and
+            # reused too, so close it and let the pool hand over another (or open a new one).
+            self.close()
+            raise httpcore.ConnectionNotAvailable()
+        request.extensions[_REUSED] = self._served > 0
+        self._served += 1
+        return _connection_handle_request(self, request)  # type: ignore[no-any-return]
 
 
 class _Pool(httpcore.ConnectionPool):
@@ -60,13 +90,19 @@ class _Pool(httpcore.ConnectionPool):
 class _Transport(httpx.HTTPTransport):
     handle_request = _original(httpx.HTTPTransport, "handle_request")
 
-    def __init__(self, ssl_context: ssl.SSLContext, max_connections: int) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        max_connections: int,
+        network_backend: httpcore.NetworkBackend | None = None,
+    ) -> None:
         super().__init__(verify=ssl_context)
         self._pool = _Pool(
             ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
             keepalive_expiry=30.0,
+            network_backend=network_backend,
         )
 
 
@@ -74,8 +110,60 @@ class _Client(httpx.Client):
     _transport_for_url = _original(httpx.Client, "_transport_for_url")
 
 
-class UpstreamError(Exception):
-    """The upstream could not give an answer: refused, timed out, broke the protocol."""
+class _Decoded(httpx.SyncByteStream):
+    def __init__(self, raw: httpx.SyncByteStream, coding: str, limits: DecodeLimits) -> None:
+        self._raw, self._coding, self._limits = raw, coding, limits
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from decode(self._raw, self._coding, self._limits)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+class _UpstreamTransport(_Transport):
+    """The proxy's transport to upstreams: guarded connections, content codings undone within the
+    request's ``DecodeLimits``.  The answer loses its Content-Encoding and Content-Length (they
+    describe the coded bytes), so httpx never decodes anything itself."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, max_connections: int, policy: AddressPolicy) -> None:
+        super().__init__(ssl_context, max_connections, GuardedBackend(policy))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response: httpx.Response = super().handle_request(request)
+        try:
+            coding = coding_of(response.headers.get("content-encoding"))
+        except UpstreamError:
+            response.close()
+            raise
+        if not coding:
+            return response
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        headers = [(k, v) for k, v in response.headers.multi_items() if k not in _CODING_HEADERS]
+        limits = request.extensions.get(_DECODING) or DecodeLimits()
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            stream=_Decoded(response.stream, coding, limits),
+            extensions={**response.extensions, _CODED: coding},
+        )
+
+
+_CODING_HEADERS = frozenset({"content-encoding", "content-length"})
+
+
+def content_coded(response: httpx.Response) -> str:
+    """The content coding ``response`` came in ("" for none); its body is decoded already."""
+    return str(response.extensions.get(_CODED, ""))
+
+
+def _broke_reused_connection(exc: httpx.HTTPError) -> bool:
+    if not isinstance(exc, _BROKEN_CONNECTION):
+        return False
+    try:
+        return bool(exc.request.extensions.get(_REUSED))
+    except RuntimeError:  # pragma: no cover - httpx always sets the request on these
+        return False
 
 
 def _describe(exc: Exception) -> str:
@@ -89,29 +177,57 @@ def _describe(exc: Exception) -> str:
 
 
 class UpstreamClient:
-    """Shared by all proxies of a server; thread-safe (httpx clients are)."""
+    """Shared by all proxies of a server; thread-safe (httpx clients are).
 
-    def __init__(self, *, max_connections: int = 64) -> None:
+    ``policy`` is the SSRF guard: where redirects and links may take the proxy (addresses.py).
+    """
+
+    def __init__(self, policy: AddressPolicy, *, max_connections: int = 64) -> None:
         # Upstream requests ignore HTTP(S)_PROXY on purpose: the plugin may
         # point those variables at this very proxy for its clients.
         ctx = ssl.create_default_context()
         self._client = _Client(
-            transport=_Transport(ctx, max_connections),
+            transport=_UpstreamTransport(ctx, max_connections, policy),
             follow_redirects=True,  # httpx drops Authorization on a cross-origin redirect
             trust_env=False,
+            headers={"Accept-Encoding": OFFERED},  # only what decoding.py undoes
         )
 
     @contextmanager
     def stream(
-        self, url: str, *, headers: Mapping[str, str], timeout: float, method: str = "GET"
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        timeout: float,
+        method: str = "GET",
+        decoding: DecodeLimits | None = None,
     ) -> Iterator[httpx.Response]:
+        """The upstream's answer to ``method url``, its body not read yet.  A GET or HEAD that
+        broke on a reused connection before any answer came is sent once more, on a connection
+        opened for it (``_FRESH``)."""
+        attempts = 2 if method in ("GET", "HEAD") else 1
+        for attempt in range(attempts):
+            request = self._client.build_request(
+                method,
+                url,
+                headers=dict(headers),
+                timeout=httpx.Timeout(timeout),
+                extensions={_DECODING: decoding or DecodeLimits(), _FRESH: attempt > 0},
+            )
+            try:
+                response = self._client.send(request, stream=True)
+                break
+            except httpx.HTTPError as exc:
+                if attempt + 1 < attempts and _broke_reused_connection(exc):
+                    continue
+                raise UpstreamError(_describe(exc)) from exc
         try:
-            with self._client.stream(
-                method, url, headers=dict(headers), timeout=httpx.Timeout(timeout)
-            ) as response:
-                yield response
+            yield response
         except httpx.HTTPError as exc:
             raise UpstreamError(_describe(exc)) from exc
+        finally:
+            response.close()
 
     def close(self) -> None:
         self._client.close()
@@ -154,7 +270,8 @@ class Pace:
 
 
 def iter_body(response: httpx.Response, pace: Pace | None = None) -> Iterator[bytes]:
-    """The body with any Content-Encoding undone, turning transport errors into UpstreamError.
+    """The body with any Content-Encoding undone (within the request's ``DecodeLimits``, by the
+    transport), turning transport errors into UpstreamError.
 
     The cache stores and verifies the content itself, never a transfer compression of it.
     Chunks come as the socket delivers them: re-cutting them to a fixed size
@@ -165,7 +282,7 @@ def iter_body(response: httpx.Response, pace: Pace | None = None) -> Iterator[by
     if pace is not None:
         pace.body_starts()
     try:
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():
             if pace is not None:
                 received += len(chunk)
                 pace.check(received)

@@ -62,7 +62,7 @@ class Engine:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.cache = Cache(settings.cache_dir)
-        # The SSRF guard trusts the upstreams' origins, allow_hosts, and the token realms a docker
+        # The SSRF guard trusts the upstreams' origins, allow_hosts, and the token realms a
         # proxy's auth_hosts names (credentials may go there, so connections may too).
         trusted = [*settings.allow_hosts, *(host for p in settings.proxies for host in p.auth_hosts)]
         self.client = UpstreamClient(AddressPolicy([p.url for p in settings.proxies], trusted))

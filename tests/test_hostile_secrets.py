@@ -32,6 +32,7 @@ from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
 from .oci import OCI_MANIFEST, http
+from .upstreams import Answer as UpstreamAnswer
 from .upstreams import FakeRegistry, Upstream
 
 SECRET = "tok-5ecret-value-93f1"
@@ -468,3 +469,50 @@ def test_a_linked_url_with_credentials_is_recorded_without_them(
     proxy.engine.recorders.answered(answer)
     outputs = repr(proxy.served.records) + json.dumps(UpstreamProxy(proxy).report(detail=True))
     assert SECRET not in outputs and "http://<redacted>@127.0.0.1:9/a.bin" in outputs
+
+
+def test_serve_logs_are_scrubbed_tracebacks_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A traceback logged by serve (a bug, or the HTTP library quoting a header) carries no secret."""
+    import io
+    import logging
+
+    from pytest_upstream.cli.logs import BatchingHandler, Scrubbing
+    from pytest_upstream.config.auth import scrub
+
+    monkeypatch.setenv("LOG_TOKEN", "tok-very-secret-42")
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, interval=600)
+    handler.addFilter(Scrubbing(lambda text: scrub(text, ["LOG_TOKEN"])))
+    log = logging.getLogger("pytest_upstream.test_scrubbing")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        try:
+            raise ValueError("Illegal header value b'Bearer tok-very-secret-42\\n'")
+        except ValueError:
+            log.exception("upstream %s failed with %s", "https://u:pw-1234567@host/x", "tok-very-secret-42")
+        handler.flush()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    out = stream.getvalue()
+    assert "Traceback" in out and "ValueError" in out
+    assert "tok-very-secret-42" not in out and "pw-1234567" not in out
+    assert out.count("<redacted>") >= 3
+
+
+def test_a_token_server_answering_megabytes_is_refused(make_proxy: MakeProxy) -> None:
+    """The token answer is read within a bound (a few KiB is a token; a flood is not stored in memory)."""
+
+    class Flooding(FakeRegistry):
+        def answer(self, path: str, headers: dict[str, str]) -> UpstreamAnswer:
+            if path.startswith(self.TOKEN_PATH):
+                return UpstreamAnswer(200, b'{"token": "' + b"x" * (2 * 1024 * 1024) + b'"}')
+            return super().answer(path, headers)
+
+    with Flooding(auth="token") as fake:
+        fake.add_manifest("demo/app", "v1", (OCI_MANIFEST, MANIFEST))
+        proxy = make_proxy(proxy_def(key="oci", format="docker", url=fake.url))
+        status, body, _ = http(f"{proxy.base_url}/v2/oci/demo/app/manifests/v1")
+    assert status == 502
+    assert b"more than 1048576 bytes for a token" in body

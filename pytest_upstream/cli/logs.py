@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 LOG_FORMATS = ("text", "json")
@@ -91,13 +91,34 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+class Scrubbing(logging.Filter):
+    """Takes secrets out of every record before it is formatted: the message with its arguments
+    and a traceback's text (an exception raised by the HTTP library may quote a header value)."""
+
+    def __init__(self, scrub: Callable[[str], str]) -> None:
+        super().__init__()
+        self.scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.scrub(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        return True
+
+
 @contextlib.contextmanager
-def serve_logging(*, verbose: bool, log_format: str = "text") -> Iterator[None]:
+def serve_logging(
+    *, verbose: bool, log_format: str = "text", scrub: Callable[[str], str] | None = None
+) -> Iterator[None]:
     """Log to stderr while ``serve`` runs: INFO (DEBUG for our loggers with ``verbose``) in
-    ``log_format``; the previous handlers and levels come back afterwards (``main`` may run
-    in-process, as tests do)."""
+    ``log_format``, every line passed through ``scrub``; the previous handlers and levels come
+    back afterwards (``main`` may run in-process, as tests do)."""
     handler = BatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if scrub is not None:
+        handler.addFilter(Scrubbing(scrub))
     root = logging.getLogger()
     ours = logging.getLogger("pytest_upstream")
     quiet = [logging.getLogger(name) for name in QUIET_LOGGERS]

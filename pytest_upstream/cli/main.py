@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, with_client_flags
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
 from pytest_upstream.cli.workers import Supervisor, serve_in_worker
-from pytest_upstream.config.auth import AUTH_MODES
+from pytest_upstream.config.auth import AUTH_MODES, scrub
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.config.settings import (
     CONNECTION_LIMIT_FIELDS,
@@ -91,7 +91,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pytest_upstream.server.limits import raise_open_file_limit
 
     raise_open_file_limit()  # before the connection cap is derived from it
-    with serve_logging(verbose=args.verbose, log_format=args.log_format):
+    names = settings.secret_env_names()
+    with serve_logging(verbose=args.verbose, log_format=args.log_format, scrub=lambda t: scrub(t, names)):
         return _serve(args, settings, writes_lock)
 
 

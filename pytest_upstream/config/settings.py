@@ -239,6 +239,14 @@ class Settings:
     # hostile upstreams: the SSRF guard (issue 10): hosts besides the upstreams' own the proxy may reach
     allow_hosts: tuple[str, ...] = ()
 
+    def secret_env_names(self) -> tuple[str, ...]:
+        """The environment variables whose values are secrets: the upstreams' credentials and the
+        clients' token.  What every output is scrubbed of (config/auth.py ``scrub``)."""
+        names = [name for proxy in self.proxies for name in proxy.auth.required_env()]
+        if self.client_token_env:
+            names.append(self.client_token_env)
+        return tuple(dict.fromkeys(names))
+
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
             if p.key == key:

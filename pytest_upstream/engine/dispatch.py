@@ -195,10 +195,7 @@ class Engine:
     def scrub(self, text: str) -> str:
         """``text`` without secrets (config/auth.py ``scrub``): every error text the engine lets out
         (reply body and status line, served record, report, log) passes here first."""
-        names = [name for proxy in self.settings.proxies for name in proxy.auth.required_env()]
-        if self.settings.client_token_env:
-            names.append(self.settings.client_token_env)
-        return scrub(text, names)
+        return scrub(text, self.settings.secret_env_names())
 
     def _upstream_failed(self, ctx: RequestContext, res: Resource | None, error: str) -> None:
         url = res.upstream_url if res is not None else ctx.proxy.url

@@ -30,6 +30,7 @@ from pytest_upstream.config.auth import AuthSpec, value_problem
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.config.sources import BUILTIN_SOURCES
 from pytest_upstream.formats.base import FormatContext, FormatError, Resource, same_origin
+from pytest_upstream.upstream.client import iter_body
 
 if TYPE_CHECKING:
     import httpx
@@ -41,6 +42,7 @@ _DEFAULT_TOKEN_LIFE = 60.0  # the token spec's default for a missing expires_in
 MAX_TOKENS = 1024
 
 TokenKey = tuple[str, str, AuthSpec, str]
+_MAX_TOKEN_ANSWER = 1024 * 1024
 log = logging.getLogger("pytest_upstream")
 
 
@@ -151,8 +153,12 @@ class Tokens:
                 )
         try:
             with client.stream(url, headers=headers, timeout=proxy.timeout) as resp:
-                body = resp.read()
                 status = resp.status_code
+                body = bytearray()
+                for chunk in iter_body(resp):  # a token is a few KiB: a larger answer is refused
+                    body += chunk
+                    if len(body) > _MAX_TOKEN_ANSWER:
+                        raise FormatError(502, f"answered more than {_MAX_TOKEN_ANSWER} bytes for a token")
         except Exception as exc:  # UpstreamError and friends: say which step failed
             raise FormatError(502, f"token server {realm} for {proxy.key!r}: {exc}") from exc
         if status != 200:

@@ -240,3 +240,31 @@ def test_a_cassette_that_does_not_parse_is_refused_by_name(
     assert f"{directory / 'broken.yaml'}: not a vcrpy cassette" in err
     assert "nothing was imported" in err
     assert list(Cache(tmp_path / "cache").iter_entries()) == []
+
+
+def test_a_recorded_decompression_bomb_is_refused_before_it_is_inflated(
+    upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cassette is a file anyone may have edited: a gzip body inflating to 256 MiB is refused by
+    the proxy's bounded decoder, naming the cassette, before vcrpy would inflate it whole."""
+    import zlib
+
+    import yaml
+
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    bomb = b"".join(squeezer.compress(bytes(1 << 20)) for _ in range(256)) + squeezer.flush()
+    upstream.files["/files/bomb.bin"] = gzip.compress(b"small")
+    upstream.faults["/files/bomb.bin"] = Fault(headers={"Content-Encoding": "gzip"})
+    directory = tmp_path / "c"
+    cassette = directory / "bomb.yaml"
+    with vcr.VCR(record_mode="once").use_cassette(str(cassette)):
+        requests.get(upstream.url + "/files/bomb.bin", timeout=10)
+    recorded = yaml.safe_load(cassette.read_text())
+    recorded["interactions"][0]["response"]["body"]["string"] = bomb  # hand-edited: still "gzip"
+    cassette.write_text(yaml.safe_dump(recorded))
+    config = _config(tmp_path / "pyproject.toml", upstream.url)
+    assert _import(config, tmp_path / "cache", str(directory)) == 1
+    err = capsys.readouterr().err
+    assert f"{cassette}: interaction 0: refused:" in err
+    assert "decompression bomb" in err
+    assert list(Cache(tmp_path / "cache").iter_entries()) == []

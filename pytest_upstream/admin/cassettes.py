@@ -33,13 +33,14 @@ from typing import Any
 import httpx
 
 from pytest_upstream.clients.routes import Route, Router
-from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.config.settings import DecodeLimits, ProxyDefinition, Settings
 from pytest_upstream.engine.fetch import store_answer
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.store.cache import Cache, DigestMismatch, Entry
 from pytest_upstream.store.headers import headers_problem
+from pytest_upstream.upstream.decoding import DecodingRefused, DecompressionBomb, coding_of, decode
 
 # Formats whose resolve() works offline from the cache alone.
 IMPORTABLE_FORMATS = ("generic", "maven", "pypi")
@@ -112,6 +113,28 @@ def _vcr() -> Any:
     return migration, serialize, decode_response, jsonserializer, yamlserializer
 
 
+def _coding_problem(response: Any) -> str:
+    """Why a recorded content-coded body may not be decoded ("" if it may): a decompression bomb,
+    judged by the proxy's own bounded decoder with the default caps (upstream/decoding.py)
+    without keeping what it decodes.  Anything else (a body recorded already decoded, an
+    unknown coding) is left to vcrpy's decoder, as before."""
+    headers = response.get("headers") or {} if isinstance(response, dict) else {}
+    values = [v for k, vs in headers.items() if str(k).lower() == "content-encoding" for v in _values(vs)]
+    body = (response.get("body") or {}).get("string") if values else None
+    if not isinstance(body, bytes | bytearray):
+        return ""
+    try:
+        coding = coding_of(", ".join(values))
+        if coding:
+            for _ in decode([bytes(body)], coding, DecodeLimits()):
+                pass
+    except DecompressionBomb as exc:
+        return str(exc)
+    except DecodingRefused:
+        return ""
+    return ""
+
+
 def read_cassette(path: Path) -> list[Interaction]:
     """Every interaction of one cassette, in the order recorded.
 
@@ -142,6 +165,8 @@ def read_cassette(path: Path) -> list[Interaction]:
         requests, responses = loaded[0], loaded[1]
         interactions = []
         for index, (request, response) in enumerate(zip(requests, responses, strict=True)):
+            if problem := _coding_problem(response):  # before vcrpy inflates it whole in memory
+                raise CassetteError(f"{path}: interaction {index}: refused: {problem}")
             decoded = decode_response(response)
             pairs = [
                 (str(k), str(v)) for k, vs in (decoded.get("headers") or {}).items() for v in _values(vs)

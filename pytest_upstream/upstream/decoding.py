@@ -30,6 +30,10 @@ class DecodingRefused(UpstreamError):
     """An upstream's content-coded body broke a decoding cap, or its coding is unknown."""
 
 
+class DecompressionBomb(DecodingRefused):
+    """The body broke ``max_decoded_size`` or ``max_expansion``."""
+
+
 def coding_of(value: str | None) -> str:
     """The one content coding named by a Content-Encoding value ("" for none); raises
     DecodingRefused for a coding we do not decode or for a chain of them."""
@@ -82,12 +86,12 @@ def decode(chunks: Iterable[bytes], coding: str, limits: DecodeLimits) -> Iterat
 
 def _check(coding: str, limits: DecodeLimits, raw: int, decoded: int) -> None:
     if limits.max_size and decoded > limits.max_size:
-        raise DecodingRefused(
+        raise DecompressionBomb(
             f"the {coding}-coded answer decodes to more than {human_size(limits.max_size)} "
             f"(max_decoded_size); refused as a decompression bomb"
         )
     if limits.max_expansion and decoded > EXPANSION_JUDGED_AFTER and decoded > limits.max_expansion * raw:
-        raise DecodingRefused(
+        raise DecompressionBomb(
             f"the {coding}-coded answer expands more than {limits.max_expansion:g} times "
             f"({human_size(raw)} became {human_size(decoded)}, max_expansion); refused as a "
             "decompression bomb"

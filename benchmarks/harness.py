@@ -250,3 +250,14 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         new = (old.rstrip("\n") if old.strip() else "# Benchmarks") + "\n\n" + section + "\n"
     atomic_write(path, new.encode())
+
+
+def publish(output: Path | None, script: str, report: str, missed: list[str], took: float) -> None:
+    """Print ``report`` (no ``output``) or put it in ``script``'s section of ``output``; then the
+    closing line every benchmark prints."""
+    if output is None:
+        print(report)
+    else:
+        write_section(output, script, report)
+        log(f"wrote its section of {output}")
+    log(f"done in {took:.0f} s; {len(missed)} target(s) missed")

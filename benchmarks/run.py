@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import DOC, ProxyProcess, busy, log, machine, stop, work_dir, write_section
+from harness import DOC, ProxyProcess, busy, log, machine, publish, stop, work_dir
 from instruments import (
     HOST,
     Fetch,
@@ -684,13 +684,7 @@ def main() -> int:
             bench.close()
     took = time.monotonic() - started
     report = render_report(info, tools, profile, args.quick, results, took)
-    if output is None:
-        print(report)
-    else:
-        write_section(output, "run.py", report)
-        log(f"wrote its section of {output}")
-    missed = [row.label for row in results.rows if row.ok is False]
-    log(f"done in {took:.0f} s; {len(missed)} target(s) missed")
+    publish(output, "run.py", report, [row.label for row in results.rows if row.ok is False], took)
     return 0
 
 

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import DOC, ROOT, ProxyProcess, busy, log, machine, raise_file_limit, work_dir, write_section
+from harness import DOC, ROOT, ProxyProcess, busy, log, machine, publish, raise_file_limit, work_dir
 from instruments import (
     HOST,
     Fetch,
@@ -828,13 +828,7 @@ def main() -> int:
             bench.close()
     took = time.monotonic() - started
     report = render(info, tools, profile, args.quick, results, took)
-    if output is None:
-        print(report)
-    else:
-        write_section(output, "service_bench.py", report)
-        log(f"wrote its section of {output}")
-    missed = [row.label for row in results.rows if row.ok is False]
-    log(f"done in {took:.0f} s; {len(missed)} target(s) missed")
+    publish(output, "service_bench.py", report, [row.label for row in results.rows if row.ok is False], took)
     return 0
 
 

@@ -293,6 +293,71 @@ def test_a_non_loopback_bind_without_a_token_warns(
         assert capsys.readouterr().err == ""
 
 
+def test_serve_warns_at_start_of_a_credential_variable_that_is_not_set(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = {
+        "proxy": [
+            {
+                "key": "priv",
+                "format": "generic",
+                "url": "http://127.0.0.1:9/",
+                "auth": "bearer",
+                "token_env": "PRIV_TOKEN",
+            },
+            {
+                "key": "reg",
+                "format": "generic",
+                "url": "http://127.0.0.1:9/",
+                "auth": "basic",
+                "username_env": "REG_USER",
+                "password_env": "REG_PASS",
+            },
+            {"key": "open", "format": "generic", "url": "http://127.0.0.1:9/"},
+        ]
+    }
+    settings = parse_table(table, "t", tmp_path)
+    for name in ("PRIV_TOKEN", "REG_USER", "REG_PASS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REG_USER", "someone")
+    warn_if_open("127.0.0.1", settings)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: proxy 'priv': the environment variable PRIV_TOKEN is not set; its requests will "
+        "answer 502 until the proxy is started with it",
+        "warning: proxy 'reg': the environment variable REG_PASS is not set; its requests will "
+        "answer 502 until the proxy is started with it",
+    ]
+    monkeypatch.setenv("PRIV_TOKEN", SECRET)
+    monkeypatch.setenv("REG_PASS", SECRET)
+    warn_if_open("127.0.0.1", settings)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_pytest_plugin_warns_of_a_credential_variable_that_is_not_set(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (pytester.path / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [tool.pytest-upstream]
+            cache = "cache-dir"
+            [[tool.pytest-upstream.proxy]]
+            key = "g"
+            format = "generic"
+            url = "http://127.0.0.1:9/"
+            auth = "bearer"
+            token_env = "PRIV_TOKEN"
+            """
+        )
+    )
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    monkeypatch.delenv("PRIV_TOKEN", raising=False)
+    result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*proxy 'g': the environment variable PRIV_TOKEN is not set*"])
+
+
 # -- clients: the token ----------------------------------------------------------------------------
 @pytest.fixture
 def token(monkeypatch: pytest.MonkeyPatch) -> str:

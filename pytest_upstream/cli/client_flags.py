@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from pytest_upstream.config.auth import env_problems, value_problem
+from pytest_upstream.config.auth import env_problems, unset_env, value_problem
 from pytest_upstream.config.settings import ConfigError, Settings
 from pytest_upstream.repro.netguard import is_loopback
 
@@ -52,7 +52,10 @@ def with_client_flags(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 def warn_if_open(host: str, settings: Settings) -> None:
-    """Once bound: a warning line when a non-loopback bind requires no token."""
+    """Once bound: a warning line when a non-loopback bind requires no token, and one per proxy
+    whose credential variables are not set."""
+    for line in unset_env((p.key, p.auth.required_env()) for p in settings.proxies):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     if not is_loopback(host) and not settings.client_token_env:
         print(
             f"warning: serving on {host} (not loopback) without --token-env: anyone who can reach "

@@ -57,6 +57,25 @@ def env_problems(names: Iterable[str], environ: Mapping[str, str] | None = None)
     return problems
 
 
+def unset_env(
+    needs: Iterable[tuple[str, Iterable[str]]], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One warning line per proxy whose credential variables are not set (``needs``: pairs of a
+    proxy key and the variables its auth reads).  Not an error: a proxy nobody uses in this run
+    needs no credentials; one that is used answers 502 naming the variable."""
+    env = os.environ if environ is None else environ
+    lines = []
+    for key, names in needs:
+        if missing := [name for name in dict.fromkeys(names) if name not in env]:
+            lines.append(
+                f"proxy {key!r}: the environment variable{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} not set; its "
+                "requests will answer 502 until the proxy is started with "
+                f"{'them' if len(missing) > 1 else 'it'}"
+            )
+    return lines
+
+
 _REDACTED = "<redacted>"
 # Credentials in a URL (scheme://user:pass@host) and the value of an Authorization-like header.
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")

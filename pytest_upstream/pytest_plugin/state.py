@@ -49,7 +49,7 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
     """
     proxy = running_proxy(config)
     if proxy is None:
-        from pytest_upstream.config.auth import env_problems
+        from pytest_upstream.config.auth import env_problems, unset_env
         from pytest_upstream.config.settings import ConfigError
         from pytest_upstream.pytest_plugin.harness import UpstreamProxy, settings_for
         from pytest_upstream.repro.lockfile import LockError
@@ -64,6 +64,11 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
         )
         if problems := env_problems(n for p in settings.proxies for n in p.auth.required_env()):
             raise ConfigError("; ".join(problems))  # names the variables, never their values
+        if warnings := unset_env((p.key, p.auth.required_env()) for p in settings.proxies):
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            for line in warnings:
+                if reporter is not None:
+                    reporter.write_line(f"pytest-upstream: warning: {line}", yellow=True)
         try:
             proxy = UpstreamProxy.start(settings)
         except LockError as exc:  # e.g. replay with a lock file that is not there

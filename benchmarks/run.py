@@ -55,7 +55,7 @@ from instruments import (
 )
 
 from fixtures.build_wheels import write_tree
-from pytest_upstream.formats.pypi import parse_page, render_html
+from pytest_upstream.formats.pypi_pages import parse_page, render_html
 
 PAGE_PROJECT = "upstream-demo-a"
 PAGE_TARGET_BYTES = 5 * 1024

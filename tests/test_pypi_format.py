@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from packaging.utils import canonicalize_name
 
 from pytest_upstream.formats.base import MalformedUpstream
-from pytest_upstream.formats.pypi import (
+from pytest_upstream.formats.pypi_pages import (
     HTML_V1,
     JSON_V1,
     FileLink,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fixtures.build_wheels import DISTS, build_wheel, write_tree
-from pytest_upstream.formats.pypi import HTML_V1, JSON_V1, UPSTREAM_ACCEPT, FileLink, parse_page
+from pytest_upstream.formats.pypi_pages import HTML_V1, JSON_V1, UPSTREAM_ACCEPT, FileLink, parse_page
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from packaging.utils import canonicalize_name
 
 from pytest_upstream.config.settings import ProxyDefinition
-from pytest_upstream.formats.pypi import parse_dist_filename
+from pytest_upstream.formats.pypi_pages import parse_dist_filename
 
 PATH_PRESERVING = frozenset({"generic", "maven", "npm"})
 ROUTED_METHODS = frozenset({"GET", "HEAD"})

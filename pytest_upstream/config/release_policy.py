@@ -1,0 +1,84 @@
+"""What a proxy lets in: its allow/block rules (rules.py) and a release cooldown (``min_age``).
+
+A format asks one question per release it is about to list or serve: ``policy.refusal(name,
+version, uploaded, now)``, where ``uploaded`` is the publication time the format knows (PEP 700
+``upload-time``, npm's ``time``, Maven's ``lastUpdated``) or None.  The answer is None (let it
+in) or a ``Refusal`` whose text says why, in words a status line can carry: ``blocked by rule
+'requests<2.31'``, ``published 5h ago, within min_age 3d``.
+
+A release with no known publication time is let in by default when a cooldown is set
+(``min_age_unknown = "allow"``): many indexes publish no times (a PyPI simple page in HTML, most
+Maven repositories), and hiding everything there would make a cooldown unusable.  ``"hide"``
+keeps such releases out instead, for those who prefer a build that fails over one that may
+take a release younger than the cooldown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from pytest_upstream.config.rules import Refusal, Rules
+from pytest_upstream.config.units import human_age
+
+UNKNOWN_AGE_POLICIES = ("allow", "hide")
+
+
+@dataclass(frozen=True)
+class TooNew:
+    """A release younger than the cooldown; ``visible_at`` is when it stops being one."""
+
+    age: float | None  # None: no publication time known (and min_age_unknown = "hide")
+    min_age: float
+    visible_at: float | None
+
+    def __str__(self) -> str:
+        if self.age is None:
+            return f"no publication time known, and min_age {human_age(self.min_age)} hides such releases"
+        return f"published {human_age(max(self.age, 0))} ago, within min_age {human_age(self.min_age)}"
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    rules: Rules = field(default_factory=Rules)
+    min_age: float = 0.0  # seconds; 0: no cooldown
+    min_age_unknown: str = "allow"
+
+    def __bool__(self) -> bool:
+        return bool(self.rules) or self.min_age > 0
+
+    def project(self, name: str) -> Refusal | None:
+        """Why a whole name is kept out (its metadata answers 403), or None."""
+        return self.rules.project(name) if self.rules else None
+
+    def refusal(
+        self, name: str, version: str | None, uploaded: float | None, now: float
+    ) -> Refusal | TooNew | None:
+        if self.rules and (refused := self.rules.release(name, version)):
+            return refused
+        if self.min_age > 0 and version is not None:
+            if uploaded is None:
+                if self.min_age_unknown == "hide":
+                    return TooNew(None, self.min_age, None)
+            elif now - uploaded < self.min_age:
+                return TooNew(now - uploaded, self.min_age, uploaded + self.min_age)
+        return None
+
+
+def parse_time(value: object) -> float | None:
+    """A publication time as the formats write it (ISO 8601, e.g. ``2024-05-01T12:00:00.123Z``,
+    or Maven's ``yyyyMMddHHmmss``), as Unix seconds; None if absent or unreadable (an upstream's
+    value is untrusted: a bad one is "unknown", never an error)."""
+    if not isinstance(value, str) or not 8 <= len(value) <= 64:
+        return None
+    text = value.strip()
+    try:
+        if text.isdigit() and len(text) == 14:  # Maven's lastUpdated, UTC
+            moment = dt.datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
+        else:
+            moment = dt.datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return moment.timestamp()

@@ -4,9 +4,18 @@ and the cooldown (config/release_policy.py) counts from the times the formats pu
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
-from pytest_upstream.config.release_policy import ReleasePolicy, TooNew, parse_time
+import pytest
+
+from pytest_upstream.config.release_policy import (
+    ReleasePolicy,
+    TooNew,
+    parse_policy,
+    parse_time,
+    policy_table,
+)
 from pytest_upstream.config.rules import parse_rules
 from pytest_upstream.formats.hiding import Hiding, hide_maven_versions, hide_npm_versions, hide_tags, refused
 from pytest_upstream.formats.pypi_pages import hide_files, parse_page, render_json
@@ -165,3 +174,23 @@ def test_docker_tags_and_the_403_text() -> None:
     young = ReleasePolicy(min_age=DAY).refusal("x", "1", NOW - 60, NOW)
     assert young is not None
     assert str(refused("x 1", young)) == "x 1 is held back: published 1m ago, within min_age 1d"
+
+
+def test_policy_fields_parse_and_round_trip() -> None:
+    entry = {"allow": ["gamma-*"], "block": ["gamma-demo==0.4"], "min_age": "3d", "min_age_unknown": "hide"}
+    parsed = parse_policy(entry, "pypi")
+    assert parsed.min_age == 3 * DAY and parsed.min_age_unknown == "hide"
+    assert parsed.rules.block[0].text == "gamma-demo==0.4"
+    assert parse_policy(policy_table(parsed), "pypi") == parsed
+    assert parse_policy({}, "npm") == ReleasePolicy(parse_rules("npm"))
+    assert policy_table(parse_policy({}, "npm")) == {}
+    for bad, says in [
+        ({"allow": "x"}, "allow must be a list"),
+        ({"block": ["requests<<2"]}, "allow/block: rule 'requests<<2'"),
+        ({"min_age": "soon"}, "min_age: not an age"),
+        ({"min_age": -1}, "must not be negative"),
+        ({"min_age": True}, "min_age must be an age"),
+        ({"min_age_unknown": "maybe"}, "min_age_unknown must be one of allow, hide"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_policy(bad, "pypi")

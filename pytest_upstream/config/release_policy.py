@@ -16,12 +16,15 @@ take a release younger than the cooldown.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from pytest_upstream.config.rules import Refusal, Rules
-from pytest_upstream.config.units import human_age
+from pytest_upstream.config.rules import Refusal, Rules, parse_rules
+from pytest_upstream.config.units import human_age, parse_age
 
 UNKNOWN_AGE_POLICIES = ("allow", "hide")
+MAX_RULES = 10_000
 
 
 @dataclass(frozen=True)
@@ -82,3 +85,56 @@ def parse_time(value: object) -> float | None:
     except ValueError:
         return None
     return moment.timestamp()
+
+
+POLICY_FIELDS = ("allow", "block", "min_age", "min_age_unknown")
+
+
+def parse_policy(entry: Mapping[str, Any], fmt: str) -> ReleasePolicy:
+    """A proxy's (or group's) ``allow``, ``block``, ``min_age`` and ``min_age_unknown``;
+    ValueError names the field and what is wrong."""
+    lists = {}
+    for name in ("allow", "block"):
+        value = entry.get(name, [])
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list of rules (got {value!r})")
+        if len(value) > MAX_RULES:
+            raise ValueError(f"{name}: at most {MAX_RULES} rules")
+        lists[name] = value
+    try:
+        rules = (
+            parse_rules(fmt, lists["allow"], lists["block"])
+            if lists["allow"] or lists["block"]
+            else Rules(fmt)
+        )
+    except ValueError as exc:
+        raise ValueError(f"allow/block: {exc}") from None
+    raw_age = entry.get("min_age", 0)
+    if isinstance(raw_age, bool) or not isinstance(raw_age, str | int | float):
+        raise ValueError(f"min_age must be an age such as '3d' or a number of seconds (got {raw_age!r})")
+    try:
+        min_age = parse_age(raw_age) if isinstance(raw_age, str) else float(raw_age)
+    except ValueError as exc:
+        raise ValueError(f"min_age: {exc}") from None
+    if min_age < 0:
+        raise ValueError(f"min_age must not be negative (got {raw_age!r})")
+    unknown = entry.get("min_age_unknown", "allow")
+    if unknown not in UNKNOWN_AGE_POLICIES:
+        raise ValueError(
+            f"min_age_unknown must be one of {', '.join(UNKNOWN_AGE_POLICIES)} (got {unknown!r})"
+        )
+    return ReleasePolicy(rules, min_age, unknown)
+
+
+def policy_table(policy: ReleasePolicy) -> dict[str, Any]:
+    """The fields of ``policy`` as a pyproject table holds them (only those that are set)."""
+    table: dict[str, Any] = {}
+    if policy.rules.allow:
+        table["allow"] = [rule.text for rule in policy.rules.allow]
+    if policy.rules.block:
+        table["block"] = [rule.text for rule in policy.rules.block]
+    if policy.min_age:
+        table["min_age"] = policy.min_age
+    if policy.min_age_unknown != "allow":
+        table["min_age_unknown"] = policy.min_age_unknown
+    return table

@@ -18,9 +18,9 @@ from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, wit
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
 from pytest_upstream.cli.workers import Supervisor, serve_in_worker
 from pytest_upstream.config.auth import AUTH_MODES, scrub
+from pytest_upstream.config.connection_limits import CONNECTION_LIMIT_FIELDS
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.config.settings import (
-    CONNECTION_LIMIT_FIELDS,
     DEFAULT_METADATA_TTL,
     DEFAULT_TIMEOUT,
     MODES,

@@ -17,6 +17,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.checks import ConfigError as ConfigError
+from pytest_upstream.config.checks import number as _number
+from pytest_upstream.config.checks import positive as _positive
+from pytest_upstream.config.connection_limits import (
+    CONNECTION_LIMIT_FIELDS,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SEND_TIMEOUT,
+    parse_connection_limits,
+)
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
 from pytest_upstream.config.units import parse_age, parse_size
@@ -27,12 +38,6 @@ DEFAULT_METADATA_TTL = 600.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
 DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven, npm) trust one
-# The HTTP server's connection limits (docs/configuration.md#connection-limits).
-DEFAULT_HEADER_TIMEOUT = 10.0
-DEFAULT_IDLE_TIMEOUT = 30.0
-DEFAULT_SEND_TIMEOUT = 30.0
-DEFAULT_MAX_CONNECTIONS = 0  # 0: derived from the open-file limit
-CONNECTION_LIMIT_FIELDS = ("header_timeout", "idle_timeout", "send_timeout", "max_connections")
 
 _PROXY_FIELDS = {
     "key",
@@ -157,10 +162,6 @@ def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 # -- end of hostile upstreams ----------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """Bad configuration; the message names the file and the entry."""
 
 
 def default_cache_dir() -> Path:
@@ -290,19 +291,6 @@ def builtin_proxies(
     )
 
 
-def _positive(value: Any, where: str, name: str) -> float:
-    seconds = _number(value, where, name)
-    if seconds == 0:
-        raise ConfigError(f"{where}: {name} must be more than 0 seconds")
-    return seconds
-
-
-def _number(value: Any, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{where}: {name} must be a non-negative number of seconds (got {value!r})")
-    return float(value)
-
-
 def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float) -> ProxyDefinition:
     """Validate one ``[[tool.pytest-upstream.proxy]]`` entry."""
     if not isinstance(entry, Mapping):
@@ -423,7 +411,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
         lock_timeout=lock_timeout,
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
-        **_connection_limits(table, where),
+        **parse_connection_limits(table, where),
         fetch=parse_fetch_limits(table, where),
         allowed_hosts=_host_list(table, "allowed_hosts", where),
         **parse_allow_hosts(table, where),
@@ -452,25 +440,6 @@ def _secrets_fields(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 # -- end of secrets and clients ---------------------------------------------------------------------
-
-
-def _connection_limits(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The server's connection limits from the table: timeouts > 0 seconds, a count >= 0."""
-    limits: dict[str, Any] = {
-        name: _positive(table.get(name, default), where, name)
-        for name, default in (
-            ("header_timeout", DEFAULT_HEADER_TIMEOUT),
-            ("idle_timeout", DEFAULT_IDLE_TIMEOUT),
-            ("send_timeout", DEFAULT_SEND_TIMEOUT),
-        )
-    }
-    count = table.get("max_connections", DEFAULT_MAX_CONNECTIONS)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ConfigError(
-            f"{where}: max_connections must be a whole number >= 0 (0: from the open-file limit)"
-        )
-    limits["max_connections"] = count
-    return limits
 
 
 def load_settings(config_file: str | Path | None = None, *, search_dir: Path | None = None) -> Settings:

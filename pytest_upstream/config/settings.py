@@ -163,6 +163,31 @@ def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 # -- end of hostile upstreams ----------------------------------------------------------------------
 
+# -- the size cap (issue 11; docs/cache.md § Size cap) ---------------------------------------------
+ENV_MAX_SIZE = "UPSTREAM_PROXY_MAX_SIZE"
+_TOP_FIELDS |= {"max_size"}
+
+
+def parse_size_cap(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``max_size``: the bytes of blobs the cache may hold while the proxy serves (a number or a
+    size, ``"10G"``); absent or 0: no cap."""
+    value = table.get("max_size")
+    return {"max_size": None if value is None else _size(value, where, "max_size") or None}
+
+
+def with_max_size(settings: Settings, text: str | None) -> Settings:
+    """``settings`` with a flag's or ``UPSTREAM_PROXY_MAX_SIZE``'s cap (``"0"``: none) over the table's."""
+    if not text:
+        return settings
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"max size: {exc}") from None
+    return replace(settings, max_size=size or None)
+
+
+# -- end of the size cap ---------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     """The per-user cache directory platformdirs names for us (docs/configuration.md).
@@ -239,6 +264,10 @@ class Settings:
     client_token_env: str | None = None  # serve --token-env: the variable holding the clients' token
     # hostile upstreams: the SSRF guard (issue 10): hosts besides the upstreams' own the proxy may reach
     allow_hosts: tuple[str, ...] = ()
+    # the size cap (issue 11): bytes of blobs kept while serving (None: no cap), and the lock files
+    # whose blobs it never removes besides the engine's own (serve --keep-lock)
+    max_size: int | None = None
+    keep_locks: tuple[Path, ...] = ()
 
     def secret_env_names(self) -> tuple[str, ...]:
         """The environment variables whose values are secrets: the upstreams' credentials and the
@@ -415,6 +444,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         fetch=parse_fetch_limits(table, where),
         allowed_hosts=_host_list(table, "allowed_hosts", where),
         **parse_allow_hosts(table, where),
+        **parse_size_cap(table, where),
     )
 
 

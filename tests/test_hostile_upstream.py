@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.config.settings import ConfigError, DecodeLimits, parse_table
+from pytest_upstream.config.settings import ConfigError, parse_table
+from pytest_upstream.config.upstream_limits import DecodeLimits
 from pytest_upstream.upstream.addresses import AddressPolicy, AddressRefused, why_not_public
 from pytest_upstream.upstream.client import UpstreamClient, UpstreamError
 

@@ -33,7 +33,8 @@ from typing import Any
 import httpx
 
 from pytest_upstream.clients.routes import Route, Router
-from pytest_upstream.config.settings import DecodeLimits, ProxyDefinition, Settings
+from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.config.upstream_limits import DecodeLimits
 from pytest_upstream.engine.fetch import store_answer
 from pytest_upstream.formats import get_format
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource

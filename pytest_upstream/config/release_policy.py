@@ -50,6 +50,10 @@ class ReleasePolicy:
     def __bool__(self) -> bool:
         return bool(self.rules) or self.min_age > 0
 
+    def without_cooldown(self) -> ReleasePolicy:
+        """The rules alone: what can be judged before a publication time is known."""
+        return ReleasePolicy(self.rules) if self.min_age else self
+
     def project(self, name: str) -> Refusal | None:
         """Why a whole name is kept out (its metadata answers 403), or None."""
         return self.rules.project(name) if self.rules else None

@@ -20,6 +20,7 @@ from pytest_upstream.config.auth import AuthSpec
 from pytest_upstream.config.checks import ConfigError as ConfigError
 from pytest_upstream.config.checks import number as _number
 from pytest_upstream.config.checks import positive as _positive
+from pytest_upstream.config.checks import size_value
 from pytest_upstream.config.connection_limits import (
     CONNECTION_LIMIT_FIELDS,
     DEFAULT_HEADER_TIMEOUT,
@@ -29,8 +30,18 @@ from pytest_upstream.config.connection_limits import (
     parse_connection_limits,
 )
 from pytest_upstream.config.keys import key_error
+from pytest_upstream.config.release_policy import POLICY_FIELDS, ReleasePolicy, parse_policy, policy_table
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
-from pytest_upstream.config.units import parse_age, parse_size
+from pytest_upstream.config.units import parse_size
+from pytest_upstream.config.upstream_limits import (
+    DECODE_FIELDS,
+    FETCH_FIELDS,
+    DecodeLimits,
+    FetchLimits,
+    parse_allow_hosts,
+    parse_decode_limits,
+    parse_fetch_limits,
+)
 
 MODES = ("record", "replay", "refresh")
 TABLE = "pytest-upstream"
@@ -57,111 +68,9 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
-_TOP_FIELDS |= {"allowed_hosts"}
-
-# -- fetch deadlines (docs/configuration.md § Fetch deadlines) -------------------------------------
-DEFAULT_FETCH_DEADLINE = 3600.0
-DEFAULT_MIN_RATE = 1024
-DEFAULT_MIN_RATE_WINDOW = 30.0
-DEFAULT_ORPHAN_DEADLINE = 60.0
-_FETCH_FIELDS = {"fetch_deadline", "min_rate", "min_rate_window", "orphan_deadline"}
-_TOP_FIELDS |= _FETCH_FIELDS
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """How long one upstream download may take, whoever is waiting for it.
-
-    ``deadline``: seconds from the upstream request to the last byte (0: none).
-    ``min_rate``: bytes per second, averaged over each ``rate_window`` seconds, below which a
-    download is given up (0: none); a stalled upstream is cut by its read ``timeout`` anyway, this
-    catches one that drips.  ``orphan_deadline``: seconds a download continues after its last
-    client left (0: it stops as soon as that is noticed).  Checked as each chunk arrives.
-    """
-
-    deadline: float = DEFAULT_FETCH_DEADLINE
-    min_rate: int = DEFAULT_MIN_RATE
-    rate_window: float = DEFAULT_MIN_RATE_WINDOW
-    orphan_deadline: float = DEFAULT_ORPHAN_DEADLINE
-
-
-def parse_fetch_limits(table: Mapping[str, Any], where: str) -> FetchLimits:
-    """The fetch deadlines of a ``[tool.pytest-upstream]`` table: seconds as numbers or ages
-    (``"1h"``), ``min_rate`` as bytes per second or a size (``"1K"``)."""
-    return FetchLimits(
-        deadline=_age(table.get("fetch_deadline", DEFAULT_FETCH_DEADLINE), where, "fetch_deadline"),
-        min_rate=_size(table.get("min_rate", DEFAULT_MIN_RATE), where, "min_rate"),
-        rate_window=_positive(
-            _age(table.get("min_rate_window", DEFAULT_MIN_RATE_WINDOW), where, "min_rate_window"),
-            where,
-            "min_rate_window",
-        ),
-        orphan_deadline=_age(table.get("orphan_deadline", DEFAULT_ORPHAN_DEADLINE), where, "orphan_deadline"),
-    )
-
-
-def _age(value: Any, where: str, name: str) -> float:
-    if isinstance(value, str):
-        try:
-            return parse_age(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {name}: {exc}") from None
-    return _number(value, where, name)
-
-
-def _size(value: Any, where: str, name: str) -> int:
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {name}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: {name} must be a non-negative number of bytes (got {value!r})")
-    return int(value)
-
-
-# -- end of fetch deadlines ------------------------------------------------------------------------
-
-# -- hostile upstreams: bounded decoding and the SSRF guard (issue 10; docs/configuration.md) -------
-DEFAULT_MAX_DECODED_SIZE = 1024**3
-DEFAULT_MAX_EXPANSION = 100.0
-_PROXY_FIELDS |= {"max_decoded_size", "max_expansion"}
-_TOP_FIELDS |= {"allow_hosts"}
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Caps on undoing an upstream's Content-Encoding (gzip, deflate): a small body must not
-    inflate into gigabytes of memory or disk.  ``max_size``: decoded bytes (0: none);
-    ``max_expansion``: decoded bytes per encoded byte, judged once the output passes a few MiB
-    (0: none)."""
-
-    max_size: int = DEFAULT_MAX_DECODED_SIZE
-    max_expansion: float = DEFAULT_MAX_EXPANSION
-
-
-def parse_decode_limits(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A proxy entry's ``max_decoded_size`` (bytes or a size, ``"1G"``) and ``max_expansion``."""
-    ratio = entry.get("max_expansion", DEFAULT_MAX_EXPANSION)
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 0:
-        raise ConfigError(f"{where}: max_expansion must be a non-negative number (got {ratio!r})")
-    size = _size(entry.get("max_decoded_size", DEFAULT_MAX_DECODED_SIZE), where, "max_decoded_size")
-    return {"decoding": DecodeLimits(max_size=size, max_expansion=float(ratio))}
-
-
-def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``allow_hosts``: host names, ``host:port``, IP addresses or networks (``10.1.0.0/16``)."""
-    hosts = table.get("allow_hosts", [])
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
-        raise ConfigError(f"{where}: allow_hosts must be a list of host names, addresses or networks")
-    for host in hosts:  # "name:port" or "[v6]:port" (a bare IPv6 address has several colons)
-        port = host.rpartition("]:")[2] if host.startswith("[") else host.partition(":")[2]
-        if (host.count(":") == 1 or "]:" in host) and not (port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigError(f"{where}: allow_hosts: {host!r} has no valid port after its ':'")
-    return {"allow_hosts": tuple(h.strip().lower() for h in hosts)}
-
-
-# -- end of hostile upstreams ----------------------------------------------------------------------
+_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", *FETCH_FIELDS}
+_PROXY_FIELDS |= set(DECODE_FIELDS)
+_PROXY_FIELDS |= set(POLICY_FIELDS)  # what comes in: allow/block rules, min_age (docs/rules.md)
 
 # -- the size cap (issue 11; docs/cache.md § Size cap) ---------------------------------------------
 ENV_MAX_SIZE = "UPSTREAM_PROXY_MAX_SIZE"
@@ -172,7 +81,7 @@ def parse_size_cap(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``max_size``: the bytes of blobs the cache may hold while the proxy serves (a number or a
     size, ``"10G"``); absent or 0: no cap."""
     value = table.get("max_size")
-    return {"max_size": None if value is None else _size(value, where, "max_size") or None}
+    return {"max_size": None if value is None else size_value(value, where, "max_size") or None}
 
 
 def with_max_size(settings: Settings, text: str | None) -> Settings:
@@ -221,6 +130,7 @@ class ProxyDefinition:
     auth_hosts: tuple[str, ...] = ()  # docker: token realms on other origins that may get credentials
     # hostile upstreams: bounded decoding (issue 10)
     decoding: DecodeLimits = field(default_factory=DecodeLimits)
+    policy: ReleasePolicy = field(default_factory=ReleasePolicy)  # allow/block, min_age (issue 12)
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -242,6 +152,7 @@ class ProxyDefinition:
             table["mirror"] = self.mirror
         if self.auth_hosts:
             table["auth_hosts"] = list(self.auth_hosts)
+        table.update(policy_table(self.policy))
         return table
 
 
@@ -392,7 +303,15 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         mirror=mirror,
         **_secrets_fields(entry, where),
         **parse_decode_limits(entry, where),
+        policy=_policy(entry, fmt, where),
     )
+
+
+def _policy(entry: Mapping[str, Any], fmt: str, where: str) -> ReleasePolicy:
+    try:
+        return parse_policy(entry, fmt)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settings:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from pytest_upstream.config.settings import FetchLimits
+from pytest_upstream.config.upstream_limits import FetchLimits
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness

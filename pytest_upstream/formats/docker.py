@@ -50,6 +50,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.formats.docker_auth import Tokens
+from pytest_upstream.formats.hiding import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
 
 if TYPE_CHECKING:
@@ -255,6 +256,7 @@ class DockerFormat(Format):
         proxy = ctx.proxy
         upstream = self._upstream_name(request, proxy, name)
         if ":" in reference:
+            admit_project(proxy.policy, upstream, name)  # a digest names no tag: the name's rules
             algo, hexdigest = parse_digest(reference)
             client_accept = normalize_accept(request.headers.get("accept"))
             accept = normalize_accept(f"{client_accept}, {ALL_MANIFESTS_ACCEPT}")
@@ -273,6 +275,7 @@ class DockerFormat(Format):
                 f"invalid tag {reference!r}: tags are up to 128 letters, digits, '_', '.' and '-'",
                 code="NAME_INVALID",
             )
+        admit(proxy.policy, ctx.now(), upstream, reference, None, f"{name}:{reference}")
         accept = normalize_accept(request.headers.get("accept"))
         return Resource(
             f"{upstream}/manifests/{reference}",
@@ -286,6 +289,7 @@ class DockerFormat(Format):
     def _blob(self, request: ProxyRequest, ctx: FormatContext, name: str, digest: str) -> Resource:
         proxy = ctx.proxy
         upstream = self._upstream_name(request, proxy, name)
+        admit_project(proxy.policy, upstream, name)
         algo, hexdigest = parse_digest(digest)
         return Resource(
             f"{upstream}/blobs/{digest}",
@@ -299,6 +303,7 @@ class DockerFormat(Format):
         proxy = ctx.proxy
         client = _client_name(request, name)
         upstream = self._upstream_name(request, proxy, name)
+        admit_project(proxy.policy, upstream, name)
         query = _tags_query(parse_qsl(request.query, keep_blank_values=True))
         query = f"?{query}" if query else ""
         return Resource(  # one entry per page; render_as: where the client's next page is

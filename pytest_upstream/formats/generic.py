@@ -12,6 +12,7 @@ from fnmatch import fnmatchcase
 from urllib.parse import quote
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, Resource
+from pytest_upstream.formats.hiding import admit
 from pytest_upstream.messages import ProxyRequest, Reply
 
 
@@ -23,6 +24,7 @@ class GenericFormat(Format):
             raise FormatError(
                 404, f"a generic proxy serves files, not directories: /{request.key}/{request.path}"
             )
+        admit(ctx.proxy.policy, ctx.now(), request.path, None, None, f"/{request.key}/{request.path}")
         url = ctx.proxy.url.rstrip("/") + "/" + quote(request.path, safe="/@:+,;=!$&'()*~")
         name = request.path
         if request.query:

@@ -160,3 +160,17 @@ def hide_maven_versions(body: bytes, name: str, hiding: Hiding) -> bytes:
         root.set("xmlns", ns[1:-1])
     xml = ET.tostring(root, encoding="unicode")
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + xml.encode()
+
+
+def admit(
+    policy: ReleasePolicy, now: float, name: str, version: str | None, uploaded: float | None, what: str
+) -> None:
+    """Raise the 403 for a direct request of a release ``policy`` keeps out (``what`` names it)."""
+    if policy and (refusal := policy.refusal(name, version, uploaded, now)):
+        raise refused(what, refusal)
+
+
+def admit_project(policy: ReleasePolicy, name: str, what: str) -> None:
+    """Raise the 403 for the metadata of a name ``policy`` keeps out as a whole."""
+    if policy and (refusal := policy.project(name)):
+        raise refused(what, refusal)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.hiding import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
 
 log = logging.getLogger("pytest_upstream")
@@ -158,18 +159,29 @@ def content_type(path: str) -> str | None:
     return _CONTENT_TYPES.get(f".{ext}") if dot else None
 
 
+def artifact_coordinates(path: str) -> tuple[str, str] | None:
+    """``("group:artifact", version)`` of ``group/path/artifactId/version/file``, or None."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[-1] != METADATA_FILE and parts[-1].startswith(parts[-3] + "-"):
+        return f"{'.'.join(parts[:-3])}:{parts[-3]}", parts[-2]
+    return None
+
+
 class MavenFormat(Format):
     name = "maven"
 
     def describe(self, resource: Resource) -> dict[str, str]:
-        parts = resource.path.split("/")
-        if len(parts) >= 4 and parts[-1] != "maven-metadata.xml" and parts[-1].startswith(parts[-3] + "-"):
-            # group/path/artifactId/version/file
-            return {"name": f"{'.'.join(parts[:-3])}:{parts[-3]}", "version": parts[-2]}
-        return {}
+        coordinates = artifact_coordinates(resource.path)
+        return {"name": coordinates[0], "version": coordinates[1]} if coordinates else {}
 
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         path = request.path
+        if ctx.proxy.policy:
+            if coordinates := artifact_coordinates(path):
+                admit(ctx.proxy.policy, ctx.now(), *coordinates, None, ":".join(coordinates))
+            elif (parts := path.split("/"))[-1] == METADATA_FILE and len(parts) >= 3:
+                name = f"{'.'.join(parts[:-2])}:{parts[-2]}"
+                admit_project(ctx.proxy.policy, name, name)
         kind, verify = classify(path)
         if kind is Kind.ARTIFACT:
             cached = ctx.cached(path)

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
+from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.hiding import Hiding, admit, hide_npm_versions
 from pytest_upstream.messages import ProxyRequest, Reply
 
 FULL = "application/json"
@@ -364,15 +366,25 @@ class NpmFormat(Format):
         resource = self._packument_resource(ctx.proxy, name)
         _, body = ctx.metadata(resource)
         doc = parse_packument(body, name.full)
+        hiding = Hiding(ctx.proxy.policy, ctx.now())
+        if ctx.proxy.policy:  # a dist-tag moved off a hidden version leads where the packument's does
+            hide_npm_versions(doc, hiding)
         version = doc.get("dist-tags", {}).get(spec, spec)
         if version not in doc["versions"]:
+            hidden = next((h for h in hiding.hidden if h.version == version), None)
+            if hidden is not None:
+                raise FormatError(403, f"{name.full}@{version} is {hidden.reason}")
             raise FormatError(404, f"{name.full} has no version or dist-tag {spec!r}")
         return self._packument_resource(ctx.proxy, name, PackumentView("version", request.proxy_url, version))
 
     def _tarball(self, ctx: FormatContext, name: PackageName, file: str) -> Resource:
         path = f"{name.full}/-/{file}"
+        policy = ctx.proxy.policy
+        stem = file.removesuffix(".tgz")
+        named = stem[len(name.name) + 1 :] if stem.startswith(f"{name.name}-") else None
+        admit(policy.without_cooldown(), ctx.now(), name.full, named, None, f"{name.full} {file}")
         cached = ctx.cached(path)
-        if cached is not None:  # immutable: no need to consult the packument again
+        if cached is not None and not policy.min_age:  # immutable: no need to consult the packument again
             return Resource(
                 path,
                 cached.upstream_url,
@@ -387,6 +399,26 @@ class NpmFormat(Format):
         if manifest is None:
             raise FormatError(
                 404, f"{file!r} is not the tarball of any version of {name.full} listed upstream"
+            )
+        version = manifest.get("version")
+        if policy and isinstance(version, str):
+            raw_times = doc.get("time")
+            times: dict[str, Any] = raw_times if isinstance(raw_times, dict) else {}
+            admit(
+                policy,
+                ctx.now(),
+                name.full,
+                version,
+                parse_time(times.get(version)),
+                f"{name.full}@{version}",
+            )
+        if cached is not None:
+            return Resource(
+                path,
+                cached.upstream_url,
+                Kind.ARTIFACT,
+                request_headers=dict(_TARBALL_HEADERS),
+                content_type="application/octet-stream",
             )
         dist = manifest["dist"]
         expected = expected_digests(dist)

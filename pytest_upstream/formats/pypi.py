@@ -20,7 +20,9 @@ from urllib.parse import quote
 
 from packaging.utils import canonicalize_name
 
+from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.hiding import admit, admit_project
 from pytest_upstream.formats.pypi_pages import (
     HTML_V1,
     JSON_V1,
@@ -76,6 +78,7 @@ class PyPIFormat(Format):
                     {"Location": location, "Content-Type": "text/plain"},
                     body=f"see {location}\n".encode(),
                 )
+            admit_project(ctx.proxy.policy, project, f"project {project!r}")
             return Resource(
                 f"simple/{project}/",
                 base
@@ -93,8 +96,12 @@ class PyPIFormat(Format):
                 404, f"files are served under the normalised project name {canonicalize_name(project)!r}"
             )
         path = f"files/{project}/{filename}"
+        policy = ctx.proxy.policy
+        parsed = parse_dist_filename(filename)
+        version = parsed[1] if parsed else None
+        admit(policy.without_cooldown(), ctx.now(), project, version, None, filename)
         cached = ctx.cached(path)
-        if cached is not None:  # immutable: no need to consult the index again
+        if cached is not None and not policy.min_age:  # immutable: no need to consult the index again
             return Resource(path, cached.upstream_url, Kind.ARTIFACT)
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
         index = Resource(
@@ -109,6 +116,9 @@ class PyPIFormat(Format):
         link = next((f for f in page.files if f.filename == wanted), None)
         if link is None:
             raise FormatError(404, f"{wanted!r} is not listed on the index page of {project!r}")
+        admit(policy, ctx.now(), project, version, parse_time(link.upload_time), wanted)
+        if cached is not None:
+            return Resource(path, cached.upstream_url, Kind.ARTIFACT)
         if wanted != filename:
             if link.core_metadata is False:
                 raise FormatError(404, f"the index publishes no metadata file for {wanted!r}")

@@ -29,8 +29,8 @@ from unittest import mock
 import httpcore
 import httpx
 
-from pytest_upstream.config.settings import DecodeLimits, FetchLimits
 from pytest_upstream.config.units import human_size
+from pytest_upstream.config.upstream_limits import DecodeLimits, FetchLimits
 from pytest_upstream.upstream.addresses import AddressPolicy, GuardedBackend
 from pytest_upstream.upstream.decoding import OFFERED, coding_of, decode
 from pytest_upstream.upstream.errors import UpstreamError

@@ -17,8 +17,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator
 
-from pytest_upstream.config.settings import DecodeLimits
 from pytest_upstream.config.units import human_size
+from pytest_upstream.config.upstream_limits import DecodeLimits
 from pytest_upstream.upstream.errors import UpstreamError
 
 OFFERED = "gzip, deflate"  # the Accept-Encoding the client sends unless identity is asked for

@@ -29,6 +29,7 @@ from pytest_upstream.config.connection_limits import (
     DEFAULT_SEND_TIMEOUT,
     parse_connection_limits,
 )
+from pytest_upstream.config.groups import GroupDefinition, parse_groups
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.release_policy import POLICY_FIELDS, ReleasePolicy, parse_policy, policy_table
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
@@ -68,7 +69,7 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
-_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", *FETCH_FIELDS}
+_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", "group", *FETCH_FIELDS}
 _PROXY_FIELDS |= set(DECODE_FIELDS)
 _PROXY_FIELDS |= set(POLICY_FIELDS)  # what comes in: allow/block rules, min_age (docs/rules.md)
 
@@ -161,6 +162,7 @@ class Settings:
     cache_dir: Path
     mode: str = "record"
     proxies: tuple[ProxyDefinition, ...] = ()
+    groups: tuple[GroupDefinition, ...] = ()  # ordered groups of proxies (config/groups.py)
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     config_file: Path | None = None
     lock_file: Path | None = None  # the lock file (docs/reproducible-builds.md), if any
@@ -187,6 +189,9 @@ class Settings:
         if self.client_token_env:
             names.append(self.client_token_env)
         return tuple(dict.fromkeys(names))
+
+    def group(self, key: str) -> GroupDefinition | None:
+        return next((g for g in self.groups if g.key == key), None)
 
     def proxy(self, key: str) -> ProxyDefinition | None:
         for p in self.proxies:
@@ -353,10 +358,12 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
     lock = table.get("lock")
     if lock is not None and (not isinstance(lock, str) or not lock):
         raise ConfigError(f"{where}: lock must be a path string (got {lock!r})")
+    all_proxies = tuple(proxies) or builtin_proxies(ttl, timeout)
     return Settings(
         cache_dir=cache_dir,
         mode=mode,
-        proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
+        proxies=all_proxies,
+        groups=parse_groups(table.get("group"), {p.key: p.format for p in all_proxies}, origin),
         lock_timeout=lock_timeout,
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
         **parse_connection_limits(table, where),

@@ -17,8 +17,9 @@ from pytest_upstream.config.release_policy import (
     policy_table,
 )
 from pytest_upstream.config.rules import parse_rules
-from pytest_upstream.formats.hiding import Hiding, hide_maven_versions, hide_npm_versions, hide_tags, refused
+from pytest_upstream.formats.hiding import Hiding, hide_maven_versions, hide_npm_versions, hide_tags
 from pytest_upstream.formats.pypi_pages import hide_files, parse_page, render_json
+from pytest_upstream.formats.refusals import refused
 
 DAY = 86400.0
 NOW = parse_time("2026-11-30T12:00:00Z") or 0.0

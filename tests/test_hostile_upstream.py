@@ -441,11 +441,11 @@ def test_concurrent_renders_of_one_document_share_one(tmp_path: Path) -> None:
     started = threading.Event()
 
     class SlowFormat(type(pypi)):  # type: ignore[misc]
-        def render(self, resource, body):  # type: ignore[no-untyped-def]
+        def render(self, resource, body, hiding=None):  # type: ignore[no-untyped-def]
             calls.append(1)
             started.set()
             time.sleep(0.3)
-            return super().render(resource, body)
+            return super().render(resource, body, hiding)
 
     memo = RenderMemo(budget=1)  # nothing is kept: sharing must not depend on the memo
     results: list[object] = []

@@ -32,6 +32,7 @@ from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
 from pytest_upstream.engine.trimmer import lock_pins, size_cap
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.hiding import Hidden
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.repro.lockfile import LockFile
 from pytest_upstream.repro.served import ServedLog
@@ -290,10 +291,13 @@ class Engine:
         if entry.last_modified:
             headers["Last-Modified"] = entry.last_modified
         rendered = (
-            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob) if entry.is_metadata else None
+            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob, ctx.proxy.policy, self.clock.now())
+            if entry.is_metadata
+            else None
         )
+        hidden: tuple[Hidden, ...] = ()
         if rendered is not None:
-            body, ctype, etag = rendered
+            body, ctype, etag, hidden = rendered
             headers.update({"Content-Type": ctype, "ETag": etag, "Vary": "Accept"})
             reply = Reply(200, headers, body=body)
             size = len(body)
@@ -308,7 +312,9 @@ class Engine:
             headers.update(ctx.fmt.reply_headers(res, entry.headers))
             reply = Reply(200, headers, file=blob, length=entry.size)
             size = entry.size
-        self.recorders.answered(Answer(ctx.request, res.path, res, obtained.cache, 200, size, entry.sha256))
+        self.recorders.answered(
+            Answer(ctx.request, res.path, res, obtained.cache, 200, size, entry.sha256, hidden=hidden)
+        )
         self.recorders.used(ctx.proxy.key, res, entry)
         return reply
 

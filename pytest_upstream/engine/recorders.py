@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pytest_upstream.engine.metrics import RESULTS, Metrics
 from pytest_upstream.formats.base import Resource
+from pytest_upstream.formats.hiding import Hidden
 from pytest_upstream.messages import ProxyRequest
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.served import ServedLog, ServedRecord
@@ -41,6 +42,7 @@ class Answer:
     sha256: str = ""
     error: str = ""
     replay_miss: bool = False  # replay mode, and the answer was not recorded
+    hidden: tuple[Hidden, ...] = ()  # releases a policy took out of this metadata (formats/hiding.py)
 
 
 class Recorder(Protocol):
@@ -86,6 +88,7 @@ class ServedRecorder:
                 variant=res.variant if res else "",
                 error=answer.error,
                 test=self.log.current_test,
+                hidden=tuple(f"{h.name} {h.version}: {h.reason}".replace(" :", ":") for h in answer.hidden),
             )
         )
 

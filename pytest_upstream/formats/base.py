@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.formats.hiding import Hiding
 from pytest_upstream.messages import ProxyRequest, Reply
 from pytest_upstream.store.cache import Entry
 from pytest_upstream.store.headers import KEPT_HEADERS, header_problem
@@ -156,11 +157,15 @@ class Format:
         mismatch nothing is stored.  Called for responses read whole (not streamed)."""
         return {}
 
-    def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
+    def render(
+        self, resource: Resource, body: bytes, hiding: Hiding | None = None
+    ) -> tuple[bytes, str] | None:
         """Metadata as the client gets it (links rewritten), or None to serve the bytes as stored.
 
-        Must depend only on ``resource.path``, ``resource.render_as`` and ``body``:
-        the engine memoises the result by those.
+        Must depend only on ``resource.path``, ``resource.render_as``, ``body`` and ``hiding``:
+        the engine memoises the result by those.  ``hiding``, when the proxy has a release policy
+        (allow/block rules, ``min_age``): the releases it keeps out are taken out of the document
+        and recorded in ``hiding`` (formats/hiding.py).
         """
         return None
 

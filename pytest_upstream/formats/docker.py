@@ -45,12 +45,14 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote
 
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.formats.docker_auth import Tokens
-from pytest_upstream.formats.hiding import admit, admit_project
+from pytest_upstream.formats.docker_tags import hidden_tag_list, rewrite_link, tags_query
+from pytest_upstream.formats.hiding import Hiding
+from pytest_upstream.formats.refusals import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
 
 if TYPE_CHECKING:
@@ -304,7 +306,7 @@ class DockerFormat(Format):
         client = _client_name(request, name)
         upstream = self._upstream_name(request, proxy, name)
         admit_project(proxy.policy, upstream, name)
-        query = _tags_query(parse_qsl(request.query, keep_blank_values=True))
+        query = tags_query(parse_qsl(request.query, keep_blank_values=True))
         query = f"?{query}" if query else ""
         return Resource(  # one entry per page; render_as: where the client's next page is
             f"{upstream}/tags/list{query}",
@@ -316,12 +318,18 @@ class DockerFormat(Format):
         )
 
     # -- replies ----------------------------------------------------------------------
+    def render(
+        self, resource: Resource, body: bytes, hiding: Hiding | None = None
+    ) -> tuple[bytes, str] | None:
+        """A tag list without the tags a policy keeps out; everything else as stored."""
+        return hidden_tag_list(resource.path, body, hiding)
+
     def reply_headers(self, resource: Resource, stored: Mapping[str, str]) -> dict[str, str]:
         """A tag list's ``Link: <…/tags/list?n=…&last=…>; rel="next"`` leads back through the proxy."""
         out = dict(stored)
         link = out.pop("Link", None)
         if link is not None and isinstance(resource.render_as, str) and resource.render_as:
-            if rewritten := _rewrite_link(link, resource.render_as):
+            if rewritten := rewrite_link(link, resource.render_as):
                 out["Link"] = rewritten
             else:
                 log.warning(
@@ -433,32 +441,6 @@ def _error_reply(status: int, code: str, message: str) -> Reply:
     """The registry API's JSON error, which docker and containerd print."""
     body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
     return Reply(status, {"Content-Type": "application/json; charset=utf-8", **API_HEADERS}, body=body)
-
-
-def _tags_query(pairs: list[tuple[str, str]]) -> str:
-    """``n`` and ``last`` (the last of each), in that order: one cache entry per page."""
-    values = {k: v for k, v in pairs if k in ("n", "last")}
-    return urlencode([(k, values[k]) for k in ("n", "last") if k in values])
-
-
-def _rewrite_link(value: str, target: str) -> str:
-    """The ``/tags/list`` links of an upstream ``Link`` header, pointed at ``target`` (the
-    client's ``/v2/[<key>/]<name>/tags/list``) with the canonical page query.  Links whose
-    query the proxy would not pass on (anything but ``n`` and ``last``) are dropped: the
-    client would get the first page again and again."""
-    links = []
-    for match in re.finditer(r"<([^>]*)>([^,]*)", value):
-        parts = urlsplit(match.group(1).strip())
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = _tags_query(pairs)
-        if (
-            not parts.path.endswith("/tags/list")
-            or not query
-            or any(k not in ("n", "last") for k, _ in pairs)
-        ):
-            continue
-        links.append(f"<{target}?{query}>{match.group(2).rstrip()}")
-    return ", ".join(links)
 
 
 _ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")

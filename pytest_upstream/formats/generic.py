@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 from urllib.parse import quote
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, Resource
-from pytest_upstream.formats.hiding import admit
+from pytest_upstream.formats.refusals import admit
 from pytest_upstream.messages import ProxyRequest, Reply
 
 

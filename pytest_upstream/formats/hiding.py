@@ -6,7 +6,7 @@ npm, Maven or skopeo pick an allowed release instead of failing on a 403.  Each 
 own document and asks ``Hiding.keep`` about every release in it; ``Hiding`` collects what was
 hidden and why (for the served records, the lock and the report) and the earliest moment a
 cooldown ends for one of them (``visible_at``), after which the rendering is out of date.
-A direct request for a hidden release gets ``refused``: a 403 that names the rule.
+A direct request for a hidden release is refused by ``refusals.py`` with a 403 naming the rule.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from typing import Any
 
 from pytest_upstream.config.maven_versions import version_key
 from pytest_upstream.config.release_policy import ReleasePolicy, TooNew, parse_time
-from pytest_upstream.config.rules import Refusal
-from pytest_upstream.formats.base import FormatError
-
-REFUSED_STATUS = 403
 
 
 @dataclass(frozen=True)
@@ -54,17 +50,6 @@ class Hiding:
         if ends is not None and (self.visible_at is None or ends < self.visible_at):
             self.visible_at = ends
         return False
-
-
-def refused(what: str, refusal: Refusal | TooNew) -> FormatError:
-    """The 403 for a direct request of a hidden release: the status line and body say why."""
-    return FormatError(REFUSED_STATUS, f"{what} is {_phrase(refusal)}")
-
-
-def _phrase(refusal: Refusal | TooNew) -> str:
-    if isinstance(refusal, TooNew):
-        return f"held back: {refusal}"
-    return str(refusal)
 
 
 def hide_tags(doc: object, image: str, hiding: Hiding) -> object:
@@ -160,17 +145,3 @@ def hide_maven_versions(body: bytes, name: str, hiding: Hiding) -> bytes:
         root.set("xmlns", ns[1:-1])
     xml = ET.tostring(root, encoding="unicode")
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + xml.encode()
-
-
-def admit(
-    policy: ReleasePolicy, now: float, name: str, version: str | None, uploaded: float | None, what: str
-) -> None:
-    """Raise the 403 for a direct request of a release ``policy`` keeps out (``what`` names it)."""
-    if policy and (refusal := policy.refusal(name, version, uploaded, now)):
-        raise refused(what, refusal)
-
-
-def admit_project(policy: ReleasePolicy, name: str, what: str) -> None:
-    """Raise the 403 for the metadata of a name ``policy`` keeps out as a whole."""
-    if policy and (refusal := policy.project(name)):
-        raise refused(what, refusal)

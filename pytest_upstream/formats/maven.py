@@ -32,7 +32,8 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
-from pytest_upstream.formats.hiding import admit, admit_project
+from pytest_upstream.formats.hiding import Hiding, hide_maven_versions
+from pytest_upstream.formats.refusals import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
 
 log = logging.getLogger("pytest_upstream")
@@ -225,3 +226,14 @@ class MavenFormat(Format):
     def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
         if resource.path.rsplit("/", 1)[-1] == METADATA_FILE:
             check_metadata_xml(body, resource.upstream_url)
+
+    def render(
+        self, resource: Resource, body: bytes, hiding: Hiding | None = None
+    ) -> tuple[bytes, str] | None:
+        """maven-metadata.xml without the versions a policy keeps out; else the stored bytes."""
+        parts = resource.path.split("/")
+        if hiding is None or parts[-1] != METADATA_FILE or len(parts) < 3:
+            return None
+        check_metadata_xml(body, resource.upstream_url)  # stored bytes are read again: checked again
+        shown = hide_maven_versions(body, f"{'.'.join(parts[:-2])}:{parts[-2]}", hiding)
+        return None if shown is body else (shown, content_type(resource.path) or "text/xml")

@@ -35,7 +35,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
-from pytest_upstream.formats.hiding import Hiding, admit, hide_npm_versions
+from pytest_upstream.formats.hiding import Hiding, hide_npm_versions
+from pytest_upstream.formats.refusals import admit
 from pytest_upstream.messages import ProxyRequest, Reply
 
 FULL = "application/json"
@@ -456,12 +457,16 @@ class NpmFormat(Format):
     def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
         parse_packument(body, resource.path)
 
-    def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
+    def render(
+        self, resource: Resource, body: bytes, hiding: Hiding | None = None
+    ) -> tuple[bytes, str] | None:
         view = resource.render_as
         if not isinstance(view, PackumentView):
             return None  # fetched for a tarball or version look-up: never served as is
         name = parse_name(resource.path)
         doc = rewrite_tarballs(parse_packument(body, name.full), name, view.proxy_url)
+        if hiding is not None:
+            hide_npm_versions(doc, hiding)
         if view.representation == "abbreviated":
             return _dumps(abbreviate(doc)), ABBREVIATED
         if view.representation == "version":

@@ -22,12 +22,14 @@ from packaging.utils import canonicalize_name
 
 from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
-from pytest_upstream.formats.hiding import admit, admit_project
+from pytest_upstream.formats.hiding import Hiding
 from pytest_upstream.formats.pypi_pages import (
     HTML_V1,
     JSON_V1,
     UPSTREAM_ACCEPT,
     choose_representation,
+    hide_files,
+    hide_projects,
     is_json,
     parse_dist_filename,
     parse_page,
@@ -35,6 +37,7 @@ from pytest_upstream.formats.pypi_pages import (
     render_json,
     verifiable,
 )
+from pytest_upstream.formats.refusals import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
 
 
@@ -155,10 +158,14 @@ class PyPIFormat(Format):
             f"links (Content-Type {ctype or 'none'}; an error page?)"
         )
 
-    def render(self, resource: Resource, body: bytes) -> tuple[bytes, str] | None:
+    def render(
+        self, resource: Resource, body: bytes, hiding: Hiding | None = None
+    ) -> tuple[bytes, str] | None:
         root = resource.path == "simple/"
         project = "" if root else resource.path.split("/")[1]
         page = parse_page(body, resource.upstream_url, root=root)
+        if hiding is not None:
+            page = hide_projects(page, hiding) if root else hide_files(page, project, hiding)
         if resource.render_as == "json":
             return render_json(project, page, root=root), JSON_V1
         ctype = HTML_V1 if resource.render_as == "html-v1" else "text/html; charset=utf-8"

@@ -347,3 +347,14 @@ def hide_files(page: Page, project: str, hiding: Hiding) -> Page:
             if v in kept_versions or (v not in seen_versions and hiding.keep(project, v, None))
         ]
     return replace(page, files=files, versions=versions)
+
+
+def hide_projects(page: Page, hiding: Hiding) -> Page:
+    """The root index without the projects ``hiding``'s policy keeps out as a whole."""
+    kept = []
+    for name in page.projects:
+        if hiding.policy.project(name) is None:
+            kept.append(name)
+        else:
+            hiding.keep(name, None, None)  # records it, with the reason
+    return replace(page, projects=kept)

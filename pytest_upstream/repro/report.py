@@ -50,6 +50,8 @@ def _item(settings: Settings, record: ServedRecord) -> dict[str, Any]:
         item["variant"] = record.variant
     if record.method != "GET":
         item["method"] = record.method
+    if record.hidden:  # what a release policy took out of this metadata (docs/rules.md)
+        item["hidden"] = sorted(record.hidden)
     return item
 
 

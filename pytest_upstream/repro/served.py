@@ -31,6 +31,7 @@ class ServedRecord:
     variant: str = ""  # the negotiated representation (part of the cache identity and of a lock entry)
     error: str = ""
     test: str = ""  # the pytest node id running when it was served, if any
+    hidden: tuple[str, ...] = ()  # "name version: why" of each release a policy took out (docs/rules.md)
     time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:

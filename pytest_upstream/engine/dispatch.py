@@ -179,7 +179,9 @@ class Engine:
             resource = target
             return self._serve(ctx, resource)
         except FormatError as exc:
-            return self._fail(ctx, resource, exc.status, str(exc), cache=exc.cache, code=exc.code)
+            return self._fail(
+                ctx, resource, exc.status, str(exc), cache=exc.cache, code=exc.code, reason=exc.reason
+            )
         except ReplayMiss as exc:
             return self._fail(ctx, resource, 504, str(exc), cache="miss", reason=REPLAY_MISS_REASON)
         except UpstreamFailed as exc:

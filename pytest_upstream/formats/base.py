@@ -48,11 +48,14 @@ class Kind(StrEnum):
 class FormatError(Exception):
     """A request the format cannot serve: carries the status to answer."""
 
-    def __init__(self, status: int, message: str, code: str = "", cache: str = "error") -> None:
+    def __init__(
+        self, status: int, message: str, code: str = "", cache: str = "error", reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code  # a format-specific error code (e.g. the registry's MANIFEST_UNKNOWN)
         self.cache = cache  # how the served record counts it: "error", or "hit"/"miss" for a 404
+        self.reason = reason  # the status line's phrase, when the status's own words say too little
 
 
 class MalformedUpstream(Exception):

@@ -374,7 +374,11 @@ class NpmFormat(Format):
         if version not in doc["versions"]:
             hidden = next((h for h in hiding.hidden if h.version == version), None)
             if hidden is not None:
-                raise FormatError(403, f"{name.full}@{version} is {hidden.reason}")
+                raise FormatError(
+                    403,
+                    f"{name.full}@{version} is {hidden.reason}",
+                    reason=hidden.reason[:1].upper() + hidden.reason[1:],
+                )
             raise FormatError(404, f"{name.full} has no version or dist-tag {spec!r}")
         return self._packument_resource(ctx.proxy, name, PackumentView("version", request.proxy_url, version))
 

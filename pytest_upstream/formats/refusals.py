@@ -16,7 +16,8 @@ REFUSED_STATUS = 403
 
 def refused(what: str, refusal: Refusal | TooNew) -> FormatError:
     """The 403 for a direct request of a hidden release: the status line and body say why."""
-    return FormatError(REFUSED_STATUS, f"{what} is {_phrase(refusal)}")
+    phrase = _phrase(refusal)
+    return FormatError(REFUSED_STATUS, f"{what} is {phrase}", reason=phrase[:1].upper() + phrase[1:])
 
 
 def _phrase(refusal: Refusal | TooNew) -> str:

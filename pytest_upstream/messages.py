@@ -102,10 +102,18 @@ class ProxyRequest:
     headers: Headers
     base_url: str  # scheme://host:port of the proxy, as the client addressed it
     keyless: bool = False  # a /v2/<name>/... registry request routed to the mirror proxy (docs/docker.md)
+    via: str = ""  # the group the client addressed, when a group passed this request to a member
+
+    @property
+    def client_key(self) -> str:
+        """The key in the URL the client used: the group's, for a request a group passed on."""
+        return self.via or self.key
 
     @property
     def proxy_url(self) -> str:
-        return f"{self.base_url}/{self.key}"
+        """Where the client reaches what this request's answer links to (npm's absolute tarball
+        URLs): through the group when one passed the request on."""
+        return f"{self.base_url}/{self.client_key}"
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from pytest_upstream.config.groups import parse_groups
 from pytest_upstream.config.settings import ProxyDefinition, Settings, parse_proxy
 from pytest_upstream.engine.clock import Clock
 from pytest_upstream.server.proxy_server import ProxyServer
@@ -48,6 +49,7 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     """Start a ProxyServer on loopback; stopped at teardown.
 
     ``make_proxy(proxy_def(...), ..., mode="record", cache=path, clock=ManualClock())``;
+    ``groups=({"key": "all", "members": ["a", "b"]},)`` adds groups of those proxies;
     ``allow_hosts=("127.0.0.1:<port>",)`` lets it reach a loopback host that is no upstream.
     """
     started: list[ProxyServer] = []
@@ -59,11 +61,13 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
         lock_timeout: float = 30.0,
         clock: Clock | None = None,
         allow_hosts: tuple[str, ...] = (),
+        groups: tuple[dict[str, Any], ...] = (),
     ) -> ProxyServer:
         settings = Settings(
             cache_dir=cache or tmp_path / "cache",
             mode=mode,
             proxies=tuple(proxies),
+            groups=parse_groups(list(groups), {p.key: p.format for p in proxies}, "test"),
             lock_timeout=lock_timeout,
             allow_hosts=allow_hosts,
         )

@@ -46,17 +46,35 @@ class ReleasePolicy:
     rules: Rules = field(default_factory=Rules)
     min_age: float = 0.0  # seconds; 0: no cooldown
     min_age_unknown: str = "allow"
+    # A group's policy, applied after this (a member's) one: a release must pass both.
+    then: ReleasePolicy | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.rules) or self.min_age > 0
+        return bool(self.rules) or self.min_age > 0 or bool(self.then)
+
+    def and_then(self, other: ReleasePolicy) -> ReleasePolicy:
+        """This policy, then ``other`` (a group's, on top of its member's)."""
+        if not other:
+            return self
+        if not self:
+            return other
+        return ReleasePolicy(self.rules, self.min_age, self.min_age_unknown, other)
+
+    @property
+    def cooldown(self) -> bool:
+        """Does a ``min_age`` (this one's or a group's) apply?"""
+        return self.min_age > 0 or (self.then is not None and self.then.cooldown)
 
     def without_cooldown(self) -> ReleasePolicy:
         """The rules alone: what can be judged before a publication time is known."""
-        return ReleasePolicy(self.rules) if self.min_age else self
+        then = self.then.without_cooldown() if self.then else None
+        return ReleasePolicy(self.rules, then=then)
 
     def project(self, name: str) -> Refusal | None:
         """Why a whole name is kept out (its metadata answers 403), or None."""
-        return self.rules.project(name) if self.rules else None
+        if self.rules and (refused := self.rules.project(name)):
+            return refused
+        return self.then.project(name) if self.then else None
 
     def refusal(
         self, name: str, version: str | None, uploaded: float | None, now: float
@@ -69,7 +87,7 @@ class ReleasePolicy:
                     return TooNew(None, self.min_age, None)
             elif now - uploaded < self.min_age:
                 return TooNew(now - uploaded, self.min_age, uploaded + self.min_age)
-        return None
+        return self.then.refusal(name, version, uploaded, now) if self.then else None
 
 
 def parse_time(value: object) -> float | None:

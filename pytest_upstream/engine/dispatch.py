@@ -18,13 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_upstream.config.auth import CredentialsError, scrub
-from pytest_upstream.config.settings import MODES, Settings
+from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
+from pytest_upstream.engine.groups import Groups
 from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
 from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
@@ -91,6 +92,7 @@ class Engine:
             self.cache, self.fetcher, self.recorders, self.clock.now, settings.fetch.orphan_deadline
         )
         self.renders = RenderMemo()
+        self.groups = Groups(settings, self._handle_proxy)
         self.allowed_keys: frozenset[str] | None = None  # None: all; a test's marker may narrow it
 
     @property
@@ -131,18 +133,32 @@ class Engine:
             return self._own(req)
         router = root_routes().get(req.key)
         if router is not None:
+            first, _, rest = req.path.partition("/")
+            group = settings.group(first)
+            if group is not None and group.format == router.name:  # /v2/<group>/...
+                return self.groups.handle(group, replace(req, key=group.key, path=rest))
             routed = router.route(req, settings)
             if isinstance(routed, Reply):
                 return routed
             proxy, req = routed
         else:
+            group = settings.group(req.key)
+            if group is not None:
+                return self.groups.handle(group, req)
             found = settings.proxy(req.key)
             if found is None:
-                known = ", ".join(p.key for p in settings.proxies) or "none"
+                known = (
+                    ", ".join([p.key for p in settings.proxies] + [g.key for g in settings.groups]) or "none"
+                )
                 reply = Reply.text(404, f"no upstream proxy with key {req.key!r} (configured: {known})")
                 reply.reason = "No such upstream proxy"
                 return reply
             proxy = found
+        return self._handle_proxy(req, proxy)
+
+    def _handle_proxy(self, req: ProxyRequest, proxy: ProxyDefinition) -> Reply:
+        """A request for one proxy (a group's member included)."""
+        settings = self.settings
         fmt = get_format(proxy.format)
         if fmt is None:
             reply = Reply.text(

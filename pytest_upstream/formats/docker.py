@@ -173,7 +173,7 @@ def _target(request: ProxyRequest) -> _Target | None:
 
 def _client_name(request: ProxyRequest, name: str) -> str:
     """The repository as the client addressed it: ``<key>/<name>``, or ``<name>`` when keyless."""
-    return name if request.keyless else f"{request.key}/{name}"
+    return name if request.keyless else f"{request.client_key}/{name}"
 
 
 class DockerFormat(Format):
@@ -219,7 +219,7 @@ class DockerFormat(Format):
     # -- resolve ---------------------------------------------------------------------
     def resolve(self, request: ProxyRequest, ctx: FormatContext) -> Resource | Reply:
         key, path = request.key, request.path
-        root = "/v2" if request.keyless else f"/v2/{key}"
+        root = "/v2" if request.keyless else f"/v2/{request.client_key}"
         if path in ("", "/"):  # /v2/<key>/: the API version check, scoped to one proxy
             return Reply(200, {"Content-Type": "application/json", **API_HEADERS}, body=b"{}")
         parts = path.rstrip("/").split("/")

@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from urllib.parse import quote
 
+from pytest_upstream.config.maven_versions import version_key
 from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.formats.hiding import Hiding, hide_maven_versions
 from pytest_upstream.formats.refusals import admit, admit_project
@@ -109,6 +110,69 @@ def check_metadata_xml(body: bytes, what: str) -> None:
         raise MalformedUpstream(f"{what}: maven-metadata.xml is not well-formed XML: {exc}") from None
     if root.tag.rsplit("}", 1)[-1] != "metadata":
         raise MalformedUpstream(f"{what}: maven-metadata.xml has root <{root.tag}>, not <metadata>")
+
+
+def merge_metadata(bodies: list[bytes]) -> bytes:
+    """One maven-metadata.xml listing the versions of all of ``bodies`` (a group's members, each
+    already checked safe), first seen first; ``latest``/``release`` the newest in Maven's order,
+    ``lastUpdated`` the latest.  Group and artifact ids come from the first document."""
+    roots = [ET.fromstring(body) for body in bodies]
+    first = roots[0]
+    ns = _ns(first)
+    if any(root.find(f"{_ns(root)}plugins") is not None for root in roots):
+        return _merge_plugins(roots)
+    if any(root.find(f"{_ns(root)}versioning/{_ns(root)}versions") is None for root in roots):
+        return bodies[0]  # a SNAPSHOT's own metadata names one member's builds: the first's
+    versions: dict[str, None] = {}
+    updated = []
+    for root in roots:
+        rns = _ns(root)
+        for element in root.iter(f"{rns}version"):
+            if element.text and element.text.strip():
+                versions[element.text.strip()] = None
+        updated += [
+            e.text.strip() for e in root.iter(f"{rns}lastUpdated") if e.text and e.text.strip().isdigit()
+        ]
+    out = ET.Element("metadata", {"xmlns": ns[1:-1]} if ns else {})
+    for tag in ("groupId", "artifactId"):
+        if (text := first.findtext(f"{ns}{tag}")) is not None:
+            ET.SubElement(out, tag).text = text
+    versioning = ET.SubElement(out, "versioning")
+    listed = list(versions)
+    releases = [v for v in listed if not v.upper().endswith("-SNAPSHOT")]
+    if listed:
+        ET.SubElement(versioning, "latest").text = max(listed, key=version_key)
+    if releases:
+        ET.SubElement(versioning, "release").text = max(releases, key=version_key)
+    holder = ET.SubElement(versioning, "versions")
+    for version in listed:
+        ET.SubElement(holder, "version").text = version
+    if updated:
+        ET.SubElement(versioning, "lastUpdated").text = max(updated)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(out, encoding="unicode").encode()
+
+
+def _ns(root: ET.Element) -> str:
+    return root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+
+
+def _merge_plugins(roots: list[ET.Element]) -> bytes:
+    """A group-level maven-metadata.xml (plugin prefixes): the union of the plugins, by artifact."""
+    out = ET.Element("metadata")
+    plugins = ET.SubElement(out, "plugins")
+    seen = set()
+    for root in roots:
+        ns = _ns(root)
+        for plugin in root.iter(f"{ns}plugin"):
+            artifact = plugin.findtext(f"{ns}artifactId") or ""
+            if artifact in seen:
+                continue
+            seen.add(artifact)
+            copy = ET.SubElement(plugins, "plugin")
+            for tag in ("name", "prefix", "artifactId"):
+                if (text := plugin.findtext(f"{ns}{tag}")) is not None:
+                    ET.SubElement(copy, tag).text = text
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(out, encoding="unicode").encode()
 
 
 def classify(path: str) -> tuple[Kind, bool]:

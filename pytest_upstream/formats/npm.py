@@ -389,7 +389,7 @@ class NpmFormat(Format):
         named = stem[len(name.name) + 1 :] if stem.startswith(f"{name.name}-") else None
         admit(policy.without_cooldown(), ctx.now(), name.full, named, None, f"{name.full} {file}")
         cached = ctx.cached(path)
-        if cached is not None and not policy.min_age:  # immutable: no need to consult the packument again
+        if cached is not None and not policy.cooldown:  # immutable: no need to consult the packument again
             return Resource(
                 path,
                 cached.upstream_url,

@@ -104,7 +104,7 @@ class PyPIFormat(Format):
         version = parsed[1] if parsed else None
         admit(policy.without_cooldown(), ctx.now(), project, version, None, filename)
         cached = ctx.cached(path)
-        if cached is not None and not policy.min_age:  # immutable: no need to consult the index again
+        if cached is not None and not policy.cooldown:  # immutable: no need to consult the index again
             return Resource(path, cached.upstream_url, Kind.ARTIFACT)
         base = ctx.proxy.url if ctx.proxy.url.endswith("/") else ctx.proxy.url + "/"
         index = Resource(

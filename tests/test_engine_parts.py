@@ -22,7 +22,7 @@ from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import Kind, Resource
 from pytest_upstream.formats.docker import DockerFormat
-from pytest_upstream.formats.npm import PackumentView
+from pytest_upstream.formats.npm_packuments import PackumentView
 from pytest_upstream.messages import Headers, ProxyRequest
 from pytest_upstream.store.cache import Entry
 from pytest_upstream.store.entry import NOT_FOUND

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from pytest_upstream.upstream.health import Health, HealthLimits
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pytest_upstream.config.upstream_limits import HealthLimits
+from pytest_upstream.engine.clock import ManualClock
+from pytest_upstream.upstream.health import Health
+
+from .conftest import MakeProxy, proxy_def
+from .peers import free_port
+from .upstreams import Upstream
 
 
 class Clock:
@@ -60,3 +72,85 @@ def test_failures_zero_never_marks_down() -> None:
     for _ in range(10):
         health.failed("p", "refused")
     assert health.check("p") is None
+
+
+# -- through the engine -----------------------------------------------------------------------------
+def test_a_refusing_upstream_is_contacted_a_handful_of_times_in_a_minute_and_hits_keep_coming(
+    make_proxy: MakeProxy,
+) -> None:
+    clock = ManualClock()
+    with Upstream() as up:
+        up.files["/cached.txt"] = b"kept"
+        proxy = make_proxy(proxy_def(key="g", format="generic", url=up.url), clock=clock)
+        assert fetch(proxy.url("g") + "cached.txt") == (200, b"kept")
+    # the upstream is gone: its port refuses connections
+    answers = []
+    for _ in range(60):
+        clock.advance(1)
+        answers.append(fetch(proxy.url("g") + "missing.txt")[0])
+        assert fetch(proxy.url("g") + "cached.txt") == (200, b"kept")
+    attempts = [url for url in proxy.served.fetches if url.endswith("/missing.txt")]
+    assert set(answers) <= {502, 503} and answers.count(503) >= 50
+    assert 2 <= len(attempts) <= 5, attempts  # 2 to mark it down, then probes at +15 s and +45 s
+    status, body = fetch(proxy.url("g") + "missing.txt")
+    assert status == 503 and b"is marked down for" in body and b"failure(s) in a row" in body
+    metrics = fetch(proxy.base_url + "/-/metrics")[1].decode()
+    assert 'upstream_proxy_upstream_down{key="g"} 1' in metrics
+    skipped = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('upstream_proxy_upstream_skipped_total{key="g"}')
+    ]
+    assert skipped and int(skipped[0].split()[-1]) >= 50
+
+
+def test_offline_serves_only_what_is_cached(
+    upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    upstream.files["/a.txt"] = b"a"
+    upstream.files["/b.txt"] = b"b"
+    online = make_proxy(proxy_def(key="g", format="generic", url=upstream.url), cache=tmp_path / "c")
+    assert fetch(online.url("g") + "a.txt") == (200, b"a")
+    offline = make_proxy(
+        proxy_def(key="g", format="generic", url=upstream.url, offline=True), cache=tmp_path / "c"
+    )
+    assert fetch(offline.url("g") + "a.txt") == (200, b"a")
+    status, body = fetch(offline.url("g") + "b.txt")
+    assert status == 503 and b"offline = true" in body
+    assert upstream.hits["/b.txt"] == 0
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_pytest_summary_names_an_upstream_marked_down(pytester: pytest.Pytester) -> None:
+    port = free_port()  # nothing listens there: connections are refused
+    (pytester.path / "pyproject.toml").write_text(
+        "[tool.pytest-upstream]\n"
+        'cache = "cache-dir"\n'
+        "[[tool.pytest-upstream.proxy]]\n"
+        'key = "g"\nformat = "generic"\n'
+        f'url = "http://127.0.0.1:{port}/"\n'
+    )
+    pytester.makepyfile(
+        test_x="""
+import urllib.error, urllib.request
+
+def test_x(upstream_proxy):
+    for _ in range(5):
+        try:
+            urllib.request.urlopen(upstream_proxy.url("g") + "x.bin", timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (502, 503)
+"""
+    )
+    result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*upstream of 'g' failed; marked down (down now): 3 requests not sent to it*"]
+    )

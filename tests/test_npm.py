@@ -23,7 +23,7 @@ import pytest
 
 from pytest_upstream.config.sources import BUILTIN_SOURCES
 from pytest_upstream.formats.base import MalformedUpstream
-from pytest_upstream.formats.npm import (
+from pytest_upstream.formats.npm_packuments import (
     ABBREVIATED,
     InvalidName,
     PackageName,

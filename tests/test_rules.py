@@ -76,12 +76,13 @@ def test_maven_order_known_cases() -> None:
 
 
 @settings(max_examples=200)
-@given(st.lists(st.sampled_from(_random_versions(7, 60)), min_size=3, max_size=3))
-def test_maven_order_is_a_total_order(triple: list[str]) -> None:
-    a, b, c = triple
+@given(st.lists(st.sampled_from(_random_versions(7, 60)), min_size=2, max_size=2))
+def test_maven_order_is_antisymmetric(pair: list[str]) -> None:
+    # Not transitive in every corner, as Maven's own is not: 10.milestone < 10.final <
+    # 10.abc-SNAPSHOT < 10.milestone (Maven 3.8.7's ComparableVersion says the same).
+    a, b = pair
     assert compare_versions(a, b) == -compare_versions(b, a)
-    if compare_versions(a, b) <= 0 and compare_versions(b, c) <= 0:
-        assert compare_versions(a, c) <= 0
+    assert compare_versions(a, a) == 0
 
 
 def test_maven_ranges() -> None:

@@ -37,11 +37,14 @@ from pytest_upstream.config.units import parse_size
 from pytest_upstream.config.upstream_limits import (
     DECODE_FIELDS,
     FETCH_FIELDS,
+    HEALTH_FIELDS,
     DecodeLimits,
     FetchLimits,
+    HealthLimits,
     parse_allow_hosts,
     parse_decode_limits,
     parse_fetch_limits,
+    parse_health_limits,
 )
 
 MODES = ("record", "replay", "refresh")
@@ -69,9 +72,10 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
-_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", "group", *FETCH_FIELDS}
+_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", "group", *FETCH_FIELDS, *HEALTH_FIELDS}
 _PROXY_FIELDS |= set(DECODE_FIELDS)
 _PROXY_FIELDS |= set(POLICY_FIELDS)  # what comes in: allow/block rules, min_age (docs/rules.md)
+_PROXY_FIELDS |= {"offline"}  # serve only what is cached (docs/rules.md)
 
 # -- the size cap (issue 11; docs/cache.md § Size cap) ---------------------------------------------
 ENV_MAX_SIZE = "UPSTREAM_PROXY_MAX_SIZE"
@@ -132,6 +136,7 @@ class ProxyDefinition:
     # hostile upstreams: bounded decoding (issue 10)
     decoding: DecodeLimits = field(default_factory=DecodeLimits)
     policy: ReleasePolicy = field(default_factory=ReleasePolicy)  # allow/block, min_age (issue 12)
+    offline: bool = False  # never contact the upstream: serve what is cached
 
     def as_table(self) -> dict[str, Any]:
         """The pyproject entry for this definition (only non-default fields)."""
@@ -154,6 +159,8 @@ class ProxyDefinition:
         if self.auth_hosts:
             table["auth_hosts"] = list(self.auth_hosts)
         table.update(policy_table(self.policy))
+        if self.offline:
+            table["offline"] = True
         return table
 
 
@@ -172,6 +179,7 @@ class Settings:
     send_timeout: float = DEFAULT_SEND_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     fetch: FetchLimits = field(default_factory=FetchLimits)  # upstream download deadlines
+    health: HealthLimits = field(default_factory=HealthLimits)  # when an upstream is marked down
     # secrets and clients: who may use the proxy (issue 10, docs/configuration.md § Clients)
     allowed_hosts: tuple[str, ...] = ()  # Host names a loopback-bound proxy answers besides loopback ones
     client_token_env: str | None = None  # serve --token-env: the variable holding the clients' token
@@ -309,7 +317,15 @@ def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float
         **_secrets_fields(entry, where),
         **parse_decode_limits(entry, where),
         policy=_policy(entry, fmt, where),
+        offline=_flag(entry, "offline", where),
     )
+
+
+def _flag(entry: Mapping[str, Any], name: str, where: str) -> bool:
+    value = entry.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {name} must be true or false (got {value!r})")
+    return value
 
 
 def _policy(entry: Mapping[str, Any], fmt: str, where: str) -> ReleasePolicy:
@@ -368,6 +384,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
         **parse_connection_limits(table, where),
         fetch=parse_fetch_limits(table, where),
+        health=parse_health_limits(table, where),
         allowed_hosts=_host_list(table, "allowed_hosts", where),
         **parse_allow_hosts(table, where),
         **parse_size_cap(table, where),

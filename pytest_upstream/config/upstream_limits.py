@@ -89,3 +89,36 @@ def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
         if (host.count(":") == 1 or "]:" in host) and not (port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(f"{where}: allow_hosts: {host!r} has no valid port after its ':'")
     return {"allow_hosts": tuple(h.strip().lower() for h in hosts)}
+
+
+# -- upstream health: an upstream that keeps failing is left alone for a while (issue 12)
+DEFAULT_HEALTH_FAILURES = 2
+DEFAULT_HEALTH_BACKOFF = 15.0
+DEFAULT_HEALTH_MAX_BACKOFF = 600.0
+HEALTH_FIELDS = ("down_after_failures", "down_backoff", "down_max_backoff")
+
+
+@dataclass(frozen=True)
+class HealthLimits:
+    """When an upstream is marked down (upstream/health.py): after ``failures`` consecutive
+    failures to get an answer (0: never), for ``backoff`` seconds, doubling on each failed probe
+    up to ``max_backoff``."""
+
+    failures: int = DEFAULT_HEALTH_FAILURES
+    backoff: float = DEFAULT_HEALTH_BACKOFF
+    max_backoff: float = DEFAULT_HEALTH_MAX_BACKOFF
+
+
+def parse_health_limits(table: Mapping[str, Any], where: str) -> HealthLimits:
+    failures = table.get("down_after_failures", DEFAULT_HEALTH_FAILURES)
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+        raise ConfigError(f"{where}: down_after_failures must be a whole number >= 0 (got {failures!r})")
+    backoff = positive(
+        age_value(table.get("down_backoff", DEFAULT_HEALTH_BACKOFF), where, "down_backoff"),
+        where,
+        "down_backoff",
+    )
+    longest = age_value(table.get("down_max_backoff", DEFAULT_HEALTH_MAX_BACKOFF), where, "down_max_backoff")
+    if longest < backoff:
+        raise ConfigError(f"{where}: down_max_backoff must be at least down_backoff")
+    return HealthLimits(failures, backoff, longest)

@@ -21,7 +21,7 @@ from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
-from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
+from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
@@ -41,6 +41,7 @@ from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.addresses import AddressPolicy
 from pytest_upstream.upstream.client import UpstreamClient
+from pytest_upstream.upstream.health import Health
 
 log = logging.getLogger("pytest_upstream")
 
@@ -86,7 +87,11 @@ class Engine:
             scrub=self.scrub,
         )
         self.freshness = Freshness(self.clock)
-        self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders, settings.fetch)
+        self.health = Health(self.clock.now, settings.health)
+        self.metrics.health = self.health.snapshot
+        self.fetcher = Fetcher(
+            self.cache, self.client, self.freshness, self.recorders, settings.fetch, self.health
+        )
         # Artifact misses: one download per entry in the background, clients served from its file.
         self.flights = Flights(
             self.cache, self.fetcher, self.recorders, self.clock.now, settings.fetch.orphan_deadline
@@ -135,7 +140,7 @@ class Engine:
         if router is not None:
             first, _, rest = req.path.partition("/")
             group = settings.group(first)
-            if group is not None and group.format == router.name:  # /v2/<group>/...
+            if group is not None and group.format == router.name:  # a group under the root prefix
                 return self.groups.handle(group, replace(req, key=group.key, path=rest))
             routed = router.route(req, settings)
             if isinstance(routed, Reply):
@@ -200,6 +205,8 @@ class Engine:
             )
         except ReplayMiss as exc:
             return self._fail(ctx, resource, 504, str(exc), cache="miss", reason=REPLAY_MISS_REASON)
+        except UpstreamDown as exc:  # not asked: offline, or marked down after failing
+            return self._fail(ctx, resource, 503, str(exc), reason="Upstream not asked (down or offline)")
         except UpstreamFailed as exc:
             self._upstream_failed(ctx, resource, str(exc))
             if (err := exc.passthrough) is not None:
@@ -302,7 +309,7 @@ class Engine:
                     f"cached copy of {res.upstream_url} is corrupt and could not be refetched"
                 )
         headers = {CACHE_HEADER: obtained.cache}
-        if obtained.cache == "stale":
+        if obtained.cache == "stale" and not obtained.quiet:
             self._upstream_failed(ctx, res, obtained.note)
             headers["X-Upstream-Error"] = self.scrub(obtained.note)
             headers["Warning"] = '110 - "Response is Stale"'

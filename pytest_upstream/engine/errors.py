@@ -18,3 +18,9 @@ class UpstreamFailed(Exception):
 
     # The format's own answer (Format.upstream_error) when no stale copy can be served.
     passthrough: FormatError | None = None
+
+
+class UpstreamDown(UpstreamFailed):
+    """The upstream was not asked at all: the proxy is ``offline``, or its upstream is marked down
+    after failing (upstream/health.py).  Answered 503; not an upstream failure of its own, so it is
+    neither logged nor counted again for every request it spares the upstream."""

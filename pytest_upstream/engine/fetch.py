@@ -18,13 +18,14 @@ import httpx
 
 from pytest_upstream.config.upstream_limits import FetchLimits
 from pytest_upstream.engine.context import RequestContext
-from pytest_upstream.engine.errors import UpstreamFailed
+from pytest_upstream.engine.errors import UpstreamDown, UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.store.cache import Cache, DigestMismatch, Entry, StoreFailed, entry_id
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, content_coded, iter_body
+from pytest_upstream.upstream.health import Health
 
 log = logging.getLogger("pytest_upstream.engine.fetch")
 
@@ -44,6 +45,7 @@ class Obtained:
     entry: Entry
     cache: str  # hit | miss | stale
     note: str = ""  # why a stale copy was served
+    quiet: bool = False  # the upstream was not asked (offline, marked down): nothing new to log
     blob: Path | None = None  # the verified blob, when already checked
 
 
@@ -87,12 +89,14 @@ class Fetcher:
         freshness: Freshness,
         recorders: Recorders,
         limits: FetchLimits | None = None,
+        health: Health | None = None,
     ) -> None:
         self.cache = cache
         self.client = client
         self.freshness = freshness
         self.recorders = recorders
         self.limits = limits or FetchLimits()
+        self.health = health or Health(freshness.clock.now)
 
     def pace(self) -> Pace:
         """The deadline and minimum rate of one download, on the engine's clock."""
@@ -102,7 +106,16 @@ class Fetcher:
     def open(
         self, stack: contextlib.ExitStack, ctx: RequestContext, res: Resource, stale: Entry | None
     ) -> httpx.Response:
-        """Send the upstream request (retrying once after an auth challenge) inside ``stack``."""
+        """Send the upstream request (retrying once after an auth challenge) inside ``stack``.
+
+        Not at all when the proxy is ``offline`` or its upstream is marked down (upstream/health.py):
+        UpstreamFailed at once, so a stale copy is served, a group asks its next member, and a
+        miss is told why instead of waiting out a connect timeout."""
+        key = ctx.proxy.key
+        if ctx.proxy.offline:
+            raise UpstreamDown(f"proxy {key!r} is offline (offline = true): only cached copies are served")
+        if (down := self.health.check(key)) is not None:
+            raise UpstreamDown(str(down))
         self.recorders.fetching(res.upstream_url, ctx.proxy.key)
         stack.callback(self.recorders.fetch_ended, ctx.proxy.key, res.upstream_url)  # when the fetch ends
         headers = {"User-Agent": USER_AGENT, **res.request_headers, **ctx.fmt.upstream_headers(ctx, res)}
@@ -114,9 +127,14 @@ class Fetcher:
             if stale.last_modified:
                 headers["If-Modified-Since"] = stale.last_modified
         timeout, decoding = ctx.proxy.timeout, ctx.proxy.decoding
-        resp = stack.enter_context(
-            self.client.stream(res.upstream_url, headers=headers, timeout=timeout, decoding=decoding)
-        )
+        try:
+            resp = stack.enter_context(
+                self.client.stream(res.upstream_url, headers=headers, timeout=timeout, decoding=decoding)
+            )
+        except UpstreamError as exc:
+            self.health.failed(key, str(exc))
+            raise
+        self.health.succeeded(key)
         if resp.status_code == 401:
             retry = ctx.fmt.reauthenticate(ctx, res, resp, self.client)
             if retry is not None:
@@ -202,6 +220,8 @@ class Fetcher:
             return Obtained(stale, "stale", f"{proxy.key}: {exc}")
         except (UpstreamError, UpstreamFailed) as exc:
             if stale is not None:
+                if isinstance(exc, UpstreamDown):  # asked again once the backoff ends
+                    return Obtained(stale, "stale", f"{proxy.key}: {exc}", quiet=True)
                 self.freshness.mark_refreshed(ctx.mode, proxy, res)
                 return Obtained(stale, "stale", f"{proxy.key}: upstream {res.upstream_url}: {exc}")
             if isinstance(exc, UpstreamFailed):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 RESULTS = ("hit", "miss", "stale", "replay_miss", "pass_through", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -20,6 +21,9 @@ PREFIX = "upstream_proxy"
 
 class Metrics:
     """Thread-safe counters (only ever grow) and gauges (go up and down)."""
+
+    # Set by the engine: upstream health per key, ``key -> (down, failures in a row, skipped)``.
+    health: Callable[[], dict[str, tuple[bool, int, int]]] | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -133,6 +137,11 @@ class Metrics:
                 "Blob bytes in the cache at the size cap's last look.",
             )
             out.append(_sample("cache_bytes", {}, cache_bytes))
+        health = sorted(self.health().items()) if self.health else []
+        _family(out, "upstream_down", "gauge", "1 while a proxy's upstream is marked down (not contacted).")
+        out += [_sample("upstream_down", {"key": k}, int(down)) for k, (down, _, _) in health]
+        _family(out, "upstream_skipped_total", "counter", "Requests not sent to an upstream marked down.")
+        out += [_sample("upstream_skipped_total", {"key": k}, skipped) for k, (_, _, skipped) in health]
         return "\n".join(out) + "\n"
 
 

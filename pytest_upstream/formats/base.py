@@ -130,6 +130,19 @@ class FormatContext(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GroupRoute:
+    """How an ordered group of proxies answers one request (engine/groups.py, docs/rules.md).
+
+    ``first``: the first member whose answer is not an absence.  ``owner``: the first member
+    whose answer to ``probe`` is a 200 owns the name; the request goes to it alone.  ``merge``:
+    every member is asked ``probe`` and ``Format.group_merge`` joins the 200 answers.
+    """
+
+    way: str = "first"  # "first" | "owner" | "merge"
+    probe: ProxyRequest | None = None
+
+
 class Format:
     """Defaults for every hook; a format overrides what differs."""
 
@@ -184,6 +197,14 @@ class Format:
         engine's default (502 "answered N"; for 429 the stale copy when there is one, which
         is also served when this returns an error)."""
         return None
+
+    def group_route(self, request: ProxyRequest, strategy: str) -> GroupRoute:
+        """How a group of this format's proxies answers ``request`` (``strategy``: the group's)."""
+        return GroupRoute()
+
+    def group_merge(self, request: ProxyRequest, bodies: list[bytes]) -> tuple[bytes, str]:
+        """One answer (bytes, Content-Type) from the members' 200 answers to a ``merge`` probe."""
+        raise NotImplementedError(f"{self.name}: no merged answers")
 
     def describe(self, resource: Resource) -> dict[str, str]:
         """What a resource is, for ``--upstream-report``: e.g. ``{"name": ..., "version": ...}``

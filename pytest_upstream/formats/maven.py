@@ -29,10 +29,19 @@ import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from dataclasses import replace
 from urllib.parse import quote
 
 from pytest_upstream.config.maven_versions import version_key
-from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.base import (
+    Format,
+    FormatContext,
+    FormatError,
+    GroupRoute,
+    Kind,
+    MalformedUpstream,
+    Resource,
+)
 from pytest_upstream.formats.hiding import Hiding, hide_maven_versions
 from pytest_upstream.formats.refusals import admit, admit_project
 from pytest_upstream.messages import ProxyRequest, Reply
@@ -290,6 +299,17 @@ class MavenFormat(Format):
     def check(self, resource: Resource, body: bytes, headers: Mapping[str, str]) -> None:
         if resource.path.rsplit("/", 1)[-1] == METADATA_FILE:
             check_metadata_xml(body, resource.upstream_url)
+
+    def group_route(self, request: ProxyRequest, strategy: str) -> GroupRoute:
+        """maven-metadata.xml joins every member's versions; artifacts come from the first."""
+        if request.path.rsplit("/", 1)[-1] == METADATA_FILE:
+            return GroupRoute("merge", replace(request, method="GET"))
+        return GroupRoute()
+
+    def group_merge(self, request: ProxyRequest, bodies: list[bytes]) -> tuple[bytes, str]:
+        for body in bodies:
+            check_metadata_xml(body, request.path)
+        return merge_metadata(bodies), "text/xml"
 
     def render(
         self, resource: Resource, body: bytes, hiding: Hiding | None = None

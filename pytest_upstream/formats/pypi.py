@@ -16,12 +16,21 @@ Proxy layout under ``/<key>/``:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from urllib.parse import quote
 
 from packaging.utils import canonicalize_name
 
 from pytest_upstream.config.release_policy import parse_time
-from pytest_upstream.formats.base import Format, FormatContext, FormatError, Kind, MalformedUpstream, Resource
+from pytest_upstream.formats.base import (
+    Format,
+    FormatContext,
+    FormatError,
+    GroupRoute,
+    Kind,
+    MalformedUpstream,
+    Resource,
+)
 from pytest_upstream.formats.hiding import Hiding
 from pytest_upstream.formats.pypi_pages import (
     HTML_V1,
@@ -31,6 +40,7 @@ from pytest_upstream.formats.pypi_pages import (
     hide_files,
     hide_projects,
     is_json,
+    merge_pages,
     parse_dist_filename,
     parse_page,
     render_html,
@@ -38,7 +48,7 @@ from pytest_upstream.formats.pypi_pages import (
     verifiable,
 )
 from pytest_upstream.formats.refusals import admit, admit_project
-from pytest_upstream.messages import ProxyRequest, Reply
+from pytest_upstream.messages import Headers, ProxyRequest, Reply
 
 
 class PyPIFormat(Format):
@@ -170,6 +180,31 @@ class PyPIFormat(Format):
             return render_json(project, page, root=root), JSON_V1
         ctype = HTML_V1 if resource.render_as == "html-v1" else "text/html; charset=utf-8"
         return render_html(project, page, root=root), ctype
+
+    def group_route(self, request: ProxyRequest, strategy: str) -> GroupRoute:
+        """``first`` (the default): a project page from the first member that has the project,
+        its files from that member only (no dependency confusion); ``merge``: pages joined, a
+        file from the first member that lists it.  The root index is always joined."""
+        parts = request.path.split("/")
+        as_json = replace(request, method="GET", query="", headers=Headers([("Accept", JSON_V1)]))
+        if parts[0] == "files" and len(parts) == 3 and strategy != "merge":
+            return GroupRoute("owner", replace(as_json, path=f"simple/{parts[1]}/"))
+        page = parts[0] == "simple" and request.method in ("GET", "HEAD")
+        joined = parts[1:] == [""] or (strategy == "merge" and len(parts) == 3 and parts[2] == "")
+        if page and joined and choose_representation(request.headers.get("accept")) is not None:
+            return GroupRoute("merge", as_json)
+        return GroupRoute()
+
+    def group_merge(self, request: ProxyRequest, bodies: list[bytes]) -> tuple[bytes, str]:
+        root = request.path == "simple/"
+        project = "" if root else request.path.split("/")[1]
+        pages = [parse_page(body, f"{request.proxy_url}/{request.path}", root=root) for body in bodies]
+        merged = merge_pages(pages)
+        rep = choose_representation(request.headers.get("accept"))
+        if rep == "json":
+            return render_json(project, merged, root=root), JSON_V1
+        ctype = HTML_V1 if rep == "html-v1" else "text/html; charset=utf-8"
+        return render_html(project, merged, root=root), ctype
 
     def describe(self, resource: Resource) -> dict[str, str]:
         parts = resource.path.split("/")

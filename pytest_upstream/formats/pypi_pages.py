@@ -358,3 +358,22 @@ def hide_projects(page: Page, hiding: Hiding) -> Page:
         else:
             hiding.keep(name, None, None)  # records it, with the reason
     return replace(page, projects=kept)
+
+
+def merge_pages(pages: list[Page]) -> Page:
+    """The union of project pages (files by name, the first page's copy of a file winning) or of
+    root indexes (project names), for a group that joins its members' pages."""
+    files, seen = [], set()
+    projects: dict[str, None] = {}
+    versions: dict[str, None] = {}
+    for page in pages:
+        for link in page.files:
+            if link.filename not in seen:
+                seen.add(link.filename)
+                files.append(link)
+        projects.update(dict.fromkeys(page.projects))
+        versions.update(dict.fromkeys(page.versions or ()))
+    has_versions = any(page.versions is not None for page in pages)
+    return replace(
+        pages[0], files=files, projects=sorted(projects), versions=list(versions) if has_versions else None
+    )

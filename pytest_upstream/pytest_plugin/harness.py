@@ -336,6 +336,12 @@ class UpstreamProxy:
             "blocked": [list(b) for b in self.blocked()],
             "lock_file": str(settings.lock_file) if writes_lock else None,
             "lock": lock_data(self.server.engine.recorded_lock()) if writes_lock else [],
+            "health": {  # upstreams that failed or were skipped while marked down (docs/rules.md)
+                key: {"down": down, "failures": failures, "skipped": skipped}
+                for key, (down, failures, skipped) in self.server.engine.health.snapshot().items()
+                if down or failures or skipped
+            },
+            "hidden": sorted({f"{r.key}: {h}" for r in records for h in r.hidden}),
         }
         if detail:
             report["tests"] = usage(settings, records)
@@ -361,4 +367,17 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
         lines.append(f"replay misses ({len(misses)}): these were not recorded, so the run fails:")
         for m in misses:
             lines.append(f"  {m['test'] or '(outside a test)'}: {m['key']} {m['upstream_url'] or m['path']}")
+    for key in sorted({k for r in reports for k in r.get("health", {})}):
+        states = [r["health"][key] for r in reports if key in r.get("health", {})]
+        skipped = sum(s["skipped"] for s in states)
+        down = " (down now)" if any(s["down"] for s in states) else ""
+        lines.append(
+            f"upstream of {key!r} failed; marked down{down}: {plural(skipped, 'request')} not sent to it"
+        )
+    hidden = sorted({h for r in reports for h in r.get("hidden", [])})
+    if hidden:
+        lines.append(f"kept out by rules or min_age ({len(hidden)}):")
+        lines += [f"  {h}" for h in hidden[:20]] + (
+            [f"  ... and {len(hidden) - 20} more"] if len(hidden) > 20 else []
+        )
     return lines + network_lines(reports)

@@ -13,20 +13,14 @@ that answers, even 404 or 500, is reachable.  State is per proxy key, in memory,
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-DEFAULT_FAILURES = 2
-DEFAULT_BACKOFF = 15.0
-DEFAULT_MAX_BACKOFF = 600.0
+from pytest_upstream.config.upstream_limits import HealthLimits
 
-
-@dataclass(frozen=True)
-class HealthLimits:
-    failures: int = DEFAULT_FAILURES  # consecutive failures that mark an upstream down (0: never)
-    backoff: float = DEFAULT_BACKOFF  # seconds of the first down period
-    max_backoff: float = DEFAULT_MAX_BACKOFF
+log = logging.getLogger("pytest_upstream.upstream")
 
 
 @dataclass(frozen=True)
@@ -95,12 +89,21 @@ class Health:
                     limits.backoff if state.backoff == 0 else min(state.backoff * 2, limits.max_backoff)
                 )
                 state.down_until = self._now() + state.backoff
+                log.warning(
+                    "upstream of %r marked down for %.0fs after %d failure(s) in a row (last: %s)",
+                    key,
+                    state.backoff,
+                    state.failures,
+                    state.error,
+                )
 
     def succeeded(self, key: str) -> None:
         """``key``'s upstream answered: healthy again."""
         with self._lock:
             state = self._states.get(key)
             if state is not None and (state.failures or state.down_until):
+                if state.down_until:
+                    log.warning("upstream of %r answers again: no longer marked down", key)
                 skipped = state.skipped
                 self._states[key] = _State(skipped=skipped)
 

@@ -75,9 +75,24 @@ class Trimmer:
         self.pause = grace if pause is None else pause
         self.interval = interval
         self.last: TrimReport | None = None  # the last look's report (tests, diagnostics)
-        self._pid = 0  # the process whose thread runs (none yet)
         self._start_lock = threading.Lock()
         self._stopped = False
+        self._pid = 0  # the process whose thread runs (none yet)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """The per-process state: a forked child starts with its own (its parent's locks and
+        events may have been held by a thread the child does not have)."""
+        self._file_lock = filelock.FileLock(
+            Path(self.cache.layout.locks) / TRIM_LOCK, thread_local=False, is_singleton=False
+        )
+        self._cond = threading.Condition()
+        self._size: int | None = None  # the blobs' bytes at the last look
+        self._added = 0  # bytes this process stored since
+        self._asked = 0  # looks asked for
+        self._looked = 0  # of those, covered by a finished look
+        self._wake = threading.Event()
+        self._stop = threading.Event()
 
     def _running(self) -> bool:
         """Start this process's thread on first use, not at construction: ``serve --workers``
@@ -88,16 +103,8 @@ class Trimmer:
         with self._start_lock:
             if self._pid == os.getpid():
                 return True
-            self._file_lock = filelock.FileLock(
-                Path(self.cache.layout.locks) / TRIM_LOCK, thread_local=False, is_singleton=False
-            )
-            self._cond = threading.Condition()
-            self._size: int | None = None  # the blobs' bytes at the last look
-            self._added = 0  # bytes this process stored since
-            self._asked = 0  # looks asked for
-            self._looked = 0  # of those, covered by a finished look
-            self._wake = threading.Event()
-            self._stop = threading.Event()
+            if self._pid:  # forked from the process that ran it
+                self._fresh_state()
             self._thread = threading.Thread(target=self._run, name="upstream-size-cap", daemon=True)
             self._ask()  # a first look when the process starts answering
             self._thread.start()

@@ -12,7 +12,8 @@ at the same time: a blob is deleted only when no entry has named it for ``pause`
 never a blob written in the last ``grace`` seconds, so a request that read its entry just
 before the entry went still finds the blob when it opens it (and, once open, reads it to the
 end: an unlinked file lives while a descriptor is open on it), and a fetch that just stored a
-blob can still index it (``grace=0`` is only for a cache nobody else is using).  Never removed:
+blob can still index it (``grace=0`` is only for a cache nobody else is using); to meet a size,
+an entry whose blob is that fresh stays too (removing it would free nothing yet).  Never removed:
 an entry whose lock is held (being fetched, its part file open), an entry used or replaced
 since it was judged, the blobs in ``keep`` (what lock files name).
 """
@@ -109,6 +110,7 @@ def trim(
     size = sum(b.size for sha, b in blobs.items() if refs[sha] or b.mtime > now - grace)
     report.pinned_bytes = sum(b.size for sha, b in blobs.items() if sha in keep)
     busy_shas: set[str] = set()
+    recent_shas: set[str] = set()
     for ef in sorted(files, key=lambda f: (f.mtime_ns, f.rel)):
         assert ef.entry is not None
         too_old = older_than is not None and ef.last_used < now - older_than
@@ -117,6 +119,10 @@ def trim(
             break  # sorted oldest first: nothing later is older, and the size only went down
         if not too_old and ef.entry.sha256 in keep:
             continue  # pinned: removing the entry would free nothing
+        blob = blobs.get(ef.entry.sha256)
+        if not too_old and (blob is None or blob.mtime > now - grace):
+            recent_shas.add(ef.entry.sha256)
+            continue  # just stored (or after the scan): its blob could not go yet, so the entry stays
         try:
             removed = remove_entry_file(cache, ef, still_bad=lambda _: True, raise_busy=True)
         except LockTimeout:
@@ -128,11 +134,14 @@ def trim(
             continue
         report.removed.append(ef.entry)
         refs[ef.entry.sha256] -= 1
-        blob = blobs.get(ef.entry.sha256)
         if not refs[ef.entry.sha256] and blob is not None and blob.mtime <= now - grace:
             size -= blob.size
     report.busy_bytes = sum(blobs[sha].size for sha in busy_shas - keep if sha in blobs)
-    report.recent_bytes = sum(b.size for sha, b in blobs.items() if not refs[sha] and b.mtime > now - grace)
+    report.recent_bytes = sum(
+        b.size
+        for sha, b in blobs.items()
+        if (not refs[sha] or sha in recent_shas) and sha not in keep and b.mtime > now - grace
+    )
     # unreferenced now; a blob written within the grace period may be about to be indexed
     candidates = sorted(sha for sha, b in blobs.items() if not refs[sha] and b.mtime <= now - grace)
     if candidates and pause > 0:

@@ -30,7 +30,7 @@ from pytest_upstream.cli.size_cap_flags import with_size_cap_flags
 from pytest_upstream.config.settings import ConfigError, Settings, parse_table, with_max_size
 from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.engine.metrics import Metrics
-from pytest_upstream.engine.trimmer import LOW_WATER, Trimmer, lock_pins
+from pytest_upstream.engine.trimmer import LOW_WATER, Trimmer, lock_pins, session_spare
 from pytest_upstream.repro.lockfile import LockError, LockFile, LockFileEntry
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.store.cache import Cache, entry_id
@@ -407,3 +407,35 @@ def test_no_cap_no_trimmer(tmp_path: Path) -> None:
         assert "upstream_proxy_evictions_total 0" in server.engine.metrics.exposition()
     finally:
         server.engine.close()
+
+
+def test_a_trim_cut_short_by_closing_leaves_the_blobs_for_a_later_pass(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    data = body(1, 1000)
+    blob = cache.store_bytes(data)
+    cache.store_entry(Entry("g", "a1.bin", "", "http://u/a1.bin", blob, len(data), "artifact", 0.0))
+    later = time.time() + 60
+    report = trim(cache, max_size=0, grace=5, now=later, sleep=lambda _: None, cancelled=lambda: True)
+    assert [e.path for e in report.removed] == ["a1.bin"] and cache.blob_path(blob).is_file()
+    assert trim(cache, max_size=0, grace=5, now=later, pause=0).blobs_removed == 1
+    assert not cache.blob_path(blob).exists()
+
+
+def test_a_session_that_writes_a_lock_file_spares_every_entry_it_used(tmp_path: Path) -> None:
+    """xdist workers record apart: what any of them used since the session started stays (the
+    entries' use times say so), so the lock file written at the end names only present blobs."""
+    started = time.time()
+    settings = Settings(cache_dir=tmp_path, lock_file=tmp_path / "up.lock")
+    assert session_spare(lambda: settings, started)() == started - 60
+    assert session_spare(lambda: Settings(cache_dir=tmp_path), started)() is None
+    cache = Cache(tmp_path / "c")
+    for i, age in enumerate((7200, 3600, 30)):  # used 2 h ago, 1 h ago, during this session
+        data = body(i, 1000)
+        blob = cache.store_bytes(data)
+        cache.store_entry(Entry("g", f"a{i}.bin", "", f"http://u/a{i}.bin", blob, len(data), "artifact", 0.0))
+        when = started - age
+        os.utime(cache.layout.entry("g", entry_id("g", f"a{i}.bin", "")), (when, when))
+        os.utime(cache.blob_path(blob), (when, when))
+    report = trim(cache, max_size=0, grace=5, pause=0, spare_used_since=started - 60)
+    assert sorted(e.path for e in report.removed) == ["a0.bin", "a1.bin"]
+    assert report.session_bytes == 1000 and cache.lookup("g", "a2.bin") is not None

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import filelock
 
@@ -33,7 +32,7 @@ from pytest_upstream.engine.recorders import Answer
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
-from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.cache import USE_STAMP_INTERVAL, Cache, Entry
 from pytest_upstream.store.trim import DEFAULT_GRACE, TrimReport, trim
 
 log = logging.getLogger("pytest_upstream")
@@ -41,7 +40,6 @@ log = logging.getLogger("pytest_upstream")
 LOW_WATER = 0.9  # a pass over the cap trims down to this fraction of it (docs/cache.md § Size cap)
 CHECK_STEP = 0.05  # look again once this process stored this fraction of the cap since the last look
 RECHECK_INTERVAL = 300.0  # seconds between looks whatever this process stored
-TRIM_LOCK = "trim.lock"  # in locks/: held by the one process trimming the directory
 
 
 class Trimmer:
@@ -60,6 +58,7 @@ class Trimmer:
         now: Callable[[], float],
         pins: Callable[[], frozenset[str]],
         *,
+        spare: Callable[[], float | None] = lambda: None,
         grace: float = DEFAULT_GRACE,
         pause: float | None = None,
         interval: float = RECHECK_INTERVAL,
@@ -71,6 +70,7 @@ class Trimmer:
         self.metrics = metrics
         self.now = now
         self.pins = pins
+        self.spare = spare
         self.grace = grace
         self.pause = grace if pause is None else pause
         self.interval = interval
@@ -84,7 +84,7 @@ class Trimmer:
         """The per-process state: a forked child starts with its own (its parent's locks and
         events may have been held by a thread the child does not have)."""
         self._file_lock = filelock.FileLock(
-            Path(self.cache.layout.locks) / TRIM_LOCK, thread_local=False, is_singleton=False
+            self.cache.layout.trim_lock, thread_local=False, is_singleton=False
         )
         self._cond = threading.Condition()
         self._size: int | None = None  # the blobs' bytes at the last look
@@ -222,7 +222,10 @@ class Trimmer:
                 grace=self.grace,
                 now=self.now(),
                 keep=keep,
+                spare_used_since=self.spare(),
                 pause=self.pause,
+                sleep=self._stop.wait,  # closing the engine cuts the pause short...
+                cancelled=self._stop.is_set,  # ...and leaves the blobs for the next pass
             )
             seconds = time.monotonic() - started
         finally:
@@ -249,9 +252,10 @@ class Trimmer:
         )
         if report.size_after > self.max_size:
             log.warning(
-                "size cap: still over it: %s pinned by lock files, %s being fetched, %s written "
-                "within the last %gs",
+                "size cap: still over it: %s pinned by lock files, %s used by this session "
+                "(it writes a lock file), %s being fetched, %s written within the last %gs",
                 human_size(report.pinned_bytes),
+                human_size(report.session_bytes),
                 human_size(report.busy_bytes),
                 human_size(report.recent_bytes),
                 self.grace,
@@ -271,24 +275,44 @@ def lock_pins(
         shas = {e.sha256 for path in now.keep_locks for e in LockFile.load(path)}
         if loaded is not None:
             shas.update(e.sha256 for e in loaded)
-        if now.lock_file is not None and now.mode in WRITING_MODES:
+        if writes_lock(now):
             shas.update(e.sha256 for e in recorded())
         return frozenset(shas)
 
     return pins
 
 
+def session_spare(settings: Callable[[], Settings], started: float) -> Callable[[], float | None]:
+    """While the session will write a lock file: spare every entry used since it started (less
+    the cache's ``USE_STAMP_INTERVAL``, the resolution of a use), whichever process used it.
+    pytest-xdist workers each run a proxy and record apart, so one worker's ``recorded`` pins do
+    not know another's; the entries' use times do."""
+
+    def since() -> float | None:
+        return started - USE_STAMP_INTERVAL if writes_lock(settings()) else None
+
+    return since
+
+
+def writes_lock(settings: Settings) -> bool:
+    return settings.lock_file is not None and settings.mode in WRITING_MODES
+
+
 def size_cap(
-    settings: Settings,
+    settings: Callable[[], Settings],
     cache: Cache,
     metrics: Metrics,
     now: Callable[[], float],
-    pins: Callable[[], frozenset[str]],
+    loaded: LockFile | None,
+    recorded: Callable[[], LockFile],
 ) -> Trimmer | None:
-    """The engine's trimmer, or None without a cap.  A ``--keep-lock`` file that cannot be read
-    is an error at start (LockError), not a silent pass without its pins later."""
-    if not settings.max_size:
+    """The engine's trimmer (``settings``: the engine's current ones, its mode may change), or
+    None without a cap.  A ``--keep-lock`` file that cannot be read is an error at start
+    (LockError), not a silent pass without its pins later."""
+    first = settings()
+    if not first.max_size:
         return None
-    for path in settings.keep_locks:
+    for path in first.keep_locks:
         LockFile.load(path)
-    return Trimmer(cache, settings.max_size, metrics, now, pins)
+    pins = lock_pins(settings, loaded, recorded)
+    return Trimmer(cache, first.max_size, metrics, now, pins, spare=session_spare(settings, time.time()))

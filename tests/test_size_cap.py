@@ -293,7 +293,7 @@ def test_two_serve_processes_sharing_a_capped_directory_never_corrupt_it(tmp_pat
             '[[tool.pytest-upstream.proxy]]\nkey = "g"\nsource = "custom"\nformat = "generic"\n'
             f'url = "{up.url}"\n'
         )
-        servers = [Serve(config, cache_dir, "--max-size", "12M", "-v") for _ in range(2)]
+        servers = [Serve(config, cache_dir, "--max-size", "12M") for _ in range(2)]
         failures: list[str] = []
 
         def client(base: str, first: int) -> None:

@@ -275,8 +275,9 @@ class Serve:
 
 
 def test_two_serve_processes_sharing_a_capped_directory_never_corrupt_it(tmp_path: Path) -> None:
-    """Two ``serve --max-size`` processes on one directory full of old entries, clients on both
-    at once: every download whole, the old entries evicted, ``cache verify`` clean."""
+    """Two ``serve --max-size`` processes (one with forked workers) on one directory full of old
+    entries, clients on both at once: every download whole, the old entries evicted, no trim
+    failing, ``cache verify`` clean."""
     size = MiB
     with Generated(size) as up:
         cache_dir = tmp_path / "cache"
@@ -293,7 +294,10 @@ def test_two_serve_processes_sharing_a_capped_directory_never_corrupt_it(tmp_pat
             '[[tool.pytest-upstream.proxy]]\nkey = "g"\nsource = "custom"\nformat = "generic"\n'
             f'url = "{up.url}"\n'
         )
-        servers = [Serve(config, cache_dir, "--max-size", "12M") for _ in range(2)]
+        # one of them forks two workers: each starts its own trimmer thread
+        servers = [
+            Serve(config, cache_dir, "--max-size", "12M", *workers) for workers in ((), ("--workers", "2"))
+        ]
         failures: list[str] = []
 
         def client(base: str, first: int) -> None:
@@ -322,6 +326,7 @@ def test_two_serve_processes_sharing_a_capped_directory_never_corrupt_it(tmp_pat
         assert not failures, failures
         assert sum(evictions) >= 10, (evictions, logs)  # old entries nobody asked for again
         assert any("size cap: removed" in log for log in logs)
+        assert not any("could not trim" in log or "Traceback" in log for log in logs), logs
         checked = subprocess.run(
             [sys.executable, "-m", "pytest_upstream", "cache", "verify", "--cache", str(cache_dir)],
             capture_output=True,

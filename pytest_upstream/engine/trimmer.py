@@ -82,7 +82,9 @@ class Trimmer:
 
     def _fresh_state(self) -> None:
         """The per-process state: a forked child starts with its own (its parent's locks and
-        events may have been held by a thread the child does not have)."""
+        events may have been held by a thread the child does not have, and filelock refuses a
+        lock object made in another process)."""
+        self._state_pid = os.getpid()
         self._file_lock = filelock.FileLock(
             self.cache.layout.trim_lock, thread_local=False, is_singleton=False
         )
@@ -103,7 +105,7 @@ class Trimmer:
         with self._start_lock:
             if self._pid == os.getpid():
                 return True
-            if self._pid:  # forked from the process that ran it
+            if self._state_pid != os.getpid():  # a forked child (serve --workers)
                 self._fresh_state()
             self._thread = threading.Thread(target=self._run, name="upstream-size-cap", daemon=True)
             self._ask()  # a first look when the process starts answering

@@ -189,17 +189,20 @@ class Trimmer:
             with self._cond:
                 asked = self._asked
                 self._wake.clear()
-            over = False
+            report = None
             try:
                 report = self.look()
-                over = report is not None and report.size_after > self.max_size
             except Exception:  # never let a bad file stop the cap for good
                 log.exception("the size cap could not trim %s", self.cache.root)
             with self._cond:
                 self._looked = max(self._looked, asked)
                 self._cond.notify_all()
-            if over:  # what is left is busy, pinned or recent: give it time before looking again
-                self._stop.wait(self.pause)
+            if report is not None and report.size_after > self.max_size:
+                # What is left is busy, pinned or just written: give it time.  What was just
+                # written can go once past the grace period: look again then, stored or not.
+                self._stop.wait(max(self.pause, self.grace if report.recent_bytes else 0))
+                if report.recent_bytes and not self._stop.is_set():
+                    self._ask()
 
     def look(self) -> TrimReport | None:
         """Measure the directory and trim it if it is over the cap; None if another process is
@@ -252,16 +255,25 @@ class Trimmer:
             human_size(report.size_after),
             human_size(self.max_size),
         )
-        if report.size_after > self.max_size:
-            log.warning(
-                "size cap: still over it: %s pinned by lock files, %s used by this session "
-                "(it writes a lock file), %s being fetched, %s written within the last %gs",
-                human_size(report.pinned_bytes),
-                human_size(report.session_bytes),
-                human_size(report.busy_bytes),
-                human_size(report.recent_bytes),
-                self.grace,
+        if report.size_after <= self.max_size:
+            return
+        why = [
+            f"{human_size(n)} {what}"
+            for n, what in (
+                (report.pinned_bytes, "pinned by lock files"),
+                (report.session_bytes, "used by this session (it writes a lock file)"),
+                (report.busy_bytes, "being fetched"),
+                (report.recent_bytes, f"written within the last {self.grace:g}s (looked at again then)"),
             )
+            if n
+        ]
+        # Only what stays for good is worth a WARNING: a burst of downloads goes at the next look.
+        stuck = report.size_after - report.recent_bytes > self.max_size
+        log.log(
+            logging.WARNING if stuck else logging.DEBUG,
+            "size cap: still over it: %s",
+            ", ".join(why) or "stored during the look",
+        )
 
 
 def lock_pins(

@@ -76,6 +76,14 @@ def get(base: str, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), rest
 
 
+def stored(cache: Cache, i: int, size: int, url: str = "http://u") -> str:
+    """Artifact ``a<i>.bin`` of ``size`` bytes, in the cache as a fetch leaves it; its sha256."""
+    data = body(i, size)
+    blob = cache.store_bytes(data)
+    cache.store_entry(Entry("g", f"a{i}.bin", "", f"{url}/a{i}.bin", blob, size, "artifact", time.time()))
+    return blob
+
+
 def sample(exposition: str, name: str) -> int:
     """The value of an unlabelled series in a ``/-/metrics`` exposition."""
     found = re.search(rf"^upstream_proxy_{name} (\d+)$", exposition, re.MULTILINE)
@@ -192,9 +200,7 @@ def test_the_least_recently_used_entries_go_first_and_a_hit_counts_as_a_use(
 def test_an_entry_being_fetched_and_its_part_file_are_never_trimmed(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c")
     for i in range(3):
-        data = body(i, 1000)
-        blob = cache.store_bytes(data)
-        cache.store_entry(Entry("g", f"a{i}.bin", "", f"http://u/a{i}.bin", blob, len(data), "artifact", 0.0))
+        stored(cache, i, 1000)
     with cache.locked("g", "a1.bin", "", timeout=5):  # a fetch in flight: its lock held, a part file open
         part = cache.writer(eid=entry_id("g", "a1.bin", ""))
         part.write(b"partial")
@@ -284,9 +290,7 @@ def test_two_serve_processes_sharing_a_capped_directory_never_corrupt_it(tmp_pat
         cache = Cache(cache_dir)
         old = time.time() - 3600
         for i in range(100, 130):  # 30 MiB fetched an hour ago
-            data = body(i, size)
-            blob = cache.store_bytes(data)
-            cache.store_entry(Entry("g", f"a{i}.bin", "", f"{up.url}/a{i}.bin", blob, size, "artifact", old))
+            blob = stored(cache, i, size, up.url)
             os.utime(cache.layout.entry("g", entry_id("g", f"a{i}.bin", "")), (old, old))
             os.utime(cache.blob_path(blob), (old, old))
         config = tmp_path / "pyproject.toml"
@@ -423,9 +427,7 @@ def test_no_cap_no_trimmer(tmp_path: Path) -> None:
 
 def test_a_trim_cut_short_by_closing_leaves_the_blobs_for_a_later_pass(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c")
-    data = body(1, 1000)
-    blob = cache.store_bytes(data)
-    cache.store_entry(Entry("g", "a1.bin", "", "http://u/a1.bin", blob, len(data), "artifact", 0.0))
+    blob = stored(cache, 1, 1000)
     later = time.time() + 60
     report = trim(cache, max_size=0, grace=5, now=later, sleep=lambda _: None, cancelled=lambda: True)
     assert [e.path for e in report.removed] == ["a1.bin"] and cache.blob_path(blob).is_file()
@@ -442,12 +444,28 @@ def test_a_session_that_writes_a_lock_file_spares_every_entry_it_used(tmp_path: 
     assert session_spare(lambda: Settings(cache_dir=tmp_path), started)() is None
     cache = Cache(tmp_path / "c")
     for i, age in enumerate((7200, 3600, 30)):  # used 2 h ago, 1 h ago, during this session
-        data = body(i, 1000)
-        blob = cache.store_bytes(data)
-        cache.store_entry(Entry("g", f"a{i}.bin", "", f"http://u/a{i}.bin", blob, len(data), "artifact", 0.0))
+        blob = stored(cache, i, 1000)
         when = started - age
         os.utime(cache.layout.entry("g", entry_id("g", f"a{i}.bin", "")), (when, when))
         os.utime(cache.blob_path(blob), (when, when))
     report = trim(cache, max_size=0, grace=5, pause=0, spare_used_since=started - 60)
     assert sorted(e.path for e in report.removed) == ["a0.bin", "a1.bin"]
     assert report.session_bytes == 1000 and cache.lookup("g", "a2.bin") is not None
+
+
+def test_a_burst_too_fresh_to_trim_is_trimmed_once_past_the_grace_period(tmp_path: Path) -> None:
+    """No further download is needed: the look that found only fresh blobs looks again."""
+    cache = Cache(tmp_path / "c")
+    for i in range(5):  # 5000 bytes, just written: over the cap, none removable yet
+        stored(cache, i, 1000)
+    trimmer = Trimmer(cache, 3000, Metrics(), time.time, frozenset, grace=2, pause=0)
+    try:
+        first = trimmer.look()  # (its thread is not started yet)
+        assert first is not None and first.removed == [] and first.recent_bytes == 5000
+        trimmer.settle()  # starts its thread, whose first look finds the same
+        deadline = time.monotonic() + 30
+        while blob_bytes(tmp_path / "c") > 3000 * LOW_WATER and time.monotonic() < deadline:
+            time.sleep(0.05)  # the trimmer's own wait of ``grace``, in its thread
+        assert blob_bytes(tmp_path / "c") <= 3000 * LOW_WATER
+    finally:
+        trimmer.close()

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
-from pytest_upstream.admin.scan import open_cache, scan_entries
+from pytest_upstream.admin.scan import open_cache
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.repro.lockfile import LockFile
 from pytest_upstream.store.blobs import stamp_of
 from pytest_upstream.store.cache import Cache, CacheError
 from pytest_upstream.store.entry import MAX_ENTRY_BYTES, Entry, entry_bytes, parse_entry
 from pytest_upstream.store.files import AtomicFile, fsync_dir
+from pytest_upstream.store.inventory import scan_entries
 from pytest_upstream.store.layout import HEX2, HEX64, LAYOUT_VERSION, blob_rel, entry_rel
 
 _CHUNK = 1024 * 1024

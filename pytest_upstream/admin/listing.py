@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_upstream.admin.scan import EntryFile, scan_blobs, scan_entries
 from pytest_upstream.store.cache import Cache
+from pytest_upstream.store.inventory import EntryFile, scan_blobs, scan_entries
 
 
 @dataclass

@@ -1,65 +1,18 @@
 """``cache prune``: remove entries least recently used first, then the blobs no entry names.
 
-Safe while the cache is in use (admin/scan.py), and with a grace period for requests running
-at the same time: a blob is deleted only when no entry has named it for ``grace`` seconds,
-and never a blob written in the last ``grace`` seconds, so a request that read its entry just
-before the entry went still finds the blob when it opens it, and a fetch that just stored a
-blob can still index it (``grace=0`` is only for a cache nobody else is using).
+The eviction itself is the store's ``trim`` (store/trim.py), the same code the proxy's size cap
+runs while it serves; ``prune`` adds what only a command has: the part files the cache's
+opening already removed count in its report.  Safe while the cache is in use, with a grace
+period for requests running at the same time (store/trim.py says how).
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from pytest_upstream.store.cache import Cache
+from pytest_upstream.store.trim import DEFAULT_GRACE, TrimReport, trim
 
-from pytest_upstream.admin.scan import (
-    BlobFile,
-    evict_blob,
-    remove_entry_file,
-    scan_blobs,
-    scan_entries,
-)
-from pytest_upstream.store.blobs import remove_marker
-from pytest_upstream.store.cache import Cache, Entry, LockTimeout
-from pytest_upstream.store.layout import dir_names
-
-DEFAULT_GRACE = 5.0
-
-
-@dataclass
-class PruneReport:
-    size_before: int = 0  # bytes of blobs on disk
-    size_after: int = 0
-    removed: list[Entry] = field(default_factory=list)
-    busy: list[Entry] = field(default_factory=list)  # lock held: skipped
-    used_meanwhile: int = 0  # hit or replaced after the scan: kept
-    blobs_removed: int = 0
-    bytes_freed: int = 0
-    # What keeps the size up when it stays above --max-size:
-    pinned_bytes: int = 0  # blobs the --keep-lock files name (their entries are kept too)
-    busy_bytes: int = 0  # blobs of busy entries
-    recent_bytes: int = 0  # unreferenced blobs written within the grace period
-    parts_removed: int = 0  # part files of killed downloads (Cache.remove_orphan_parts)
-    part_bytes_freed: int = 0
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "size_before": self.size_before,
-            "size_after": self.size_after,
-            "entries_removed": [{"key": e.key, "path": e.path, "variant": e.variant} for e in self.removed],
-            "entries_busy": [{"key": e.key, "path": e.path, "variant": e.variant} for e in self.busy],
-            "entries_used_meanwhile": self.used_meanwhile,
-            "blobs_removed": self.blobs_removed,
-            "bytes_freed": self.bytes_freed,
-            "pinned_bytes": self.pinned_bytes,
-            "busy_bytes": self.busy_bytes,
-            "recent_bytes": self.recent_bytes,
-            "parts_removed": self.parts_removed,
-            "part_bytes_freed": self.part_bytes_freed,
-        }
+PruneReport = TrimReport
+__all__ = ["DEFAULT_GRACE", "PruneReport", "prune"]
 
 
 def prune(
@@ -71,82 +24,15 @@ def prune(
     now: float | None = None,
     keep: frozenset[str] = frozenset(),
 ) -> PruneReport:
-    """Remove entries least recently used first, then the blobs no entry names, and the part
-    files of downloads that no longer run (their entry lock is free: store/cache.py).
+    """Remove entries unused for ``older_than`` seconds, or least recently used first while the
+    blobs add up to more than ``max_size`` bytes, then the blobs no entry names, except those in
+    ``keep`` (lock files' digests), and the part files of downloads that no longer run.
 
-    Blobs in ``keep`` (the digests lock files name: a locked replay serves them by digest,
-    whatever the index says) are never removed.  Their entries go only when they are too old
-    (``older_than``), never to meet ``max_size``: removing them would free nothing.
-
-    An entry goes when it was last used more than ``older_than`` seconds ago, or while the
-    blobs on disk add up to more than ``max_size`` bytes.  With neither, only unreferenced
-    blobs go.  "Used" is the entry file's mtime: written on a fetch, bumped by hits (at most
-    once a minute).
+    "Used" is the entry file's mtime: written on a fetch, bumped by hits (at most once a minute).
     """
-    now = time.time() if now is None else now
-    report = PruneReport()
+    report = trim(cache, max_size=max_size, older_than=older_than, grace=grace, now=now, keep=keep)
     # Part files of killed downloads: those the cache's opening removed, and any orphaned since.
-    parts, part_bytes = cache.remove_orphan_parts()
-    report.parts_removed = cache.orphans_at_open[0] + parts
-    report.part_bytes_freed = cache.orphans_at_open[1] + part_bytes
+    report.parts_removed += cache.orphans_at_open[0]
+    report.part_bytes_freed += cache.orphans_at_open[1]
     cache.orphans_at_open = (0, 0)
-    files = [f for f in scan_entries(cache) if f.entry is not None]
-    blobs, _ = scan_blobs(cache)
-    refs = Counter(f.entry.sha256 for f in files if f.entry is not None)
-    refs.update(keep)
-    size = sum(b.size for sha, b in blobs.items() if refs[sha] or b.mtime > now - grace)
-    report.size_before = sum(b.size for b in blobs.values())
-    report.pinned_bytes = sum(b.size for sha, b in blobs.items() if sha in keep)
-    busy_shas: set[str] = set()
-    for ef in sorted(files, key=lambda f: (f.mtime_ns, f.rel)):
-        assert ef.entry is not None
-        too_old = older_than is not None and ef.last_used < now - older_than
-        too_big = max_size is not None and size > max_size
-        if not (too_old or too_big):
-            break  # sorted oldest first: nothing later is older, and the size only went down
-        if not too_old and ef.entry.sha256 in keep:
-            continue  # pinned: removing the entry would free nothing
-        try:
-            removed = remove_entry_file(cache, ef, still_bad=lambda _: True, raise_busy=True)
-        except LockTimeout:
-            report.busy.append(ef.entry)
-            busy_shas.add(ef.entry.sha256)
-            continue
-        if not removed:
-            report.used_meanwhile += 1
-            continue
-        report.removed.append(ef.entry)
-        refs[ef.entry.sha256] -= 1
-        blob = blobs.get(ef.entry.sha256)
-        if not refs[ef.entry.sha256] and blob is not None and blob.mtime <= now - grace:
-            size -= blob.size
-    report.busy_bytes = sum(blobs[sha].size for sha in busy_shas - keep if sha in blobs)
-    report.recent_bytes = sum(b.size for sha, b in blobs.items() if not refs[sha] and b.mtime > now - grace)
-    # unreferenced now; a blob written within the grace period may be about to be indexed
-    candidates = sorted(sha for sha, b in blobs.items() if not refs[sha] and b.mtime <= now - grace)
-    if candidates and grace > 0:
-        time.sleep(grace)  # a request that read an entry before it went has opened its blob by now
-    referenced = {f.entry.sha256 for f in scan_entries(cache) if f.entry is not None} | keep
-    for sha in candidates:
-        if sha in referenced:
-            continue
-        freed = evict_blob(cache, blobs[sha].path, blobs[sha].ino, min_age=grace)
-        if freed is not None:
-            report.blobs_removed += 1
-            report.bytes_freed += freed
-    after, _ = scan_blobs(cache)
-    report.size_after = sum(b.size for b in after.values())
-    _remove_orphan_markers(cache, after)
     return report
-
-
-def _remove_orphan_markers(cache: Cache, blobs: dict[str, BlobFile]) -> None:
-    """Verification markers of blobs that are gone (removed by hand, or by an older version).
-
-    A marker is written after its blob is in place, so one without a blob is never about to
-    be used; removing one by mistake would cost a single hash.
-    """
-    for prefix in sorted(dir_names(cache.layout.verified)):
-        for name in sorted(dir_names(cache.layout.verified / prefix)):
-            if name not in blobs and not os.path.exists(cache.layout.blob(name)):
-                remove_marker(cache.layout, name)

@@ -13,10 +13,17 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pytest_upstream.admin.scan import EntryFile, evict_blob, rel, remove_entry_file, scan_blobs, scan_entries
 from pytest_upstream.store.blobs import stamp_of
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.entry import Entry
+from pytest_upstream.store.inventory import (
+    EntryFile,
+    evict_blob,
+    rel,
+    remove_entry_file,
+    scan_blobs,
+    scan_entries,
+)
 
 
 @dataclass(frozen=True)

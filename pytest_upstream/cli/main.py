@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, with_client_flags
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
+from pytest_upstream.cli.size_cap_flags import add_size_cap_flags, with_size_cap_flags
 from pytest_upstream.cli.workers import Supervisor, serve_in_worker
 from pytest_upstream.config.auth import AUTH_MODES, scrub
+from pytest_upstream.config.connection_limits import CONNECTION_LIMIT_FIELDS
 from pytest_upstream.config.keys import InvalidKeyError, validate_key
 from pytest_upstream.config.settings import (
-    CONNECTION_LIMIT_FIELDS,
     DEFAULT_METADATA_TTL,
     DEFAULT_TIMEOUT,
     MODES,
@@ -86,7 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = with_fetch_flags(
         args, _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
     )
-    settings = with_client_flags(args, settings)
+    settings = with_size_cap_flags(args, with_client_flags(args, settings))
     writes_lock = _serve_checks(args, settings)
     from pytest_upstream.server.limits import raise_open_file_limit
 
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections at most (0: from the open-file limit)",
     )
     _add_fetch_flags(serve)
+    add_size_cap_flags(serve)
     add_client_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 

@@ -17,6 +17,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.checks import ConfigError as ConfigError
+from pytest_upstream.config.checks import number as _number
+from pytest_upstream.config.checks import positive as _positive
+from pytest_upstream.config.connection_limits import (
+    CONNECTION_LIMIT_FIELDS,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SEND_TIMEOUT,
+    parse_connection_limits,
+)
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
 from pytest_upstream.config.units import parse_age, parse_size
@@ -27,12 +38,6 @@ DEFAULT_METADATA_TTL = 600.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_LOCK_TIMEOUT = 300.0
 DEFAULT_NEGATIVE_TTL = 300.0  # how long formats that cache upstream 404s (maven, npm) trust one
-# The HTTP server's connection limits (docs/configuration.md#connection-limits).
-DEFAULT_HEADER_TIMEOUT = 10.0
-DEFAULT_IDLE_TIMEOUT = 30.0
-DEFAULT_SEND_TIMEOUT = 30.0
-DEFAULT_MAX_CONNECTIONS = 0  # 0: derived from the open-file limit
-CONNECTION_LIMIT_FIELDS = ("header_timeout", "idle_timeout", "send_timeout", "max_connections")
 
 _PROXY_FIELDS = {
     "key",
@@ -158,9 +163,30 @@ def parse_allow_hosts(table: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 # -- end of hostile upstreams ----------------------------------------------------------------------
 
+# -- the size cap (issue 11; docs/cache.md § Size cap) ---------------------------------------------
+ENV_MAX_SIZE = "UPSTREAM_PROXY_MAX_SIZE"
+_TOP_FIELDS |= {"max_size"}
 
-class ConfigError(ValueError):
-    """Bad configuration; the message names the file and the entry."""
+
+def parse_size_cap(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``max_size``: the bytes of blobs the cache may hold while the proxy serves (a number or a
+    size, ``"10G"``); absent or 0: no cap."""
+    value = table.get("max_size")
+    return {"max_size": None if value is None else _size(value, where, "max_size") or None}
+
+
+def with_max_size(settings: Settings, text: str | None) -> Settings:
+    """``settings`` with a flag's or ``UPSTREAM_PROXY_MAX_SIZE``'s cap (``"0"``: none) over the table's."""
+    if not text:
+        return settings
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"max size: {exc}") from None
+    return replace(settings, max_size=size or None)
+
+
+# -- end of the size cap ---------------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:
@@ -238,6 +264,10 @@ class Settings:
     client_token_env: str | None = None  # serve --token-env: the variable holding the clients' token
     # hostile upstreams: the SSRF guard (issue 10): hosts besides the upstreams' own the proxy may reach
     allow_hosts: tuple[str, ...] = ()
+    # the size cap (issue 11): bytes of blobs kept while serving (None: no cap), and the lock files
+    # whose blobs it never removes besides the engine's own (serve --keep-lock)
+    max_size: int | None = None
+    keep_locks: tuple[Path, ...] = ()
 
     def secret_env_names(self) -> tuple[str, ...]:
         """The environment variables whose values are secrets: the upstreams' credentials and the
@@ -288,19 +318,6 @@ def builtin_proxies(
         )
         for s in BUILTIN_SOURCES.values()
     )
-
-
-def _positive(value: Any, where: str, name: str) -> float:
-    seconds = _number(value, where, name)
-    if seconds == 0:
-        raise ConfigError(f"{where}: {name} must be more than 0 seconds")
-    return seconds
-
-
-def _number(value: Any, where: str, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{where}: {name} must be a non-negative number of seconds (got {value!r})")
-    return float(value)
 
 
 def parse_proxy(entry: Mapping[str, Any], where: str, ttl: float, timeout: float) -> ProxyDefinition:
@@ -423,10 +440,11 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
         lock_timeout=lock_timeout,
         lock_file=base_dir / Path(lock).expanduser() if lock else None,
-        **_connection_limits(table, where),
+        **parse_connection_limits(table, where),
         fetch=parse_fetch_limits(table, where),
         allowed_hosts=_host_list(table, "allowed_hosts", where),
         **parse_allow_hosts(table, where),
+        **parse_size_cap(table, where),
     )
 
 
@@ -452,25 +470,6 @@ def _secrets_fields(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 # -- end of secrets and clients ---------------------------------------------------------------------
-
-
-def _connection_limits(table: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The server's connection limits from the table: timeouts > 0 seconds, a count >= 0."""
-    limits: dict[str, Any] = {
-        name: _positive(table.get(name, default), where, name)
-        for name, default in (
-            ("header_timeout", DEFAULT_HEADER_TIMEOUT),
-            ("idle_timeout", DEFAULT_IDLE_TIMEOUT),
-            ("send_timeout", DEFAULT_SEND_TIMEOUT),
-        )
-    }
-    count = table.get("max_connections", DEFAULT_MAX_CONNECTIONS)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ConfigError(
-            f"{where}: max_connections must be a whole number >= 0 (0: from the open-file limit)"
-        )
-    limits["max_connections"] = count
-    return limits
 
 
 def load_settings(config_file: str | Path | None = None, *, search_dir: Path | None = None) -> Settings:

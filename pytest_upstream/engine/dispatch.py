@@ -29,6 +29,7 @@ from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
 from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
+from pytest_upstream.engine.trimmer import size_cap
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.messages import ProxyRequest, Reply
@@ -72,8 +73,16 @@ class Engine:
         self.lock = load_lock(settings)
         self._lock_recorder = LockRecorder()
         self.metrics = Metrics()
+        # The size cap (max_size): trims the cache in the background, told of stored bytes as a recorder.
+        self.trimmer = size_cap(
+            lambda: self.settings, self.cache, self.metrics, self.clock.now, self.lock, self.recorded_lock
+        )
         self.recorders = Recorders(
-            ServedRecorder(self.served), self._lock_recorder, MetricsRecorder(self.metrics), scrub=self.scrub
+            ServedRecorder(self.served),
+            self._lock_recorder,
+            MetricsRecorder(self.metrics),
+            *([self.trimmer] if self.trimmer is not None else []),
+            scrub=self.scrub,
         )
         self.freshness = Freshness(self.clock)
         self.fetcher = Fetcher(self.cache, self.client, self.freshness, self.recorders, settings.fetch)
@@ -96,6 +105,8 @@ class Engine:
         self.settings = replace(self.settings, mode=mode)
 
     def close(self) -> None:
+        if self.trimmer is not None:
+            self.trimmer.close()
         self.flights.close()
         self.client.close()
 

@@ -30,6 +30,10 @@ class Metrics:
         self._in_flight = 0
         self._connections = 0
         self._connections_total = 0
+        # the size cap (engine/trimmer.py): what it removed, and the cache's size at its last look
+        self._evicted_entries = 0
+        self._evicted_bytes = 0
+        self._cache_bytes: int | None = None  # unknown without a cap
 
     # -- the server ----------------------------------------------------------
     def connection_opened(self) -> None:
@@ -64,6 +68,16 @@ class Metrics:
         with self._lock:
             self._failures[key] += 1
 
+    # -- the size cap (engine/trimmer.py) --------------------------------------
+    def evicted(self, entries: int, nbytes: int) -> None:
+        with self._lock:
+            self._evicted_entries += entries
+            self._evicted_bytes += nbytes
+
+    def cache_size(self, nbytes: int) -> None:
+        with self._lock:
+            self._cache_bytes = nbytes
+
     # -- reading -------------------------------------------------------------
     def requests(self, key: str, result: str) -> int:
         with self._lock:
@@ -87,6 +101,11 @@ class Metrics:
             fetches = sorted(self._fetches.items())
             failures = sorted(self._failures.items())
             in_flight, connections, total = self._in_flight, self._connections, self._connections_total
+            evicted, evicted_bytes, cache_bytes = (
+                self._evicted_entries,
+                self._evicted_bytes,
+                self._cache_bytes,
+            )
         out: list[str] = []
         _family(out, "requests_total", "counter", "Requests answered, by proxy key and cache result.")
         out += [_sample("requests_total", {"key": k, "result": r}, n) for (k, r), n in requests]
@@ -102,6 +121,18 @@ class Metrics:
         out.append(_sample("open_connections", {}, connections))
         _family(out, "connections_total", "counter", "Client connections accepted.")
         out.append(_sample("connections_total", {}, total))
+        _family(out, "evictions_total", "counter", "Entries the size cap removed.")
+        out.append(_sample("evictions_total", {}, evicted))
+        _family(out, "evicted_bytes_total", "counter", "Blob bytes the size cap freed.")
+        out.append(_sample("evicted_bytes_total", {}, evicted_bytes))
+        if cache_bytes is not None:  # measured by the size cap's looks only
+            _family(
+                out,
+                "cache_bytes",
+                "gauge",
+                "Blob bytes in the cache at the size cap's last look.",
+            )
+            out.append(_sample("cache_bytes", {}, cache_bytes))
         return "\n".join(out) + "\n"
 
 

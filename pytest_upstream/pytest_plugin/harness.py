@@ -19,7 +19,7 @@ from typing import Any
 
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
-from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings
+from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings, with_max_size
 from pytest_upstream.config.units import human_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
 from pytest_upstream.repro.netguard import NetworkGuard
@@ -38,13 +38,14 @@ def settings_for(
     mode: str | None,
     base_dir: Path,
     lock: str | None = None,
+    max_size: str | None = None,
 ) -> Settings:
     settings = load_settings(config_file, search_dir=search_dir)
     if cache and not Path(cache).expanduser().is_absolute():
         cache = str(base_dir / cache)
     if lock and not Path(lock).expanduser().is_absolute():
         lock = str(base_dir / lock)
-    return settings.with_overrides(cache=cache, mode=mode, lock=lock)
+    return with_max_size(settings.with_overrides(cache=cache, mode=mode, lock=lock), max_size)
 
 
 def exported_env(server: ProxyServer) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_upstream.config.settings import MODES
+from pytest_upstream.config.settings import ENV_MAX_SIZE, MODES
 
 MARKER = "upstream"
 MARKER_HELP = (
@@ -67,6 +67,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(ini upstream_lock; table: lock)",
     )
     group.addoption(
+        "--upstream-max-size",
+        metavar="SIZE",
+        dest="upstream_max_size",
+        help="keep the cache's blobs under SIZE while the proxy serves, least recently used out first "
+        "(10G; 0: no cap; env UPSTREAM_PROXY_MAX_SIZE; ini upstream_max_size; table: max_size)",
+    )
+    group.addoption(
         "--upstream-report",
         metavar="FILE",
         dest="upstream_report",
@@ -96,6 +103,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
     )
     parser.addini("upstream_lock", "lock file (record/refresh write it, replay serves it)", default=None)
+    parser.addini("upstream_max_size", "cap on the cache's size while the proxy serves (10G)", default=None)
     parser.addini("upstream_report", "write what each test used (JSON) to this file", default=None)
     parser.addini(
         "upstream_block_network",
@@ -142,6 +150,17 @@ def mode_option(config: pytest.Config, environ: Mapping[str, str]) -> str | None
         or config.getini("upstream_mode")
     )
     return mode
+
+
+def max_size_option(config: pytest.Config, environ: Mapping[str, str]) -> str | None:
+    """``--upstream-max-size``, else env ``UPSTREAM_PROXY_MAX_SIZE``, else ini ``upstream_max_size``
+    (None: the table's ``max_size``)."""
+    size: str | None = (
+        config.getoption("upstream_max_size", None)
+        or environ.get(ENV_MAX_SIZE)
+        or config.getini("upstream_max_size")
+    )
+    return size
 
 
 def config_file_option(config: pytest.Config) -> str | None:

@@ -17,6 +17,7 @@ from pytest_upstream.pytest_plugin.options import (
     cache_option,
     config_file_option,
     lock_option,
+    max_size_option,
     mode_option,
 )
 
@@ -61,6 +62,7 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
             mode=mode_option(config, os.environ),
             base_dir=config.rootpath,
             lock=lock_option(config),
+            max_size=max_size_option(config, os.environ),
         )
         if problems := env_problems(n for p in settings.proxies for n in p.auth.required_env()):
             raise ConfigError("; ".join(problems))  # names the variables, never their values

@@ -30,7 +30,7 @@ from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
 from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
-from pytest_upstream.engine.trimmer import lock_pins, size_cap
+from pytest_upstream.engine.trimmer import size_cap
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, Resource
 from pytest_upstream.formats.hiding import Hidden
@@ -77,8 +77,9 @@ class Engine:
         self._lock_recorder = LockRecorder()
         self.metrics = Metrics()
         # The size cap (max_size): trims the cache in the background, told of stored bytes as a recorder.
-        pins = lock_pins(lambda: self.settings, self.lock, self.recorded_lock)
-        self.trimmer = size_cap(settings, self.cache, self.metrics, self.clock.now, pins)
+        self.trimmer = size_cap(
+            lambda: self.settings, self.cache, self.metrics, self.clock.now, self.lock, self.recorded_lock
+        )
         self.recorders = Recorders(
             ServedRecorder(self.served),
             self._lock_recorder,

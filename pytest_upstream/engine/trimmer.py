@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import filelock
 
@@ -33,7 +32,7 @@ from pytest_upstream.engine.recorders import Answer
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.repro.lock_tools import WRITING_MODES
 from pytest_upstream.repro.lockfile import LockError, LockFile
-from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.cache import USE_STAMP_INTERVAL, Cache, Entry
 from pytest_upstream.store.trim import DEFAULT_GRACE, TrimReport, trim
 
 log = logging.getLogger("pytest_upstream")
@@ -41,7 +40,6 @@ log = logging.getLogger("pytest_upstream")
 LOW_WATER = 0.9  # a pass over the cap trims down to this fraction of it (docs/cache.md § Size cap)
 CHECK_STEP = 0.05  # look again once this process stored this fraction of the cap since the last look
 RECHECK_INTERVAL = 300.0  # seconds between looks whatever this process stored
-TRIM_LOCK = "trim.lock"  # in locks/: held by the one process trimming the directory
 
 
 class Trimmer:
@@ -60,6 +58,7 @@ class Trimmer:
         now: Callable[[], float],
         pins: Callable[[], frozenset[str]],
         *,
+        spare: Callable[[], float | None] = lambda: None,
         grace: float = DEFAULT_GRACE,
         pause: float | None = None,
         interval: float = RECHECK_INTERVAL,
@@ -71,13 +70,31 @@ class Trimmer:
         self.metrics = metrics
         self.now = now
         self.pins = pins
+        self.spare = spare
         self.grace = grace
         self.pause = grace if pause is None else pause
         self.interval = interval
         self.last: TrimReport | None = None  # the last look's report (tests, diagnostics)
-        self._pid = 0  # the process whose thread runs (none yet)
         self._start_lock = threading.Lock()
         self._stopped = False
+        self._pid = 0  # the process whose thread runs (none yet)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """The per-process state: a forked child starts with its own (its parent's locks and
+        events may have been held by a thread the child does not have, and filelock refuses a
+        lock object made in another process)."""
+        self._state_pid = os.getpid()
+        self._file_lock = filelock.FileLock(
+            self.cache.layout.trim_lock, thread_local=False, is_singleton=False
+        )
+        self._cond = threading.Condition()
+        self._size: int | None = None  # the blobs' bytes at the last look
+        self._added = 0  # bytes this process stored since
+        self._asked = 0  # looks asked for
+        self._looked = 0  # of those, covered by a finished look
+        self._wake = threading.Event()
+        self._stop = threading.Event()
 
     def _running(self) -> bool:
         """Start this process's thread on first use, not at construction: ``serve --workers``
@@ -88,16 +105,8 @@ class Trimmer:
         with self._start_lock:
             if self._pid == os.getpid():
                 return True
-            self._file_lock = filelock.FileLock(
-                Path(self.cache.layout.locks) / TRIM_LOCK, thread_local=False, is_singleton=False
-            )
-            self._cond = threading.Condition()
-            self._size: int | None = None  # the blobs' bytes at the last look
-            self._added = 0  # bytes this process stored since
-            self._asked = 0  # looks asked for
-            self._looked = 0  # of those, covered by a finished look
-            self._wake = threading.Event()
-            self._stop = threading.Event()
+            if self._state_pid != os.getpid():  # a forked child (serve --workers)
+                self._fresh_state()
             self._thread = threading.Thread(target=self._run, name="upstream-size-cap", daemon=True)
             self._ask()  # a first look when the process starts answering
             self._thread.start()
@@ -180,17 +189,20 @@ class Trimmer:
             with self._cond:
                 asked = self._asked
                 self._wake.clear()
-            over = False
+            report = None
             try:
                 report = self.look()
-                over = report is not None and report.size_after > self.max_size
             except Exception:  # never let a bad file stop the cap for good
                 log.exception("the size cap could not trim %s", self.cache.root)
             with self._cond:
                 self._looked = max(self._looked, asked)
                 self._cond.notify_all()
-            if over:  # what is left is busy, pinned or recent: give it time before looking again
-                self._stop.wait(self.pause)
+            if report is not None and report.size_after > self.max_size:
+                # What is left is busy, pinned or just written: give it time.  What was just
+                # written can go once past the grace period: look again then, stored or not.
+                self._stop.wait(max(self.pause, self.grace if report.recent_bytes else 0))
+                if report.recent_bytes and not self._stop.is_set():
+                    self._ask()
 
     def look(self) -> TrimReport | None:
         """Measure the directory and trim it if it is over the cap; None if another process is
@@ -215,7 +227,10 @@ class Trimmer:
                 grace=self.grace,
                 now=self.now(),
                 keep=keep,
+                spare_used_since=self.spare(),
                 pause=self.pause,
+                sleep=self._stop.wait,  # closing the engine cuts the pause short...
+                cancelled=self._stop.is_set,  # ...and leaves the blobs for the next pass
             )
             seconds = time.monotonic() - started
         finally:
@@ -240,15 +255,25 @@ class Trimmer:
             human_size(report.size_after),
             human_size(self.max_size),
         )
-        if report.size_after > self.max_size:
-            log.warning(
-                "size cap: still over it: %s pinned by lock files, %s being fetched, %s written "
-                "within the last %gs",
-                human_size(report.pinned_bytes),
-                human_size(report.busy_bytes),
-                human_size(report.recent_bytes),
-                self.grace,
+        if report.size_after <= self.max_size:
+            return
+        why = [
+            f"{human_size(n)} {what}"
+            for n, what in (
+                (report.pinned_bytes, "pinned by lock files"),
+                (report.session_bytes, "used by this session (it writes a lock file)"),
+                (report.busy_bytes, "being fetched"),
+                (report.recent_bytes, f"written within the last {self.grace:g}s (looked at again then)"),
             )
+            if n
+        ]
+        # Only what stays for good is worth a WARNING: a burst of downloads goes at the next look.
+        stuck = report.size_after - report.recent_bytes > self.max_size
+        log.log(
+            logging.WARNING if stuck else logging.DEBUG,
+            "size cap: still over it: %s",
+            ", ".join(why) or "stored during the look",
+        )
 
 
 def lock_pins(
@@ -264,24 +289,44 @@ def lock_pins(
         shas = {e.sha256 for path in now.keep_locks for e in LockFile.load(path)}
         if loaded is not None:
             shas.update(e.sha256 for e in loaded)
-        if now.lock_file is not None and now.mode in WRITING_MODES:
+        if writes_lock(now):
             shas.update(e.sha256 for e in recorded())
         return frozenset(shas)
 
     return pins
 
 
+def session_spare(settings: Callable[[], Settings], started: float) -> Callable[[], float | None]:
+    """While the session will write a lock file: spare every entry used since it started (less
+    the cache's ``USE_STAMP_INTERVAL``, the resolution of a use), whichever process used it.
+    pytest-xdist workers each run a proxy and record apart, so one worker's ``recorded`` pins do
+    not know another's; the entries' use times do."""
+
+    def since() -> float | None:
+        return started - USE_STAMP_INTERVAL if writes_lock(settings()) else None
+
+    return since
+
+
+def writes_lock(settings: Settings) -> bool:
+    return settings.lock_file is not None and settings.mode in WRITING_MODES
+
+
 def size_cap(
-    settings: Settings,
+    settings: Callable[[], Settings],
     cache: Cache,
     metrics: Metrics,
     now: Callable[[], float],
-    pins: Callable[[], frozenset[str]],
+    loaded: LockFile | None,
+    recorded: Callable[[], LockFile],
 ) -> Trimmer | None:
-    """The engine's trimmer, or None without a cap.  A ``--keep-lock`` file that cannot be read
-    is an error at start (LockError), not a silent pass without its pins later."""
-    if not settings.max_size:
+    """The engine's trimmer (``settings``: the engine's current ones, its mode may change), or
+    None without a cap.  A ``--keep-lock`` file that cannot be read is an error at start
+    (LockError), not a silent pass without its pins later."""
+    first = settings()
+    if not first.max_size:
         return None
-    for path in settings.keep_locks:
+    for path in first.keep_locks:
         LockFile.load(path)
-    return Trimmer(cache, settings.max_size, metrics, now, pins)
+    pins = lock_pins(settings, loaded, recorded)
+    return Trimmer(cache, first.max_size, metrics, now, pins, spare=session_spare(settings, time.time()))

@@ -8,6 +8,7 @@ Layout version "1" (docs/cache.md)::
     verified/<2 hex>/<64 hex>         a blob's verification marker: the (inode, size, mtime,
                                       ctime) it had when its bytes were last hashed
     locks/stripe-<4 hex>.lock         LOCK_STRIPES file locks, shared by entries by their id
+    locks/trim.lock                   held by the one process trimming to the size cap
     leases/<name>.lease               leases of the storage backend (store/local.py)
     tmp/                              files being written (same file system as the rest)
 
@@ -41,6 +42,7 @@ class Layout:
         self.entries = self.root / "entries"
         self.verified = self.root / "verified"
         self.locks = self.root / "locks"
+        self.trim_lock = self.locks / "trim.lock"  # engine/trimmer.py: one trimmer at a time
         self.leases = self.root / "leases"
         self.tmp = self.root / "tmp"
         self._blobs = str(self.blobs)

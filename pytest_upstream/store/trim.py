@@ -12,7 +12,8 @@ at the same time: a blob is deleted only when no entry has named it for ``pause`
 never a blob written in the last ``grace`` seconds, so a request that read its entry just
 before the entry went still finds the blob when it opens it (and, once open, reads it to the
 end: an unlinked file lives while a descriptor is open on it), and a fetch that just stored a
-blob can still index it (``grace=0`` is only for a cache nobody else is using).  Never removed:
+blob can still index it (``grace=0`` is only for a cache nobody else is using); to meet a size,
+an entry whose blob is that fresh stays too (removing it would free nothing yet).  Never removed:
 an entry whose lock is held (being fetched, its part file open), an entry used or replaced
 since it was judged, the blobs in ``keep`` (what lock files name).
 """
@@ -45,6 +46,7 @@ class TrimReport:
     bytes_freed: int = 0
     # What keeps the size up when it stays above the target:
     pinned_bytes: int = 0  # blobs the kept lock files name (their entries are kept too)
+    session_bytes: int = 0  # blobs of entries spared as used by the session (spare_used_since)
     busy_bytes: int = 0  # blobs of busy entries
     recent_bytes: int = 0  # unreferenced blobs written within the grace period
     parts_removed: int = 0  # part files of killed downloads (Cache.remove_orphan_parts)
@@ -77,7 +79,9 @@ def trim(
     keep: frozenset[str] = frozenset(),
     start_above: int | None = None,
     pause: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
+    cancelled: Callable[[], bool] = lambda: False,
+    spare_used_since: float | None = None,
 ) -> TrimReport:
     """Remove entries least recently used first, then the blobs no entry names, and the part
     files of downloads that no longer run (their entry lock is free: store/cache.py).
@@ -91,8 +95,13 @@ def trim(
     whatever the index says) are never removed.  Their entries go only when they are too old
     (``older_than``), never to meet ``max_size``: removing them would free nothing.
 
+    ``spare_used_since``: no entry used since this time (a file time) goes to meet ``max_size``:
+    what a session that will write a lock file used (store/cache.py bumps a use at most once a
+    ``USE_STAMP_INTERVAL``, so pass the session's start less that).
+
     ``grace`` is judged against ``now`` (the caller's clock); ``pause`` (default ``grace``) is
-    real time waited, with ``sleep``, between removing entries and removing their blobs.
+    real time waited, with ``sleep``, between removing entries and removing their blobs; when
+    ``cancelled()`` says so after it (the proxy is closing), the blobs are left for a later pass.
     """
     now = time.time() if now is None else now
     pause = grace if pause is None else pause
@@ -109,14 +118,24 @@ def trim(
     size = sum(b.size for sha, b in blobs.items() if refs[sha] or b.mtime > now - grace)
     report.pinned_bytes = sum(b.size for sha, b in blobs.items() if sha in keep)
     busy_shas: set[str] = set()
-    for ef in sorted(files, key=lambda f: (f.mtime_ns, f.rel)):
+    recent_shas: set[str] = set()
+    by_use = sorted(files, key=lambda f: (f.mtime_ns, f.rel))
+    for n, ef in enumerate(by_use):
         assert ef.entry is not None
         too_old = older_than is not None and ef.last_used < now - older_than
         too_big = max_size is not None and size > max_size
         if not (too_old or too_big):
             break  # sorted oldest first: nothing later is older, and the size only went down
+        if not too_old and spare_used_since is not None and ef.last_used >= spare_used_since:
+            spared = {f.entry.sha256 for f in by_use[n:] if f.entry is not None} - keep
+            report.session_bytes = sum(blobs[sha].size for sha in spared if sha in blobs)
+            break  # used by the session, and so is every entry after it
         if not too_old and ef.entry.sha256 in keep:
             continue  # pinned: removing the entry would free nothing
+        blob = blobs.get(ef.entry.sha256)
+        if not too_old and (blob is None or blob.mtime > now - grace):
+            recent_shas.add(ef.entry.sha256)
+            continue  # just stored (or after the scan): its blob could not go yet, so the entry stays
         try:
             removed = remove_entry_file(cache, ef, still_bad=lambda _: True, raise_busy=True)
         except LockTimeout:
@@ -128,15 +147,20 @@ def trim(
             continue
         report.removed.append(ef.entry)
         refs[ef.entry.sha256] -= 1
-        blob = blobs.get(ef.entry.sha256)
         if not refs[ef.entry.sha256] and blob is not None and blob.mtime <= now - grace:
             size -= blob.size
     report.busy_bytes = sum(blobs[sha].size for sha in busy_shas - keep if sha in blobs)
-    report.recent_bytes = sum(b.size for sha, b in blobs.items() if not refs[sha] and b.mtime > now - grace)
+    report.recent_bytes = sum(
+        b.size
+        for sha, b in blobs.items()
+        if (not refs[sha] or sha in recent_shas) and sha not in keep and b.mtime > now - grace
+    )
     # unreferenced now; a blob written within the grace period may be about to be indexed
     candidates = sorted(sha for sha, b in blobs.items() if not refs[sha] and b.mtime <= now - grace)
     if candidates and pause > 0:
         sleep(pause)  # a request that read an entry before it went has opened its blob by now
+    if cancelled():
+        candidates = []
     referenced = {f.entry.sha256 for f in scan_entries(cache) if f.entry is not None} | keep
     for sha in candidates:
         if sha in referenced:

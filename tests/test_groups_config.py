@@ -76,3 +76,20 @@ def test_no_nesting_and_merge_only_for_pypi() -> None:
         parse_table(
             table({"key": "a", "members": ["internal"]}, {"key": "a", "members": ["public"]}), "t", Path(".")
         )
+
+
+def test_every_toml_example_in_docs_rules_md_is_valid_configuration() -> None:
+    import tomllib
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
+    blocks = re.findall(r"^```toml\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert len(blocks) >= 4
+    proxies = [
+        {"key": "npm-internal", "format": "npm", "url": "http://127.0.0.1:9/"},
+        {"key": "npm", "source": "npm"},
+    ]
+    for block in blocks:
+        table = tomllib.loads(block)["tool"]["pytest-upstream"]
+        if "group" in table and "proxy" not in table:
+            table["proxy"] = proxies
+        parse_table(table, "docs/rules.md", Path("."))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 import xml.etree.ElementTree as ET
+from dataclasses import asdict
 
 import pytest
 
@@ -20,6 +22,10 @@ from pytest_upstream.config.rules import parse_rules
 from pytest_upstream.formats.hiding import Hiding, hide_maven_versions, hide_npm_versions, hide_tags
 from pytest_upstream.formats.pypi_pages import hide_files, parse_page, render_json
 from pytest_upstream.formats.refusals import refused
+from pytest_upstream.repro.lockfile import LockFileEntry
+
+from .conftest import MakeProxy, proxy_def
+from .upstreams import Upstream
 
 DAY = 86400.0
 NOW = parse_time("2026-11-30T12:00:00Z") or 0.0
@@ -195,3 +201,25 @@ def test_policy_fields_parse_and_round_trip() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(says)):
             parse_policy(bad, "pypi")
+
+
+def test_what_a_rule_hid_is_in_the_served_record_and_the_lock(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    names = ["gamma_demo-0.3-py3-none-any.whl", "gamma_demo-0.4-py3-none-any.whl"]
+    links = "".join(f'<a href="/files/{n}#sha256={"a" * 64}">{n}</a>' for n in names)
+    upstream.files["/simple/gamma-demo/"] = f"<html><body>{links}</body></html>".encode()
+    upstream.content_types["/simple/gamma-demo/"] = "text/html"
+    proxy = make_proxy(
+        proxy_def(key="py", format="pypi", url=upstream.url + "/simple/", block=["gamma-demo==0.4"])
+    )
+    with urllib.request.urlopen(proxy.url("py") + "simple/gamma-demo/", timeout=10) as resp:
+        page = resp.read().decode()
+    assert names[0] in page and names[1] not in page
+    why = "gamma-demo 0.4: blocked by rule 'gamma-demo==0.4'"
+    assert [r.hidden for r in proxy.served.records] == [(why,)]
+    locked = [e for e in proxy.engine.recorded_lock() if e.path == "simple/gamma-demo/"]
+    assert [e.hidden for e in locked] == [(why,)]
+    assert f'"hidden":["{why}"]' in proxy.engine.recorded_lock().dumps()
+    with pytest.raises(ValueError, match="hidden"):
+        LockFileEntry.from_dict({**asdict(locked[0]), "hidden": ["bad\nline"]})

@@ -57,6 +57,11 @@ class Recorder(Protocol):
     def used(self, key: str, resource: Resource, entry: Entry) -> None: ...
 
 
+def hidden_lines(hidden: tuple[Hidden, ...]) -> tuple[str, ...]:
+    """``name version: why`` for each hidden release, as records and lock files hold them."""
+    return tuple(f"{h.name} {h.version}".rstrip() + f": {h.reason}" for h in hidden)
+
+
 class ServedRecorder:
     """Every answer into the ``ServedLog``; a HEAD counts no bytes."""
 
@@ -88,7 +93,7 @@ class ServedRecorder:
                 variant=res.variant if res else "",
                 error=answer.error,
                 test=self.log.current_test,
-                hidden=tuple(f"{h.name} {h.version}: {h.reason}".replace(" :", ":") for h in answer.hidden),
+                hidden=hidden_lines(answer.hidden),
             )
         )
 
@@ -102,6 +107,7 @@ class LockRecorder:
     def __init__(self) -> None:
         self._recorded = LockFile()
         self._lock = threading.Lock()
+        self._hidden: dict[tuple[str, str, str], tuple[str, ...]] = {}  # answered, not yet used
 
     def fetching(self, url: str, key: str = "") -> None:
         """The lock names objects, which ``used`` reports."""
@@ -113,7 +119,15 @@ class LockRecorder:
         """The lock names objects, which ``used`` reports."""
 
     def answered(self, answer: Answer) -> None:
-        """The lock names objects, which ``used`` reports."""
+        """What a policy hid from served metadata goes with its entry (reported by ``used``)."""
+        res = answer.resource
+        if not answer.hidden or res is None:
+            return
+        identity = (answer.request.key, res.path, res.variant)
+        with self._lock:
+            self._hidden[identity] = hidden_lines(answer.hidden)
+            if (locked := self._recorded.get(*identity)) is not None:
+                self._recorded.add(replace(locked, hidden=self._hidden.pop(identity)))
 
     def used(self, key: str, resource: Resource, entry: Entry) -> None:
         locked = LockFileEntry(
@@ -127,7 +141,8 @@ class LockRecorder:
             headers=tuple(sorted(entry.headers.items())),
         )
         with self._lock:
-            self._recorded.add(locked)
+            hidden = self._hidden.pop(locked.identity, ())
+            self._recorded.add(replace(locked, hidden=hidden) if hidden else locked)
 
     def snapshot(self) -> LockFile:
         with self._lock:

@@ -38,6 +38,9 @@ class LockFileEntry:
     # replay answers exactly as recorded even after the shared index has moved on.
     content_type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # What the proxy's release policy took out of this metadata when it was recorded
+    # ("name version: why", docs/rules.md): a reviewer of the lock sees what a rule kept out.
+    hidden: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LockFileEntry:
@@ -45,6 +48,8 @@ class LockFileEntry:
         fields = dict(raw)
         if "headers" in fields:
             fields["headers"] = tuple((str(n), str(v)) for n, v in fields["headers"])
+        if "hidden" in fields and isinstance(fields["hidden"], list):
+            fields["hidden"] = tuple(fields["hidden"])
         entry = cls(**fields)
         entry.check()
         return entry
@@ -64,6 +69,10 @@ class LockFileEntry:
                 raise ValueError(f"field 'content_type': {problem}")
         if problem := headers_problem(self.headers, KEPT_HEADERS):
             raise ValueError(f"field 'headers': {problem}")
+        if not isinstance(self.hidden, tuple) or not all(
+            isinstance(h, str) and len(h) <= 1024 and h.isprintable() for h in self.hidden
+        ):
+            raise ValueError("field 'hidden' is not a list of printable strings (at most 1024 characters)")
 
     @property
     def identity(self) -> tuple[str, str, str]:
@@ -98,7 +107,7 @@ class LockFile:
         return isinstance(other, LockFile) and list(self) == list(other)
 
     def dumps(self) -> str:
-        lines = [json.dumps(asdict(e), sort_keys=True, separators=(",", ":")) for e in self]
+        lines = [json.dumps(_fields(e), sort_keys=True, separators=(",", ":")) for e in self]
         body = ",\n".join(f"  {line}" for line in lines)
         return (
             f'{{"version": {LOCK_VERSION}, "entries": [\n{body}\n]}}\n'
@@ -134,3 +143,11 @@ class LockFile:
                 raise LockError(f"{path}: entry {i + 1}: sha256 must be 64 lowercase hex digits")
             entries.append(entry)
         return cls(entries)
+
+
+def _fields(entry: LockFileEntry) -> dict[str, Any]:
+    """An entry as the file holds it; ``hidden`` only when a policy hid something."""
+    fields = asdict(entry)
+    if not entry.hidden:
+        del fields["hidden"]
+    return fields

@@ -13,7 +13,7 @@ import pytest
 from fixtures.build_wheels import Dist
 
 from .conftest import MakeProxy, proxy_def
-from .peers import pypiserver
+from .peers import pypiserver, require_peer
 from .pip_setup import pip_env, pip_install, publish
 from .upstreams import Upstream
 
@@ -155,3 +155,36 @@ def test_replay_through_a_group(upstream: Upstream, make_proxy: MakeProxy, tmp_p
     replay = make_proxy(*definitions, cache=tmp_path / "c", groups=groups, mode="replay")
     status, headers, body = get(replay.url("g") + "x.txt")  # one: not recorded (504), two: recorded
     assert (status, body, headers["X-Upstream-Member"]) == (200, b"from-two", "two")
+
+
+@pytest.mark.slow
+def test_skopeo_pulls_through_a_docker_group(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    from .oci import build_image, registry, skopeo
+    from .test_docker import layout_top_digest, pull, push_oci
+
+    require_peer("docker-registry", "skopeo", "htpasswd", "openssl", install="scripts/peers/docker.sh")
+    internal = build_image("amd64", {"hello": b"internal build"})
+    squat = build_image("amd64", {"hello": b"public squatter"})
+    other = build_image("amd64", {"hello": b"only upstream"})
+    with registry(tmp_path / "reg-a") as reg_a, registry(tmp_path / "reg-b") as reg_b:
+        push_oci(tmp_path, reg_a, "team/app", "v1", internal.manifest, internal.blobs)
+        push_oci(tmp_path, reg_b, "team/app", "v1", squat.manifest, squat.blobs)
+        push_oci(tmp_path, reg_b, "team/other", "v1", other.manifest, other.blobs)
+        server = make_proxy(
+            proxy_def(key="mine", format="docker", url=reg_a.url),
+            proxy_def(key="hub", format="docker", url=reg_b.url),
+            groups=({"key": "images", "members": ["mine", "hub"], "block": ["team/other:v2*"]},),
+        )
+        host = server.base_url.split("://", 1)[1]
+        r = pull(tmp_path, f"{host}/images/team/app:v1", tmp_path / "app")
+        assert r.returncode == 0, r.stderr
+        assert layout_top_digest(tmp_path / "app") == internal.manifest.digest  # the first member's
+        r = pull(tmp_path, f"{host}/images/team/other:v1", tmp_path / "other")
+        assert r.returncode == 0, r.stderr
+        assert layout_top_digest(tmp_path / "other") == other.manifest.digest  # only the second has it
+        members = {(r.key, r.path.split("/")[-2]) for r in server.served.records if r.status == 200}
+        assert ("mine", "manifests") in members and ("hub", "blobs") in members
+        tags = skopeo("list-tags", "--tls-verify=false", f"docker://{host}/images/team/app", home=tmp_path)
+        assert tags.returncode == 0 and json.loads(tags.stdout)["Tags"] == ["v1"], tags.stderr
+        status, _, body = get(f"{server.base_url}/v2/images/team/other/manifests/v2.0")
+        assert status == 403 and b"blocked by rule 'team/other:v2*'" in body  # the group's rule

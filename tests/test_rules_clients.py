@@ -1,6 +1,7 @@
 """Allow/block rules and the release cooldown with real clients (docs/rules.md).
 
-pip against pypiserver, npm against verdaccio: the proxy takes the kept-out releases out of the
+pip against pypiserver, npm against verdaccio, mvn against nginx (a WebDAV repository mvn
+deploys to): the proxy takes the kept-out releases out of the
 metadata, so the resolver picks an allowed one; a direct request is a 403 naming the rule.
 """
 
@@ -17,9 +18,11 @@ import pytest
 from fixtures.build_wheels import Dist
 from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.engine.clock import ManualClock
+from pytest_upstream.pytest_plugin.harness import UpstreamProxy
 
+from . import maven_peers
 from .conftest import MakeProxy, proxy_def
-from .peers import pypiserver
+from .peers import pypiserver, require_peer
 from .pip_setup import pip_env, pip_install, publish
 from .test_npm import npm_env, run, verdaccio  # noqa: F401 (verdaccio: a fixture)
 
@@ -136,3 +139,39 @@ def test_npm_with_a_semver_block_and_a_cooldown_installs_the_older_allowed_versi
     clock.advance(86400)  # a day later every release is old enough: the memoised render is redone
     with urllib.request.urlopen(cooled.url("npm") + "cool-base", timeout=10) as resp:
         assert sorted(json.load(resp)["versions"]) == ["1.0.0", "1.1.0", "1.2.0"]
+
+
+def test_mvn_resolves_a_version_range_around_a_blocked_release(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    require_peer(*maven_peers.PEER_COMMANDS, install=maven_peers.INSTALL)
+    with maven_peers.nginx(tmp_path / "nginx") as upstream:
+        server = make_proxy(
+            proxy_def(key="central", source="maven-central", url=upstream.repo_url),
+            proxy_def(key="libs", format="maven", url=upstream.dav_url, block=["org.example:lib:[1.1,)"]),
+        )
+        harness = UpstreamProxy(server)
+        deploy_settings = harness.maven_settings(local_repo=tmp_path / "m2-lib")
+        for version in ("1.0", "1.1"):
+            lib = maven_peers.write_project(
+                tmp_path / f"lib-{version}", "lib", version, sources={"src/main/resources/lib.txt": version}
+            )
+            deploy = ("deploy", "-DskipTests", f"-DaltDeploymentRepository=rel::default::{upstream.dav_url}")
+            maven_peers.assert_success(maven_peers.mvn(lib, deploy_settings, *deploy))
+        app = maven_peers.write_project(
+            tmp_path / "app",
+            "app",
+            "1.0",
+            deps="<dependency><groupId>org.example</groupId><artifactId>lib</artifactId>"
+            "<version>[1.0,2.0)</version></dependency>",
+        )
+        app_settings = harness.maven_settings(local_repo=tmp_path / "m2-app", extra_keys=["libs"])
+        maven_peers.assert_success(maven_peers.mvn(app, app_settings, "compile"))
+        resolved = tmp_path / "m2-app/org/example/lib/1.0/lib-1.0.jar"
+        assert maven_peers.jar_entry(resolved, "lib.txt") == "1.0"
+        assert not (tmp_path / "m2-app/org/example/lib/1.1/lib-1.1.jar").exists()
+        served = {(r.path, tuple(r.hidden)) for r in server.served.records if r.key == "libs"}
+        assert (
+            "org/example/lib/maven-metadata.xml",
+            ("org.example:lib 1.1: blocked by rule 'org.example:lib:[1.1,)'",),
+        ) in served
+        status, reason, _ = status_of(server.url("libs") + "org/example/lib/1.1/lib-1.1.jar")
+        assert (status, reason) == (403, "Blocked by rule 'org.example:lib:[1.1,)'")

@@ -154,3 +154,22 @@ def test_x(upstream_proxy):
     result.stdout.fnmatch_lines(
         ["*upstream of 'g' failed; marked down (down now): 3 requests not sent to it*"]
     )
+
+
+def test_a_group_skips_a_member_marked_down(make_proxy: MakeProxy) -> None:
+    clock = ManualClock()
+    dead = f"http://127.0.0.1:{free_port()}/"  # refuses connections
+    with Upstream() as live:
+        for i in range(20):
+            live.files[f"/f{i}.txt"] = f"file {i}".encode()
+        proxy = make_proxy(
+            proxy_def(key="dead", format="generic", url=dead),
+            proxy_def(key="live", format="generic", url=live.url),
+            groups=({"key": "g", "members": ["dead", "live"]},),
+            clock=clock,
+        )
+        for i in range(20):
+            clock.advance(0.5)
+            assert fetch(proxy.url("g") + f"f{i}.txt") == (200, f"file {i}".encode())
+    tried = [url for url in proxy.served.fetches if url.startswith(dead)]
+    assert len(tried) == 2  # two failures mark it down; the 15 s backoff outlasts the 10 s of requests

@@ -207,3 +207,31 @@ def test_a_rule_is_a_bounded_string() -> None:
             parse_rule("pypi", bad)
     with pytest.raises(ValueError, match="not supported"):
         parse_rule("helm", "x")
+
+
+# -- npm ranges, against a second, independent implementation (hypothesis) --------------------------------
+_PARTS = st.integers(min_value=0, max_value=12)
+_RELEASES = st.builds(lambda a, b, c: f"{a}.{b}.{c}", _PARTS, _PARTS, _PARTS)
+_OPERATORS = st.sampled_from(["", "=", "<", "<=", ">", ">=", "^", "~"])
+
+
+@st.composite
+def _npm_ranges(draw: st.DrawFn) -> str:
+    def comparator() -> str:
+        return draw(_OPERATORS) + draw(_RELEASES)
+
+    sets = [
+        " ".join(comparator() for _ in range(draw(st.integers(1, 2)))) for _ in range(draw(st.integers(1, 2)))
+    ]
+    return " || ".join(sets)
+
+
+@settings(max_examples=300)
+@given(spec=_npm_ranges(), version=_RELEASES)
+def test_npm_rules_agree_with_semantic_version_on_releases(spec: str, version: str) -> None:
+    # semantic_version's NpmSpec reads npm's range grammar independently (it differs from npm only
+    # on prereleases, which this test leaves out).
+    import semantic_version
+
+    model = semantic_version.NpmSpec(spec).match(semantic_version.Version(version))
+    assert parse_rule("npm", f"pkg@{spec}").matches("pkg", version) == model

@@ -96,6 +96,7 @@ def config(tmp_path: Path, upstream: Upstream) -> Path:
         '[[tool.pytest-upstream.proxy]]\nkey = "js"\nsource = "npm"\n'
         '[[tool.pytest-upstream.proxy]]\nkey = "hub"\nsource = "dockerhub"\n'
         '[[tool.pytest-upstream.proxy]]\nkey = "mvn"\nsource = "maven-central"\n'
+        '[[tool.pytest-upstream.group]]\nkey = "pyall"\nmembers = ["py"]\n'
     )
     return path
 
@@ -117,7 +118,10 @@ def test_banner_prints_the_url_each_client_needs(serve: Serve) -> None:
         "js": f"{base}/js/",
         "hub": f"{hostport}/hub/<image>",
         "mvn": f"{base}/mvn/",
+        "pyall": f"{base}/pyall/simple/",
     }
+    (group,) = [line for line in serve.banner if line.split()[0] == "pyall"]
+    assert group.split()[1:] == ["pypi", f"{base}/pyall/simple/", "->", "py"]
 
 
 def test_serve_logs_an_access_line_per_request_by_default(serve: Serve) -> None:

@@ -26,7 +26,6 @@ from pytest_upstream.config.settings import (
     DEFAULT_TIMEOUT,
     MODES,
     ConfigError,
-    ProxyDefinition,
     Settings,
     load_settings,
     parse_proxy,
@@ -102,8 +101,11 @@ def _serve(args: argparse.Namespace, settings: Settings, writes_lock: bool) -> i
     warn_if_open(args.host, settings)
     print(server.base_url, flush=True)
     for proxy in settings.proxies:
-        where = client_url(server.base_url, proxy)
+        where = client_url(server.base_url, proxy.key, proxy.format)
         print(f"  {proxy.key:<20} {proxy.format:<8} {where} -> {proxy.url}", flush=True)
+    for group in settings.groups:
+        where = client_url(server.base_url, group.key, group.format)
+        print(f"  {group.key:<20} {group.format:<8} {where} -> {' then '.join(group.members)}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
     if settings.lock_file is not None:
         what = "written at shutdown" if writes_lock else "replayed"
@@ -126,15 +128,15 @@ def _serve(args: argparse.Namespace, settings: Settings, writes_lock: bool) -> i
     return 0
 
 
-def client_url(base_url: str, proxy: ProxyDefinition) -> str:
-    """What a client of ``proxy`` is pointed at: pip's index URL (``/<key>/simple/``), npm's
-    registry and maven's repository URL (``/<key>/``), docker's image prefix (``HOST:PORT/<key>/``,
-    the API itself is under ``/v2/``), generic's base URL."""
-    if proxy.format == "pypi":
-        return f"{base_url}/{proxy.key}/simple/"
-    if proxy.format == "docker":
-        return f"{base_url.removeprefix('http://')}/{proxy.key}/<image>"
-    return f"{base_url}/{proxy.key}/"
+def client_url(base_url: str, key: str, fmt: str) -> str:
+    """What a client of the proxy (or group) ``key`` is pointed at: pip's index URL
+    (``/<key>/simple/``), npm's registry and maven's repository URL (``/<key>/``), docker's image
+    prefix (``HOST:PORT/<key>/``, the API itself is under ``/v2/``), generic's base URL."""
+    if fmt == "pypi":
+        return f"{base_url}/{key}/simple/"
+    if fmt == "docker":
+        return f"{base_url.removeprefix('http://')}/{key}/<image>"
+    return f"{base_url}/{key}/"
 
 
 def _cmd_lock_verify(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from pytest_upstream.config.s3_location import S3Location
+from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.store.backend import Backend
 from pytest_upstream.store.errors import ObjectStoreError
 from pytest_upstream.store.layout import Layout
@@ -40,17 +41,6 @@ S3_KINDS = ("seaweedfs", "moto")
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class ManualClock:
-    def __init__(self, start: float) -> None:
-        self.t = start
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @dataclass

@@ -286,11 +286,9 @@ class S3Backend:
         base = self.location.key("index/")
         prefix = base + (f"{_segment(key, 'key')}/" if key else "")
         found: list[tuple[str, str]] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(
-            "LIST", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix))
-        )
-        for page in pages:
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix))
+        # One request per page (1,000 keys), each bounded and mapped like any other request.
+        while (page := self._call("LIST", prefix, lambda: next(pages, None))) is not None:
             for item in page.get("Contents") or ():
                 k, slash, name = str(item["Key"])[len(base) :].partition("/")
                 if slash and _segment_problem(k) is None and _segment_problem(name) is None:

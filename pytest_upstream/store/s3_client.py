@@ -13,8 +13,8 @@ pytest fixture must start in well under 100 ms when no ``s3://`` cache is config
 - **Errors are ours**: ``call`` turns botocore's exceptions into ``ObjectStoreError`` naming the
   operation, bucket, key and HTTP status, scrubbed of the credential variables' values, and
   raised ``from None`` so no library exception (which may carry request details) is chained.
-  A failed condition (412, and 409 ``ConditionalRequestConflict``) and a missing object (404)
-  are answers, not errors: ``call`` returns them as a ``Refused``.
+  A failed condition (412, and 409 ``ConditionalRequestConflict``) and a missing object (404,
+  but not ``NoSuchBucket``) are answers, not errors: ``call`` returns them as a ``Refused``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def call(
         return fn()
     except ClientError as exc:
         status, code, message = _client_error(exc)
-        if status in refusals:
+        if status in refusals and code != "NoSuchBucket":  # a missing bucket is an error, not an answer
             return Refused(status, code)
         detail = f": {message}" if message else ""
         raise ObjectStoreError(

@@ -114,7 +114,11 @@ def store(
 
 
 def source_file(store: Store, data: bytes) -> Path:
-    path = store.scratch / f"src-{uuid.uuid4().hex}"
+    return source_file_in(store.scratch, data)
+
+
+def source_file_in(directory: Path, data: bytes) -> Path:
+    path = directory / f"src-{uuid.uuid4().hex}"
     path.write_bytes(data)
     return path
 
@@ -382,6 +386,10 @@ def test_a_stopped_store_gives_a_clear_error_quickly(
     with started(kind) as peer:
         backend = s3_backend(peer, "stopped", timeouts=Timeouts(connect=1, read=1, attempts=2))
         assert backend.put_index("g", NAME, b"x", if_absent=True) is not None
+        data = os.urandom(48 * 1024 * 1024)  # more than the socket buffers hold
+        backend.put_blob(source_file_in(Path(peer.log.parent), data), sha(data))
+        reading = backend.open_blob(sha(data))
+        assert reading.read(1024 * 1024) == data[: 1024 * 1024]
         if how == "killed":
             peer.proc.send_signal(signal.SIGKILL)
             peer.proc.wait(10)
@@ -392,6 +400,10 @@ def test_a_stopped_store_gives_a_clear_error_quickly(
             with pytest.raises(ObjectStoreError) as caught:
                 backend.get_index("g", NAME)
             took = time.monotonic() - start
+            # A download under way ends with an error, never with a short body that looks whole.
+            with pytest.raises(ObjectStoreError, match="reading s3://"), reading:
+                while reading.read(1024 * 1024):
+                    pass
         finally:
             if how == "frozen":
                 peer.resume()

@@ -454,6 +454,16 @@ def test_credentials_never_appear_in_errors_or_objects(monkeypatch: pytest.Monke
             _assert_no_secret(denied.value)
 
 
+def test_a_profile_that_does_not_exist_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_s3_peer("moto")  # only boto3 is needed
+    isolate_aws(monkeypatch)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    backend = S3Backend(S3Location("cache", "p", "http://127.0.0.1:9", "us-east-1"))
+    with pytest.raises(ObjectStoreError, match="the AWS_PROFILE named is not configured") as caught:
+        backend.get_index("g", NAME)
+    assert caught.value.code == "client-config" and "s3://cache" in str(caught.value)
+
+
 def test_importing_the_s3_backend_does_not_import_boto3() -> None:
     import subprocess
     import sys

@@ -69,10 +69,18 @@ def make_client(location: S3Location, timeouts: Timeouts) -> Any:
         response_checksum_validation="when_required",
         user_agent_extra="pytest-upstream",
     )
-    session = boto3.session.Session()
-    return session.client(
-        "s3", endpoint_url=location.endpoint_url, region_name=location.region, config=config
-    )
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        session = boto3.session.Session()
+        return session.client(
+            "s3", endpoint_url=location.endpoint_url, region_name=location.region, config=config
+        )
+    except (BotoCoreError, ValueError) as exc:  # a missing AWS_PROFILE, a bad region or endpoint
+        raise ObjectStoreError(
+            _clean(f"object store: s3://{location.bucket}: cannot make a client: {_unreachable(exc)}"),
+            code="client-config",
+        ) from None
 
 
 def describe(operation: str, bucket: str, key: str) -> str:

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pytest_upstream.config.settings import Settings
+from pytest_upstream.config.upstream_limits import HealthLimits
 from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.engine.fetch import CACHE_HEADER
@@ -60,7 +61,13 @@ class CacheModel(RuleBasedStateMachine):
             key=KEY, format="generic", url=self.up.url, mutable_paths=["meta/*"], metadata_ttl=TTL
         )
         self.engine = Engine(
-            Settings(cache_dir=self.tmp / "cache", mode="record", proxies=(proxy,)), clock=self.clock
+            Settings(
+                cache_dir=self.tmp / "cache",
+                mode="record",
+                proxies=(proxy,),
+                health=HealthLimits(failures=0),  # the model has no backoff: the upstream is always asked
+            ),
+            clock=self.clock,
         )
         # the model
         self.published: dict[str, bytes] = {}  # what the upstream serves (absent: 404)

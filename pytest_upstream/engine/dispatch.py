@@ -310,8 +310,9 @@ class Engine:
                     f"cached copy of {res.upstream_url} is corrupt and could not be refetched"
                 )
         headers = {CACHE_HEADER: obtained.cache}
-        if obtained.cache == "stale" and not obtained.quiet:
-            self._upstream_failed(ctx, res, obtained.note)
+        if obtained.cache == "stale":
+            if not obtained.quiet:  # an upstream marked down was not asked: nothing new to log
+                self._upstream_failed(ctx, res, obtained.note)
             headers["X-Upstream-Error"] = self.scrub(obtained.note)
             headers["Warning"] = '110 - "Response is Stale"'
         if entry.last_modified:

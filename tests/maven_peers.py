@@ -159,3 +159,9 @@ def assert_success(result: subprocess.CompletedProcess[str]) -> None:
 def jar_entry(jar: Path, name: str) -> str:
     with zipfile.ZipFile(jar) as z:
         return z.read(name).decode()
+
+
+def deploy(project: Path, settings: Path, repository_url: str) -> None:
+    """``mvn deploy`` of ``project`` to the (WebDAV) repository at ``repository_url``."""
+    args = ("deploy", "-DskipTests", f"-DaltDeploymentRepository=deployed::default::{repository_url}")
+    assert_success(mvn(project, settings, *args))

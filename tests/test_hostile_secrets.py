@@ -334,23 +334,24 @@ def test_serve_warns_at_start_of_a_credential_variable_that_is_not_set(
     assert capsys.readouterr().err == ""
 
 
+BEARER_PROJECT = textwrap.dedent(
+    """
+    [tool.pytest-upstream]
+    cache = "cache-dir"
+    [[tool.pytest-upstream.proxy]]
+    key = "g"
+    format = "generic"
+    url = "http://127.0.0.1:9/"
+    auth = "bearer"
+    token_env = "PRIV_TOKEN"
+    """
+)
+
+
 def test_the_pytest_plugin_warns_of_a_credential_variable_that_is_not_set(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (pytester.path / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [tool.pytest-upstream]
-            cache = "cache-dir"
-            [[tool.pytest-upstream.proxy]]
-            key = "g"
-            format = "generic"
-            url = "http://127.0.0.1:9/"
-            auth = "bearer"
-            token_env = "PRIV_TOKEN"
-            """
-        )
-    )
+    (pytester.path / "pyproject.toml").write_text(BEARER_PROJECT)
     pytester.makepyfile(test_x="def test_x(): pass\n")
     monkeypatch.delenv("PRIV_TOKEN", raising=False)
     result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
@@ -496,20 +497,7 @@ def test_dot_segment_variants_never_reach_the_upstream(upstream: Upstream, make_
 def test_the_pytest_plugin_refuses_a_token_with_a_newline_naming_the_variable(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (pytester.path / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [tool.pytest-upstream]
-            cache = "cache-dir"
-            [[tool.pytest-upstream.proxy]]
-            key = "g"
-            format = "generic"
-            url = "http://127.0.0.1:9/"
-            auth = "bearer"
-            token_env = "PRIV_TOKEN"
-            """
-        )
-    )
+    (pytester.path / "pyproject.toml").write_text(BEARER_PROJECT)
     pytester.makepyfile(test_x="def test_x(): pass\n")
     monkeypatch.setenv("PRIV_TOKEN", SECRET + "\n")
     result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")

@@ -620,8 +620,7 @@ def test_mvn_snapshot_redeploy_is_seen_after_the_metadata_ttl(make_proxy: MakePr
             tmp_path / "lib", "lib", "1.0-SNAPSHOT", sources={"src/main/resources/lib.txt": "v1\n"}
         )
         deploy_settings = harness.maven_settings(local_repo=tmp_path / "m2-lib")
-        deploy = ("deploy", "-DskipTests", f"-DaltDeploymentRepository=snap::default::{upstream.dav_url}")
-        maven_peers.assert_success(maven_peers.mvn(lib, deploy_settings, *deploy))
+        maven_peers.deploy(lib, deploy_settings, upstream.dav_url)
 
         app = maven_peers.write_project(
             tmp_path / "app",
@@ -641,7 +640,7 @@ def test_mvn_snapshot_redeploy_is_seen_after_the_metadata_ttl(make_proxy: MakePr
         assert [r.cache for r in first if r.path == jar.path + ".sha1"] == ["hit"]
 
         (lib / "src/main/resources/lib.txt").write_text("v2\n")
-        maven_peers.assert_success(maven_peers.mvn(lib, deploy_settings, *deploy))
+        maven_peers.deploy(lib, deploy_settings, upstream.dav_url)
         clock.advance(1.1)  # the snaps proxy's metadata_ttl
         mark = server.served.mark()
         maven_peers.assert_success(maven_peers.mvn(app, app_settings, "-U", "compile"))

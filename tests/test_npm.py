@@ -700,8 +700,8 @@ def verdaccio(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def publish_demo_packages(registry_url: str, tmp: Path) -> None:
-    """Create a user through the registry API, then ``npm publish`` the demo packages (in parallel)."""
+def npm_user(registry_url: str) -> str:
+    """Create a user through the registry API; its token."""
     req = urllib.request.Request(
         registry_url + "-/user/org.couchdb.user:demo",
         data=json.dumps({"name": "demo", "password": "demo-password-1", "type": "user"}).encode(),
@@ -709,7 +709,12 @@ def publish_demo_packages(registry_url: str, tmp: Path) -> None:
         method="PUT",
     )
     with urllib.request.urlopen(req, timeout=20) as resp:
-        token = json.load(resp)["token"]
+        return str(json.load(resp)["token"])
+
+
+def publish_demo_packages(registry_url: str, tmp: Path) -> None:
+    """Create a user through the registry API, then ``npm publish`` the demo packages (in parallel)."""
+    token = npm_user(registry_url)
     env = npm_env(tmp / "publisher")
     npmrc = tmp / "publisher" / "npmrc"
     npmrc.write_text(f"//{urlsplit(registry_url).netloc}/:_authToken={token}\n")

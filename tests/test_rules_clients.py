@@ -24,7 +24,7 @@ from . import maven_peers
 from .conftest import MakeProxy, proxy_def
 from .peers import pypiserver, require_peer
 from .pip_setup import pip_env, pip_install, publish
-from .test_npm import npm_env, run, verdaccio  # noqa: F401 (verdaccio: a fixture)
+from .test_npm import npm_env, npm_user, run, verdaccio  # noqa: F401 (verdaccio: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -74,17 +74,6 @@ def npm_publish(registry_url: str, tmp: Path, token: str, name: str, version: st
     npmrc.write_text(f"//{registry_url.split('://', 1)[1]}:_authToken={token}\n")
     cmd = ["npm", "publish", "--registry", registry_url, "--userconfig", str(npmrc), "--ignore-scripts"]
     run([*cmd, "--cache", str(tmp / "npm-cache")], src, npm_env(tmp / "publisher"))
-
-
-def npm_user(registry_url: str) -> str:
-    req = urllib.request.Request(
-        registry_url + "-/user/org.couchdb.user:demo",
-        data=json.dumps({"name": "demo", "password": "demo-password-1", "type": "user"}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="PUT",
-    )
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        return str(json.load(resp)["token"])
 
 
 def installed_version(registry: str, project: Path, spec: str) -> str:
@@ -154,8 +143,7 @@ def test_mvn_resolves_a_version_range_around_a_blocked_release(make_proxy: MakeP
             lib = maven_peers.write_project(
                 tmp_path / f"lib-{version}", "lib", version, sources={"src/main/resources/lib.txt": version}
             )
-            deploy = ("deploy", "-DskipTests", f"-DaltDeploymentRepository=rel::default::{upstream.dav_url}")
-            maven_peers.assert_success(maven_peers.mvn(lib, deploy_settings, *deploy))
+            maven_peers.deploy(lib, deploy_settings, upstream.dav_url)
         app = maven_peers.write_project(
             tmp_path / "app",
             "app",

@@ -29,7 +29,6 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.formats.base import (
     Format,
@@ -53,6 +52,7 @@ from pytest_upstream.formats.npm_packuments import (
     expected_digests,
     parse_name,
     parse_packument,
+    publication_time,
     rewrite_tarballs,
     split_name,
 )
@@ -166,13 +166,7 @@ class NpmFormat(Format):
         admit(policy.without_cooldown(), ctx.now(), name.full, named, None, f"{name.full} {file}")
         cached = ctx.cached(path)
         if cached is not None and not policy.cooldown:  # immutable: no need to consult the packument again
-            return Resource(
-                path,
-                cached.upstream_url,
-                Kind.ARTIFACT,
-                request_headers=dict(_TARBALL_HEADERS),
-                content_type="application/octet-stream",
-            )
+            return _tarball_resource(path, cached.upstream_url)
         packument = self._packument_resource(ctx.proxy, name)
         _, body = ctx.metadata(packument)
         doc = parse_packument(body, name.full)
@@ -183,24 +177,10 @@ class NpmFormat(Format):
             )
         version = manifest.get("version")
         if policy and isinstance(version, str):
-            raw_times = doc.get("time")
-            times: dict[str, Any] = raw_times if isinstance(raw_times, dict) else {}
-            admit(
-                policy,
-                ctx.now(),
-                name.full,
-                version,
-                parse_time(times.get(version)),
-                f"{name.full}@{version}",
-            )
+            uploaded = publication_time(doc, version)
+            admit(policy, ctx.now(), name.full, version, uploaded, f"{name.full}@{version}")
         if cached is not None:
-            return Resource(
-                path,
-                cached.upstream_url,
-                Kind.ARTIFACT,
-                request_headers=dict(_TARBALL_HEADERS),
-                content_type="application/octet-stream",
-            )
+            return _tarball_resource(path, cached.upstream_url)
         dist = manifest["dist"]
         expected = expected_digests(dist)
         if not expected:
@@ -211,14 +191,7 @@ class NpmFormat(Format):
         url = urljoin(packument.upstream_url, dist["tarball"])
         if urlsplit(url).scheme not in ("http", "https"):
             raise MalformedUpstream(f"the packument of {name.full} lists a non-HTTP tarball URL {url!r}")
-        return Resource(
-            path,
-            url,
-            Kind.ARTIFACT,
-            request_headers=dict(_TARBALL_HEADERS),
-            expected=expected,
-            content_type="application/octet-stream",
-        )
+        return _tarball_resource(path, url, expected)
 
     @staticmethod
     def _manifest_for_file(doc: dict[str, Any], name: PackageName, file: str) -> dict[str, Any] | None:
@@ -270,3 +243,14 @@ class NpmFormat(Format):
                 "proxy: it serves installs only"
             )
         return Reply.json(status, {"error": message})
+
+
+def _tarball_resource(path: str, url: str, expected: dict[str, str] | None = None) -> Resource:
+    return Resource(
+        path,
+        url,
+        Kind.ARTIFACT,
+        request_headers=dict(_TARBALL_HEADERS),
+        expected=expected or {},
+        content_type="application/octet-stream",
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from pytest_upstream.config.release_policy import parse_time
 from pytest_upstream.formats.base import MalformedUpstream
 
 FULL = "application/json"
@@ -261,3 +262,9 @@ class PackumentView:
 
 def dumps(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def publication_time(doc: dict[str, Any], version: str) -> float | None:
+    """When ``version`` was published, from the packument's ``time`` (None: unknown)."""
+    times = doc.get("time")
+    return parse_time(times.get(version)) if isinstance(times, dict) else None

@@ -15,7 +15,6 @@ valid bytes stay.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from pytest_upstream.store.errors import (
     cannot_store,
 )
 from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_temporary
+from pytest_upstream.store.hasher import Hasher
 from pytest_upstream.store.layout import LAYOUT_VERSION, Layout, dir_names
 from pytest_upstream.store.local import LocalBackend
 from pytest_upstream.store.locks import striped_locks
@@ -96,9 +96,7 @@ class BlobWriter:
         with storing("a new file"):
             self._out = AtomicFile(tmp_dir=tmp_dir, stem=f"part-{eid}" if eid else None)
         self.path = self._out.path
-        self._hashes = {"sha256": hashlib.sha256()}
-        for algo in algorithms:
-            self._hashes.setdefault(algo, hashlib.new(algo))
+        self._hasher = Hasher(algorithms)  # in a thread of its own once the body is big (hasher.py)
         self.size = 0
         self._reserved = 0
 
@@ -126,8 +124,7 @@ class BlobWriter:
     def write(self, chunk: bytes) -> None:
         with storing(f"{self.size + len(chunk)} bytes"):
             self._out.write(chunk)
-        for h in self._hashes.values():
-            h.update(chunk)
+        self._hasher.update(chunk)
         self.size += len(chunk)
 
     def flush(self) -> None:
@@ -149,7 +146,7 @@ class BlobWriter:
             self._out.flush()
             if self._reserved > self.size:
                 os.ftruncate(self._out.file.fileno(), self.size)
-        return {algo: h.hexdigest() for algo, h in self._hashes.items()}
+        return self._hasher.hexdigests()
 
     def commit(self, target: Path) -> None:
         """fsync, rename to ``target`` and fsync its directory."""
@@ -157,6 +154,7 @@ class BlobWriter:
             self._out.commit(target)
 
     def discard(self) -> None:
+        self._hasher.close()
         self._out.discard()
 
 

@@ -127,6 +127,16 @@ class BlobWriter:
         self._hasher.update(chunk)
         self.size += len(chunk)
 
+    def hash_only(self, chunk: bytes) -> None:
+        """Count and hash bytes that are not written: the disk filled, and a flight relays the
+        rest of the body from memory (engine/flights.py), verified like a stored one."""
+        self._hasher.update(chunk)
+        self.size += len(chunk)
+
+    def digests(self) -> dict[str, str]:
+        """The digests (hex) of every byte given to ``write`` and ``hash_only``."""
+        return self._hasher.hexdigests()
+
     def flush(self) -> None:
         """Hand what was written to the OS, so readers of the part file (``open_reader``) see it."""
         with storing(f"{self.size} bytes"):

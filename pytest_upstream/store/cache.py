@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_upstream.store.blobs import Verifier, stamp_of
+from pytest_upstream.store.early_sync import EarlySync
 from pytest_upstream.store.entry import Entry, entry_bytes, entry_id, parse_entry
 from pytest_upstream.store.errors import (
     CacheError,
@@ -97,6 +98,7 @@ class BlobWriter:
             self._out = AtomicFile(tmp_dir=tmp_dir, stem=f"part-{eid}" if eid else None)
         self.path = self._out.path
         self._hasher = Hasher(algorithms)  # in a thread of its own once the body is big (hasher.py)
+        self._early_sync = EarlySync(self._out.file.fileno())  # write-back begun as it grows
         self.size = 0
         self._reserved = 0
 
@@ -126,6 +128,7 @@ class BlobWriter:
             self._out.write(chunk)
         self._hasher.update(chunk)
         self.size += len(chunk)
+        self._early_sync.grown(self.size)
 
     def hash_only(self, chunk: bytes) -> None:
         """Count and hash bytes that are not written: the disk filled, and a flight relays the
@@ -152,6 +155,7 @@ class BlobWriter:
 
     def finish(self) -> dict[str, str]:
         """Flush and return the digests (hex) of what was written (a reservation past them is cut)."""
+        self._early_sync.stop()
         with storing(f"{self.size} bytes"):
             self._out.flush()
             if self._reserved > self.size:
@@ -164,6 +168,7 @@ class BlobWriter:
             self._out.commit(target)
 
     def discard(self) -> None:
+        self._early_sync.stop()
         self._hasher.close()
         self._out.discard()
 

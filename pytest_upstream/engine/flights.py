@@ -26,7 +26,6 @@ relays the rest to the clients already joined from memory, bounded, and stores n
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import threading
@@ -273,7 +272,7 @@ class Flight(FlightBody):
                 except StoreFailed as exc:
                     if head.length is not None:  # sent with sendfile from the file: cut (rare:
                         raise  # the length was reserved on disk before the first byte)
-                    self._relay_from_memory(writer, exc, written, itertools.chain([chunk], chunks))
+                    self._relay_from_memory(writer, exc, written, chunk, chunks)
                     return None
                 if written > self.visible:
                     with self.cond:
@@ -294,20 +293,21 @@ class Flight(FlightBody):
             return entry
 
     def _relay_from_memory(
-        self, writer: BlobWriter, why: StoreFailed, in_file: int, rest: Iterator[bytes]
+        self, writer: BlobWriter, why: StoreFailed, in_file: int, failed: bytes, rest: Iterator[bytes]
     ) -> None:
-        """The disk filled after ``in_file`` bytes of a body of undeclared length: relay ``rest``
-        to the clients already joined from memory (flight_reader.py), verify it, store nothing.
-        The flight leaves the registry first, so the next request is a fresh miss."""
+        """The disk filled after ``in_file`` bytes of a body of undeclared length, writing the chunk
+        ``failed`` (hashed already: ``BlobWriter.write``): relay it and ``rest`` to the clients
+        already joined from memory (flight_reader.py), verify, store nothing.  The flight leaves
+        the registry first, so the next request is a fresh miss."""
         res, cache = self.res, self._flights.cache
-        store_failed(
-            cache, why, f"relaying the rest of {res.upstream_url} to its clients from memory, uncached"
-        )
+        action = f"relaying the rest of {res.upstream_url} to its clients from memory, uncached"
+        store_failed(cache, why, action)
         writer.discard()  # the part file goes; every reader holds its own descriptor on it
         with self._flights.mutex, self.cond:
             self._flights.forget(self)
             self.in_file = in_file
-        offset = in_file
+        self._hold(in_file, failed)
+        offset = in_file + len(failed)
         for chunk in rest:
             if self._cancel or not self.clients:  # nothing is stored: no reason to go on alone
                 raise FlightCancelled(self._cancel or "cancelled: every client of the relay left")
@@ -317,6 +317,10 @@ class Flight(FlightBody):
         digests = writer.digests()
         verify_digests(digests, res.expected, res.upstream_url)
         self._end(RELAYED, relayed=(offset, digests["sha256"]))
+
+    def slowest(self) -> int | None:
+        """A client that joined and has no reader yet will start at offset 0."""
+        return 0 if self._pending else super().slowest()
 
     def _hold(self, offset: int, chunk: bytes) -> None:
         """Add a relayed chunk to the tail, publishing the one before it; drop what every reader

@@ -124,17 +124,19 @@ class BlobWriter:
             raise StoreFailed(f"the cache cannot store {length} bytes: {free} bytes free")
 
     def write(self, chunk: bytes) -> None:
+        """Hash and write ``chunk``.  Hashed first: when the write fails (StoreFailed) the digests
+        still count it, so a flight that relays the rest of the body from memory (flights.py)
+        verifies every byte exactly once whether the failure came in ``write`` or ``flush``."""
+        self._hasher.update(chunk)
         with storing(f"{self.size + len(chunk)} bytes"):
             self._out.write(chunk)
-        self._hasher.update(chunk)
         self.size += len(chunk)
         self._early_sync.grown(self.size)
 
     def hash_only(self, chunk: bytes) -> None:
-        """Count and hash bytes that are not written: the disk filled, and a flight relays the
-        rest of the body from memory (engine/flights.py), verified like a stored one."""
+        """Hash bytes that are not written: the disk filled, and a flight relays the rest of the
+        body from memory (engine/flights.py), verified like a stored one."""
         self._hasher.update(chunk)
-        self.size += len(chunk)
 
     def digests(self) -> dict[str, str]:
         """The digests (hex) of every byte given to ``write`` and ``hash_only``."""

@@ -392,11 +392,11 @@ def test_a_download_of_undeclared_length_is_passed_through_while_the_cache_is_de
 
 
 # -- disk full in the middle of a body of undeclared length ------------------------
-def _fill_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[int]:
-    """Part files take ``limit`` bytes, then every write fails with ENOSPC (a disk that fills
-    mid-body); returns the list of failed writes' sizes."""
+def _fill_after(monkeypatch: pytest.MonkeyPatch, limit: int, fails: str = "write") -> list[int]:
+    """Part files take ``limit`` bytes, then every ``write`` (or the ``flush`` after it) fails with
+    ENOSPC (a disk that fills mid-body); returns the sizes of the writes that failed."""
     failed: list[int] = []
-    real_write = AtomicFile.write
+    real_write, real_flush = AtomicFile.write, AtomicFile.flush
     taken: dict[int, int] = {}
 
     def write(self: AtomicFile, data: bytes | bytearray | memoryview) -> int:
@@ -404,27 +404,37 @@ def _fill_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[int]:
             size = taken.get(id(self), 0) + len(data)
             if size > limit:
                 failed.append(len(data))
-                raise OSError(errno.ENOSPC, "No space left on device")
+                if fails == "write":
+                    raise OSError(errno.ENOSPC, "No space left on device")
             taken[id(self)] = size
         return real_write(self, data)
 
+    def flush(self: AtomicFile) -> None:
+        if failed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_flush(self)
+
     monkeypatch.setattr(AtomicFile, "write", write)
+    if fails == "flush":
+        monkeypatch.setattr(AtomicFile, "flush", flush)
     return failed
 
 
+@pytest.mark.parametrize("fails", ["write", "flush"])
 def test_a_disk_that_fills_mid_body_of_undeclared_length_still_serves_the_joined_clients_whole(
     upstream: Upstream,
     make_proxy: MakeProxy,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    fails: str,
 ) -> None:
     data = os.urandom(12 * MiB)  # gzip keeps it ~12 MiB: past the 8 MiB judged before the headers
     upstream.files["/u.bin"] = gzip.compress(data, compresslevel=1)
     # Every client joins before the answer; the body then comes slowly enough to be relayed.
     upstream.faults["/u.bin"] = Fault(delay=0.4, chunk_delay=0.002, headers={"Content-Encoding": "gzip"})
     proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
-    failed = _fill_after(monkeypatch, 10 * MiB)  # after the headers went out (8 MiB decoded first)
+    failed = _fill_after(monkeypatch, 10 * MiB, fails)  # after the headers (8 MiB decoded first)
     results: list[tuple[int, dict[str, str], bytes, bool]] = []
     threads = [
         threading.Thread(target=lambda: results.append(request(proxy.base_url, "/g/u.bin"))) for _ in range(3)

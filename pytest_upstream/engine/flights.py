@@ -82,6 +82,8 @@ __all__ = ["FlightCancelled", "FlightFailed", "FlightReader", "Flights"]
 log = logging.getLogger("pytest_upstream.engine.flights")
 
 _CLOSE_WAIT = 2.0  # seconds Engine.close waits for cancelled flights to clean up
+_PUBLISH_BYTES = 1024 * 1024  # new bytes that wake the readers ...
+_PUBLISH_AFTER = 0.005  # ... or seconds since they were last woken, whichever comes first
 
 
 class FlightCancelled(Exception):
@@ -123,6 +125,7 @@ class Flight(FlightBody):
         self._left_at: float | None = None  # when the last client left
         self._cancel = ""  # why to stop (Flights.close)
         self._tail_bytes = 0  # relaying: the bytes in ``tail``
+        self._published = 0.0  # when the readers were last woken for new bytes
         self.thread = threading.Thread(
             target=self._run, name=f"pytest-upstream fetch {res.path[-60:]}", daemon=True
         )
@@ -274,7 +277,7 @@ class Flight(FlightBody):
                         raise  # the length was reserved on disk before the first byte)
                     self._relay_from_memory(writer, exc, written, chunk, chunks)
                     return None
-                if written > self.visible:
+                if written > self.visible and self._publish_now(written):
                     with self.cond:
                         self.visible = written  # the chunk just written stays held back
                         self.cond.notify_all()
@@ -291,6 +294,20 @@ class Flight(FlightBody):
         except StoreFailed as exc:
             store_failed(cache, exc, f"{res.upstream_url} served whole but not indexed")
             return entry
+
+    def _publish_now(self, written: int) -> bool:
+        """Whether to wake the readers for the bytes up to ``written``: the first bytes at once,
+        then every ``_PUBLISH_BYTES`` or ``_PUBLISH_AFTER`` seconds.  Waking every reader (and
+        their threads taking the GIL) for each 256 KiB read cost as much CPU as the hash."""
+        now = time.monotonic()
+        if (
+            self.visible
+            and written - self.visible < _PUBLISH_BYTES
+            and now - self._published < _PUBLISH_AFTER
+        ):
+            return False
+        self._published = now
+        return True
 
     def _relay_from_memory(
         self, writer: BlobWriter, why: StoreFailed, in_file: int, failed: bytes, rest: Iterator[bytes]

@@ -20,7 +20,8 @@ import threading
 from typing import Any
 
 THREAD_AFTER = 4 * 1024 * 1024  # bytes hashed inline before a hashing thread starts
-_QUEUE_CHUNKS = 64  # chunks waiting for the hashing thread (at most ~16 MiB at 256 KiB reads)
+_BATCH = 1024 * 1024  # bytes handed to the hashing thread at once (one wake-up per batch)
+_QUEUE_BATCHES = 16  # batches waiting for the hashing thread (at most ~16 MiB)
 
 
 class Hasher:
@@ -31,7 +32,9 @@ class Hasher:
         for algo in algorithms:
             self._hashes.setdefault(algo, hashlib.new(algo))
         self._size = 0
-        self._queue: queue.Queue[bytes | None] | None = None
+        self._queue: queue.Queue[list[bytes] | None] | None = None
+        self._batch: list[bytes] = []  # chunks not handed over yet
+        self._batched = 0
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
 
@@ -39,7 +42,10 @@ class Hasher:
         if not chunk:
             return
         if self._queue is not None:
-            self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            self._batch.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            self._batched += len(chunk)
+            if self._batched >= _BATCH:
+                self._hand_over(self._queue)
             return
         self._update(chunk)
         self._size += len(chunk)
@@ -61,23 +67,30 @@ class Hasher:
         for h in self._hashes.values():
             h.update(chunk)
 
+    def _hand_over(self, pending: queue.Queue[list[bytes] | None]) -> None:
+        if self._batch:
+            pending.put(self._batch)
+            self._batch, self._batched = [], 0
+
     def _start(self) -> None:
-        self._queue = queue.Queue(_QUEUE_CHUNKS)
+        self._queue = queue.Queue(_QUEUE_BATCHES)
         self._thread = threading.Thread(
             target=self._run, args=(self._queue,), name="pytest-upstream hash", daemon=True
         )
         self._thread.start()
 
-    def _run(self, chunks: queue.Queue[bytes | None]) -> None:
-        while (chunk := chunks.get()) is not None:
+    def _run(self, batches: queue.Queue[list[bytes] | None]) -> None:
+        while (batch := batches.get()) is not None:
             if self._failure is None:
                 try:
-                    self._update(chunk)
+                    for chunk in batch:
+                        self._update(chunk)
                 except BaseException as exc:  # pragma: no cover - hashlib does not fail on bytes
                     self._failure = exc
 
     def _stop(self) -> None:
         thread, pending, self._thread, self._queue = self._thread, self._queue, None, None
         if thread is not None and pending is not None:
+            self._hand_over(pending)
             pending.put(None)
             thread.join()  # later updates (none are expected) are hashed inline, still in order

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
+import h11
 import httpcore
 import httpx
 
@@ -66,6 +67,7 @@ class _WideReads(httpcore.NetworkStream):
 
     def __init__(self, inner: httpcore.NetworkStream) -> None:
         self._inner = inner
+        self.inner = inner  # for reads that must not go past a given length (_DirectBody)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max(max_bytes, _READ_SIZE), timeout)
@@ -104,6 +106,55 @@ def _pieces(raw: Iterable[bytes]) -> Iterator[bytes]:
             yield chunk[at : at + _CODED_PIECE]
 
 
+class _DirectBody(httpcore.HTTP11Connection):
+    """HTTP/1.1 whose long Content-Length bodies bypass h11's buffer.
+
+    h11 hands a body over through its receive buffer: appended to a bytearray, sliced out twice,
+    then copied to ``bytes`` by httpcore: four copies of every byte in Python beside the one
+    ``recv`` makes, a large part of a cold miss's CPU.  For a body of at least ``_DIRECT_AFTER``
+    bytes, what h11 already buffered is taken through it as usual, then the rest is read from the
+    socket as it is, exactly up to the declared length (never into the next answer), and h11's
+    count of what remains is kept, so it ends the message and the connection is reused as before.
+    Any other body (chunked, close-delimited, short), or an h11 whose internals differ, takes
+    httpcore's own path.  Content codings are undone above this (``_Decoded``).
+    """
+
+    def _receive_response_body(self, request: httpcore.Request) -> Iterator[bytes]:
+        reader = getattr(self._h11_state, "_reader", None)
+        remaining = getattr(reader, "_remaining", None)
+        if not isinstance(remaining, int) or remaining < _DIRECT_AFTER or not hasattr(reader, "_length"):
+            yield from super()._receive_response_body(request)
+            return
+        timeout = request.extensions.get("timeout", {}).get("read")
+        while True:  # the body bytes h11 holds already
+            try:
+                event = self._h11_state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpcore.RemoteProtocolError(str(exc)) from exc
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif event is h11.NEED_DATA:
+                break
+            else:  # EndOfMessage: h11 had it all
+                return
+        stream = self._network_stream
+        raw = stream.inner if isinstance(stream, _WideReads) else stream
+        while reader._remaining > 0:  # type: ignore[union-attr]
+            data = raw.read(min(reader._remaining, _READ_SIZE), timeout=timeout)  # type: ignore[union-attr]
+            if not data:
+                got = reader._length - reader._remaining  # type: ignore[union-attr]
+                raise httpcore.RemoteProtocolError(
+                    "peer closed connection without sending complete message body "
+                    f"(received {got} bytes, expected {reader._length})"  # type: ignore[union-attr]
+                )
+            reader._remaining -= len(data)  # type: ignore[union-attr]
+            yield data
+        yield from super()._receive_response_body(request)  # h11 sees the end of the message
+
+
+_DIRECT_AFTER = 1024 * 1024  # bodies at least this long are read past h11 (_DirectBody)
+
+
 class _Connection(httpcore.HTTPConnection):
     _served = 0  # requests sent over this connection so far
 
@@ -118,7 +169,10 @@ class _Connection(httpcore.HTTPConnection):
             raise httpcore.ConnectionNotAvailable()
         request.extensions[_REUSED] = self._served > 0
         self._served += 1
-        return _connection_handle_request(self, request)  # type: ignore[no-any-return]
+        response: httpcore.Response = _connection_handle_request(self, request)
+        if type(self._connection) is httpcore.HTTP11Connection:  # read at body time: takes effect now
+            self._connection.__class__ = _DirectBody
+        return response
 
 
 class _Pool(httpcore.ConnectionPool):

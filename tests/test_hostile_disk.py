@@ -475,7 +475,7 @@ def test_a_relay_from_memory_is_bounded_a_stalled_client_is_cut_the_others_finis
     upstream.faults["/u.bin"] = Fault(delay=0.4, chunk_delay=0.001, headers={"Content-Encoding": "gzip"})
     proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
     monkeypatch.setattr(flights_module, "RELAY_LIMIT", 1 * MiB)
-    monkeypatch.setattr(flights_module, "RELAY_STALL", 0.3)
+    monkeypatch.setattr(flights_module, "RELAY_STALL", 0.5)
     _fill_after(monkeypatch, 9 * MiB)
     parts = urlsplit(proxy.base_url)
     stalled = socket.socket()
@@ -488,11 +488,16 @@ def test_a_relay_from_memory_is_bounded_a_stalled_client_is_cut_the_others_finis
     threads = [
         threading.Thread(target=lambda: results.append(request(proxy.base_url, "/g/u.bin"))) for _ in range(2)
     ]
+    started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    took = time.monotonic() - started
     assert [(s, whole, body == data) for s, _, body, whole in results] == [(200, True, True)] * 2
+    # One wait of RELAY_STALL for the stalled client, not one per chunk after it lost its place
+    # (~20 chunks of 256 KiB: 10 s).
+    assert took < 4.0, took
     got = b""
     with contextlib.suppress(OSError):
         while more := stalled.recv(1 << 20):

@@ -60,6 +60,7 @@ class FlightBody:
         self.error: BaseException | None = None
         self.in_file: int | None = None  # relaying: the bytes of the body in the part file
         self.tail: deque[tuple[int, bytes]] = deque()  # relaying: (offset, chunk) past in_file
+        self.dropped_to = 0  # relaying: the tail before this offset was dropped
         self.sha256 = ""  # relayed: the body's digest
         # Open readers (their offsets bound the tail); a reader dropped unclosed leaves by itself.
         self.readers: weakref.WeakSet[FlightReader] = weakref.WeakSet()
@@ -69,8 +70,9 @@ class FlightBody:
         self.readers.discard(reader)
 
     def slowest(self) -> int | None:
-        """The smallest offset an open reader still needs (called with ``cond`` held)."""
-        return min((r.offset for r in self.readers), default=None)
+        """The smallest offset an open reader still needs (called with ``cond`` held).  A reader
+        behind ``dropped_to`` lost its place (it fails when it gets there): it holds up nothing."""
+        return min((r.offset for r in self.readers if r.offset >= self.dropped_to), default=None)
 
 
 def _read_at(fd: int, size: int, offset: int) -> bytes:

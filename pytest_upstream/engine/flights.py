@@ -336,8 +336,9 @@ class Flight(FlightBody):
         self._end(RELAYED, relayed=(offset, digests["sha256"]))
 
     def slowest(self) -> int | None:
-        """A client that joined and has no reader yet will start at offset 0."""
-        return 0 if self._pending else super().slowest()
+        """A client that joined and has no reader yet will start at offset 0 (and has lost its
+        place already if part of the tail was dropped)."""
+        return 0 if self._pending and not self.dropped_to else super().slowest()
 
     def _hold(self, offset: int, chunk: bytes) -> None:
         """Add a relayed chunk to the tail, publishing the one before it; drop what every reader
@@ -366,8 +367,9 @@ class Flight(FlightBody):
                 self.cond.wait(left)
 
     def _drop_oldest(self) -> None:
-        _, chunk = self.tail.popleft()
+        start, chunk = self.tail.popleft()
         self._tail_bytes -= len(chunk)
+        self.dropped_to = start + len(chunk)
 
     def _check_wanted(self) -> None:
         """Raise FlightCancelled when the engine closes, or no client came back in time."""

@@ -531,7 +531,8 @@ for fsync, verification and the index entry. What was done, and what each gained
 - **Long bodies past h11** (`_DirectBody` in `upstream/client.py`): a Content-Length body of 1 MiB
   or more is read from the socket as it is, not through h11's receive buffer (appended, sliced
   twice, copied again by httpcore: four copies of every byte beside `recv`'s); h11 still ends the
-  message, so the connection is reused. The proxy's CPU per 100 MiB miss: 180-210 to 130-160 ms.
+  message, so the connection is reused. The proxy's CPU per 100 MiB miss: 180-210 to 130-160 ms
+  in one sitting (load ~10).
 - **Fewer wake-ups**: readers are woken once per MiB (or 5 ms) instead of per read, and the hashing
   thread gets 1 MiB batches. py-spy had the download thread spending as long in
   `Condition.notify` as the hash took.
@@ -540,19 +541,20 @@ for fsync, verification and the index entry. What was done, and what each gained
 - **Early write-back** (`store/early_sync.py`: `fdatasync` in a thread every 16 MiB): the final
   fsync + rename + directory fsync, which the held-back last chunk waits for, went from 25-29 ms to
   3-5 ms (100 MiB written in-process, three rounds each).
-- Together: the proxy's CPU time per 100 MiB miss went from 210-240 ms to 130-160 ms. Wall times
-  in the sittings above (median of 5, before / after): 1003 / 323 and 299 / 216 ms (without the
-  h11 bypass; direct 46-64 ms). The first body byte stays within 10 ms (2-3 ms on a quiet
-  machine).
+- Together: the proxy's CPU time per 100 MiB miss went from 210-260 ms to 130-190 ms (medians
+  220 / 170 ms in the last sitting, load 6.5-7.8). Wall times (median of 5, before / after):
+  1003 / 323 and 299 / 216 ms without the h11 bypass, 355 / 226 and 286 / 400 ms with it, the
+  direct download taking 46-87 ms: at this load the wall time says little. The first body byte
+  stays within 10 ms in most runs (2-3 ms on a quiet machine, up to 18 ms at load 8).
 
-**Why 2x is out of reach here.** The proxy needs 130-160 ms of CPU for one 100 MiB miss (user +
+**Why 2x is out of reach here.** The proxy needs 130-190 ms of CPU for one 100 MiB miss (user +
 system, all threads, `/proc`), and most of it is work a verifying cache cannot skip: sha256 (~50
 ms: hashlib alone, 100 MiB on this CPU), and three passes of the bytes through the kernel:
 receiving them from the upstream, writing them into the page cache, and `sendfile` to the client
 (py-spy puts each in the tens of ms). The direct download takes 40-45 ms with nginx and the reader
 on the 2 cores. 2x direct is 80-90 ms, which leaves at most 2 x 85 = 170 ms of CPU for everything:
 the upstream nginx sending 100 MiB, the proxy, and the reader receiving 100 MiB; with the proxy
-at 130-160 ms, the other two would have to do in 10-40 ms what takes them most of the 40-45 ms of
+at 130-190 ms, the other two would have to do in 0-40 ms what takes them most of the 40-45 ms of
 a direct download. nginx's own `proxy_cache`, which does not hash, needs 2.9x here (reference row).
 Left to try: `splice` from the upstream socket into the part file with the hash read back from the
 page cache (one copy less through user space, perhaps 20-30 ms of CPU), which still leaves the
@@ -560,9 +562,10 @@ count above 2x on 2 cores.
 
 **(2) one stalled client and 16 clients:** the stalled client never slows the others (they read
 the part file, never its socket), and there is 1 upstream fetch. The time for the 16 is mostly 16 x
-50 MiB of `sendfile` plus the benchmark's 16 Python readers on the same 2 cores: in the same
-sitting 428 and 304 ms for the 16 (lone 182 and 146 ms) against 476 and 827 ms before these changes
-(lone 160 and 192 ms); at load 6-9 the ratio says little. It was 1.57-1.65x on a quieter machine.
+50 MiB of `sendfile` plus the benchmark's 16 Python readers on the same 2 cores. In the last
+sitting (load 6.5-7.8) the 16 took 325 and 361 ms (2.28x and 2.34x a lone download of 143 and 154
+ms) against 464 and 463 ms (2.77x and 2.01x; lone 168 and 231 ms) before these changes; at such load
+the ratio says little. It was 1.57-1.65x before these changes on a quieter machine.
 
 - **Big misses are bounded by the disk**: writing 1 GiB to a file here took 3.6 s in plain Python
   (dirty-page throttling), so the 1 GiB miss in (d) runs at 100-400 MB/s; any caching proxy would.

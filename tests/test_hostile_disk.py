@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,10 +34,12 @@ import pytest
 
 from pytest_upstream.admin.prune import prune
 from pytest_upstream.config.settings import Settings
+from pytest_upstream.engine import flights as flights_module
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.store import cache as cache_module
 from pytest_upstream.store.cache import Cache, StoreFailed, entry_id
 from pytest_upstream.store.errors import cannot_store
+from pytest_upstream.store.files import AtomicFile
 from pytest_upstream.store.layout import stripe_of
 
 from .conftest import MakeProxy, proxy_def
@@ -385,3 +389,121 @@ def test_a_download_of_undeclared_length_is_passed_through_while_the_cache_is_de
     assert blobs_in(tmp_path / "cache") == []
     monkeypatch.setattr(cache_module, "FAILURE_MEMORY", 0.0)  # the failure is forgotten: stored again
     assert request(proxy.base_url, "/g/u.bin")[1]["x-upstream-cache"] == "miss"
+
+
+# -- disk full in the middle of a body of undeclared length ------------------------
+def _fill_after(monkeypatch: pytest.MonkeyPatch, limit: int, fails: str = "write") -> list[int]:
+    """Part files take ``limit`` bytes, then every ``write`` (or the ``flush`` after it) fails with
+    ENOSPC (a disk that fills mid-body); returns the sizes of the writes that failed."""
+    failed: list[int] = []
+    real_write, real_flush = AtomicFile.write, AtomicFile.flush
+    taken: dict[int, int] = {}
+
+    def write(self: AtomicFile, data: bytes | bytearray | memoryview) -> int:
+        if self.path.name.startswith(".part-"):
+            size = taken.get(id(self), 0) + len(data)
+            if size > limit:
+                failed.append(len(data))
+                if fails == "write":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            taken[id(self)] = size
+        return real_write(self, data)
+
+    def flush(self: AtomicFile) -> None:
+        if failed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(AtomicFile, "write", write)
+    if fails == "flush":
+        monkeypatch.setattr(AtomicFile, "flush", flush)
+    return failed
+
+
+@pytest.mark.parametrize("fails", ["write", "flush"])
+def test_a_disk_that_fills_mid_body_of_undeclared_length_still_serves_the_joined_clients_whole(
+    upstream: Upstream,
+    make_proxy: MakeProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fails: str,
+) -> None:
+    data = os.urandom(12 * MiB)  # gzip keeps it ~12 MiB: past the 8 MiB judged before the headers
+    upstream.files["/u.bin"] = gzip.compress(data, compresslevel=1)
+    # Every client joins before the answer; the body then comes slowly enough to be relayed.
+    upstream.faults["/u.bin"] = Fault(delay=0.4, chunk_delay=0.002, headers={"Content-Encoding": "gzip"})
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    failed = _fill_after(monkeypatch, 10 * MiB, fails)  # after the headers (8 MiB decoded first)
+    results: list[tuple[int, dict[str, str], bytes, bool]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(request(proxy.base_url, "/g/u.bin"))) for _ in range(3)
+    ]
+    with caplog.at_level("WARNING"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert failed, "the disk never filled: the test proves nothing"
+    assert len(results) == 3
+    for status, headers, body, whole in results:
+        assert (status, whole, len(body), body == data) == (200, True, len(data), True)
+        assert headers["x-upstream-cache"] in ("miss", "hit")  # sent before the disk filled
+    assert upstream.hits["/u.bin"] == 1
+    cache_dir = tmp_path / "cache"
+    assert proxy.engine.flights.wait_idle(5)
+    assert parts_in(cache_dir) == [] and blobs_in(cache_dir) == []  # not stored, part file gone
+    assert proxy.engine.cache.lookup("g", "u.bin") is None
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("No space left" in m and "from memory, uncached" in m for m in warning), warning
+    records = [r for r in proxy.engine.served.records if r.path == "u.bin"]
+    assert [r.cache for r in records] == ["pass-through"] * 3
+    assert {r.sha256 for r in records} == {hashlib.sha256(data).hexdigest()}
+    monkeypatch.undo()  # room again, and the failure forgotten: the next request is a fresh miss
+    monkeypatch.setattr(cache_module, "FAILURE_MEMORY", 0.0)
+    status, headers, body, whole = request(proxy.base_url, "/g/u.bin")
+    assert (status, headers["x-upstream-cache"], body == data, whole) == (200, "miss", True, True)
+    assert upstream.hits["/u.bin"] == 2
+    assert request(proxy.base_url, "/g/u.bin")[1]["x-upstream-cache"] == "hit"
+
+
+def test_a_relay_from_memory_is_bounded_a_stalled_client_is_cut_the_others_finish(
+    upstream: Upstream, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(14 * MiB)
+    upstream.files["/u.bin"] = gzip.compress(data, compresslevel=1)
+    upstream.faults["/u.bin"] = Fault(delay=0.4, chunk_delay=0.001, headers={"Content-Encoding": "gzip"})
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    monkeypatch.setattr(flights_module, "RELAY_LIMIT", 1 * MiB)
+    monkeypatch.setattr(flights_module, "RELAY_STALL", 0.5)
+    _fill_after(monkeypatch, 9 * MiB)
+    parts = urlsplit(proxy.base_url)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its window fills at once
+    stalled.settimeout(20)
+    stalled.connect((parts.hostname or "", parts.port or 0))
+    stalled.sendall(f"GET /g/u.bin HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+    time.sleep(0.1)  # it asks first and reads nothing
+    results: list[tuple[int, dict[str, str], bytes, bool]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(request(proxy.base_url, "/g/u.bin"))) for _ in range(2)
+    ]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    took = time.monotonic() - started
+    assert [(s, whole, body == data) for s, _, body, whole in results] == [(200, True, True)] * 2
+    # One wait of RELAY_STALL for the stalled client, not one per chunk after it lost its place
+    # (~20 chunks of 256 KiB: 10 s).
+    assert took < 4.0, took
+    got = b""
+    with contextlib.suppress(OSError):
+        while more := stalled.recv(1 << 20):
+            got += more
+    stalled.close()
+    assert len(got) < len(data)  # its head and part of the body, then the connection was cut
+    records = [r for r in proxy.engine.served.records if r.path == "u.bin"]
+    assert sorted(r.cache for r in records) == ["error", "pass-through", "pass-through"]
+    assert "fell more than" in next(r.error for r in records if r.cache == "error")

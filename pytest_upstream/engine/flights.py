@@ -3,8 +3,8 @@
 An artifact miss starts a *flight*: a background thread that takes the entry's lock, asks the
 upstream, writes the part file, verifies, stores blob and entry, and releases the lock.  Every
 client of that entry in this process, the first included, joins the flight and is served from
-the growing part file as bytes arrive (``FlightReader``: its own descriptor; ``pread``, or
-``sendfile`` through ``next_span``/``advance``), so a client that stalls, reads slowly or leaves
+the growing part file as bytes arrive (``FlightReader`` in flight_reader.py: its own descriptor;
+``pread``, or ``sendfile`` through ``next_span``/``advance``), so a client that stalls, reads slowly or leaves
 never blocks, slows or cancels the download or another client, and never holds the entry lock.
 Other processes wait for the entry lock (store/locks.py) and then find a hit.
 
@@ -17,7 +17,10 @@ joiners ``hit``.
 Deadlines: the upstream's pace (``upstream.client.Pace``: ``fetch_deadline``, ``min_rate``), and
 ``orphan_deadline`` after the last client left; a cancelled or failed flight stores nothing,
 removes its part file and releases the lock.  A cache that cannot store (``StoreFailed`` before
-the first byte) relays the answer to one client instead (PASSING, engine/passthrough.py).
+the first byte) relays the answer to one client instead (PASSING, engine/passthrough.py); one
+that fills up in the middle of a body of undeclared length (nothing could be reserved for it)
+relays the rest to the clients already joined from memory, bounded, and stores nothing
+(RELAYED, flight_reader.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -41,32 +45,45 @@ from pytest_upstream.engine.fetch import (
     declared_length,
     store_failed,
 )
+from pytest_upstream.engine.flight_reader import (
+    DONE,
+    FAILED,
+    FOUND,
+    PASSING,
+    RELAY_LIMIT,
+    RELAY_STALL,
+    RELAYED,
+    STARTING,
+    STORED,
+    STREAMING,
+    FlightBody,
+    FlightFailed,
+    FlightReader,
+)
 from pytest_upstream.engine.passthrough import PassThrough
-from pytest_upstream.engine.recorders import Answer, Recorders
+from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
-from pytest_upstream.store.cache import UNKNOWN, BlobWriter, Cache, Entry, StoreFailed, entry_id
+from pytest_upstream.store.cache import (
+    UNKNOWN,
+    BlobWriter,
+    Cache,
+    Entry,
+    StoreFailed,
+    entry_id,
+    verify_digests,
+)
 from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
 from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
 
+__all__ = ["FlightCancelled", "FlightFailed", "FlightReader", "Flights"]
+
 log = logging.getLogger("pytest_upstream.engine.flights")
 
-_READ_CHUNK = 1024 * 1024
 _CLOSE_WAIT = 2.0  # seconds Engine.close waits for cancelled flights to clean up
-
-# A flight's states.  STARTING ends in one of the others; STREAMING in DONE or FAILED.
-STARTING = "starting"  # waiting for the entry lock or the upstream's answer
-FOUND = "found"  # another process stored the entry meanwhile: serve it from the cache
-STORED = "stored"  # a small artifact with published digests, stored whole before serving
-STREAMING = "streaming"  # the part file grows; clients read it
-PASSING = "passing"  # the cache cannot store: one client is relayed the upstream's answer (passthrough.py)
-DONE = "done"  # verified, stored and indexed
-FAILED = "failed"
-
-
-class FlightFailed(Exception):
-    """The download a client is being served from failed: the server must cut the connection."""
+_PUBLISH_BYTES = 1024 * 1024  # new bytes that wake the readers ...
+_PUBLISH_AFTER = 0.005  # ... or seconds since they were last woken, whichever comes first
 
 
 class FlightCancelled(Exception):
@@ -79,18 +96,7 @@ class _Head:
     length: int | None
 
 
-def _read_at(fd: int, size: int, offset: int) -> bytes:
-    if hasattr(os, "pread"):
-        return os.pread(fd, size, offset)
-    with _SEEK_LOCK:  # pragma: no cover - platforms without pread share one offset per descriptor
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, size)
-
-
-_SEEK_LOCK = threading.Lock()
-
-
-class Flight:
+class Flight(FlightBody):
     """One download of one entry, and the clients served from it."""
 
     def __init__(
@@ -102,26 +108,24 @@ class Flight:
         lock_timeout: float,
         usable: Callable[[], bool],
     ) -> None:
+        super().__init__(flights.recorders)
         self._flights = flights
         self.eid = eid
         self.ctx = ctx
         self.res = res
         self._lock_timeout = lock_timeout
         self._usable = usable
-        self._cond = threading.Condition()
-        # Guarded by _cond:
-        self.state = STARTING
+        # Guarded by cond, like FlightBody's fields:
         self.head: _Head | None = None
-        self.visible = 0  # bytes of the part file clients may send now
-        self.entry: Entry | None = None
         self.obtained: Obtained | None = None
-        self.error: BaseException | None = None
         self._relay: Reply | None = None  # PASSING: the reply one client takes
         self._fd: int | None = None  # the part file, for clients that have no reader yet
         self._pending = 0  # clients that joined and have no reader yet
         self._readers = 0  # open readers
         self._left_at: float | None = None  # when the last client left
         self._cancel = ""  # why to stop (Flights.close)
+        self._tail_bytes = 0  # relaying: the bytes in ``tail``
+        self._published = 0.0  # when the readers were last woken for new bytes
         self.thread = threading.Thread(
             target=self._run, name=f"pytest-upstream fetch {res.path[-60:]}", daemon=True
         )
@@ -133,7 +137,7 @@ class Flight:
     # -- the clients' side ---------------------------------------------------
     def attach(self) -> None:
         """A client joins (called with the registry's mutex held, before ``answer``)."""
-        with self._cond:
+        with self.cond:
             self._pending += 1
             self._left_at = None
 
@@ -142,9 +146,9 @@ class Flight:
         part file, the whole stored entry (``Obtained``), or None when another process stored it
         (the caller serves the hit).  Raises what the download failed with."""
         cache = "miss" if first else "hit"
-        with self._cond:
+        with self.cond:
             while self.state == STARTING:
-                self._cond.wait()
+                self.cond.wait()
             self._pending -= 1
             if self._fd is not None:  # the answer began (it may have ended since): read the file
                 fd = os.dup(self._fd)
@@ -171,10 +175,10 @@ class Flight:
             return Obtained(obtained.entry, cache)
         return None  # FOUND, or DONE and the file already handed over: the entry is a hit now
 
-    def reader_closed(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            self._client_left()
+    def reader_closed(self, reader: FlightReader) -> None:
+        super().reader_closed(reader)
+        self._readers -= 1
+        self._client_left()
 
     def _client_left(self) -> None:
         if self.clients == 0:
@@ -242,10 +246,11 @@ class Flight:
                     return None
                 return self._stream(writer, resp, pace, head)
 
-    def _stream(self, writer: BlobWriter, resp: httpx.Response, pace: Pace, head: _Head) -> Entry:
+    def _stream(self, writer: BlobWriter, resp: httpx.Response, pace: Pace, head: _Head) -> Entry | None:
         """Write the body to the part file, publishing all but the last chunk as it grows.  Disk
-        full mid-body (no length was declared to reserve) fails the flight; an index entry that
-        cannot be written does not: the clients get the whole verified body."""
+        full mid-body (no length was declared to reserve) relays the rest from memory
+        (``_relay_from_memory``: None then, nothing stored); an index entry that cannot be written does not
+        fail the flight either: the clients get the whole verified body."""
         ctx, res, cache = self.ctx, self.res, self._flights.cache
         try:
             fd = writer.open_reader()
@@ -259,17 +264,23 @@ class Flight:
                     if written > EXPANSION_JUDGED_AFTER:
                         break
                 writer.flush()
-            with self._cond:
+            with self.cond:
                 self._fd, self.head, self.state = fd, head, STREAMING
-                self._cond.notify_all()
+                self.cond.notify_all()
             for chunk in chunks:
                 self._check_wanted()
-                writer.write(chunk)
-                writer.flush()
-                if written > self.visible:
-                    with self._cond:
+                try:
+                    writer.write(chunk)
+                    writer.flush()
+                except StoreFailed as exc:
+                    if head.length is not None:  # sent with sendfile from the file: cut (rare:
+                        raise  # the length was reserved on disk before the first byte)
+                    self._relay_from_memory(writer, exc, written, chunk, chunks)
+                    return None
+                if written > self.visible and self._publish_now(written):
+                    with self.cond:
                         self.visible = written  # the chunk just written stays held back
-                        self._cond.notify_all()
+                        self.cond.notify_all()
                 written += len(chunk)
             sha, size = cache.commit_blob(writer, res.expected, res.upstream_url)
         except StoreFailed as exc:
@@ -284,6 +295,82 @@ class Flight:
             store_failed(cache, exc, f"{res.upstream_url} served whole but not indexed")
             return entry
 
+    def _publish_now(self, written: int) -> bool:
+        """Whether to wake the readers for the bytes up to ``written``: the first bytes at once,
+        then every ``_PUBLISH_BYTES`` or ``_PUBLISH_AFTER`` seconds.  Waking every reader (and
+        their threads taking the GIL) for each 256 KiB read cost as much CPU as the hash."""
+        now = time.monotonic()
+        if (
+            self.visible
+            and written - self.visible < _PUBLISH_BYTES
+            and now - self._published < _PUBLISH_AFTER
+        ):
+            return False
+        self._published = now
+        return True
+
+    def _relay_from_memory(
+        self, writer: BlobWriter, why: StoreFailed, in_file: int, failed: bytes, rest: Iterator[bytes]
+    ) -> None:
+        """The disk filled after ``in_file`` bytes of a body of undeclared length, writing the chunk
+        ``failed`` (hashed already: ``BlobWriter.write``): relay it and ``rest`` to the clients
+        already joined from memory (flight_reader.py), verify, store nothing.  The flight leaves
+        the registry first, so the next request is a fresh miss."""
+        res, cache = self.res, self._flights.cache
+        action = f"relaying the rest of {res.upstream_url} to its clients from memory, uncached"
+        store_failed(cache, why, action)
+        writer.discard()  # the part file goes; every reader holds its own descriptor on it
+        with self._flights.mutex, self.cond:
+            self._flights.forget(self)
+            self.in_file = in_file
+        self._hold(in_file, failed)
+        offset = in_file + len(failed)
+        for chunk in rest:
+            if self._cancel or not self.clients:  # nothing is stored: no reason to go on alone
+                raise FlightCancelled(self._cancel or "cancelled: every client of the relay left")
+            writer.hash_only(chunk)
+            self._hold(offset, chunk)
+            offset += len(chunk)
+        digests = writer.digests()
+        verify_digests(digests, res.expected, res.upstream_url)
+        self._end(RELAYED, relayed=(offset, digests["sha256"]))
+
+    def slowest(self) -> int | None:
+        """A client that joined and has no reader yet will start at offset 0 (and has lost its
+        place already if part of the tail was dropped)."""
+        return 0 if self._pending and not self.dropped_to else super().slowest()
+
+    def _hold(self, offset: int, chunk: bytes) -> None:
+        """Add a relayed chunk to the tail, publishing the one before it; drop what every reader
+        passed, and past ``RELAY_LIMIT`` bytes wait for the slowest reader, at most
+        ``RELAY_STALL`` seconds without progress (then it loses its place: flight_reader.py)."""
+        with self.cond:
+            self.tail.append((offset, chunk))
+            self._tail_bytes += len(chunk)
+            self.visible = offset
+            self.cond.notify_all()
+            slowest, since = self.slowest(), time.monotonic()
+            while self.tail:
+                start, oldest = self.tail[0]
+                now = self.slowest()
+                if now is None or now >= start + len(oldest):
+                    self._drop_oldest()
+                    continue
+                if self._tail_bytes <= RELAY_LIMIT or self._cancel:
+                    return
+                if now != slowest:
+                    slowest, since = now, time.monotonic()
+                left = RELAY_STALL - (time.monotonic() - since)
+                if left <= 0:
+                    self._drop_oldest()  # the reader stuck before it fails when it gets there
+                    continue
+                self.cond.wait(left)
+
+    def _drop_oldest(self) -> None:
+        start, chunk = self.tail.popleft()
+        self._tail_bytes -= len(chunk)
+        self.dropped_to = start + len(chunk)
+
     def _check_wanted(self) -> None:
         """Raise FlightCancelled when the engine closes, or no client came back in time."""
         if self._cancel:
@@ -291,7 +378,7 @@ class Flight:
         if self.clients:  # racy read: a quick way out for the usual case
             return
         deadline = self._flights.orphan_deadline
-        with self._flights.mutex, self._cond:  # no client may join while we decide
+        with self._flights.mutex, self.cond:  # no client may join while we decide
             if self.clients or self._left_at is None:
                 return
             if self._flights.clock() - self._left_at < deadline:
@@ -315,109 +402,27 @@ class Flight:
         obtained: Obtained | None = None,
         error: BaseException | None = None,
         relay: Reply | None = None,
+        relayed: tuple[int, str] | None = None,
     ) -> None:
-        with self._flights.mutex, self._cond:
+        with self._flights.mutex, self.cond:
             self._flights.forget(self)
             self.state, self.entry, self.obtained, self.error = state, entry, obtained, error
             self._relay = relay
             if entry is not None:
                 self.visible = entry.size
+            if relayed is not None:  # the whole relayed body, verified (RELAYED)
+                self.visible, self.sha256 = relayed
             self._release_fd_if_unused()
-            self._cond.notify_all()
+            self.cond.notify_all()
 
     def fail_to_start(self, exc: BaseException) -> None:
         self._end(FAILED, error=exc)
         self._flights.finished()
 
     def cancel(self, why: str) -> None:
-        self._cancel = why
-
-
-class FlightReader:
-    """One client's copy of a flight's body: the part file from offset 0, each byte once it is
-    visible (``Reply.stream``).  Waits on the flight's condition, never polls; raises
-    FlightFailed when the download fails.  Close it (the server does when its client leaves;
-    dropping it does too) so the flight knows who is still listening."""
-
-    def __init__(self, flight: Flight, fd: int, ctx: RequestContext, res: Resource, cache: str) -> None:
-        self._flight = flight
-        self._fd = fd
-        self._ctx = ctx
-        self._res = res
-        self._cache = cache
-        self._offset = 0
-        self._recorded = False
-
-    def __iter__(self) -> FlightReader:
-        return self
-
-    def __next__(self) -> bytes:
-        span = self.next_span()
-        if span is None:
-            raise StopIteration
-        offset, count = span
-        data = _read_at(self._fd, count, offset)
-        if not data:
-            self._fail("the part file is shorter than what was written to it")
-        self._offset += len(data)
-        return data
-
-    def fileno(self) -> int:
-        """The part file's descriptor, for a server that sends spans with ``sendfile``."""
-        return self._fd
-
-    def next_span(self, limit: int = _READ_CHUNK) -> tuple[int, int] | None:
-        """The next bytes to send, as (offset, count) in ``fileno()``, once they are visible; None
-        at the end (the reader is closed then).  Raises FlightFailed like iterating does.
-
-        For a server that sends with ``sendfile`` instead of iterating: it calls
-        ``advance(sent)`` after each send, and ``close()`` if it stops early.
-        """
-        if self._fd < 0:
-            return None
-        flight = self._flight
-        with flight._cond:
-            while self._offset >= flight.visible and flight.state == STREAMING:
-                flight._cond.wait()
-            state, visible, entry, error = flight.state, flight.visible, flight.entry, flight.error
-        if state == FAILED:
-            self._fail(str(error))
-        if state == DONE and not self._recorded:  # recorded before the held-back bytes go out
-            assert entry is not None
-            self._recorded = True
-            self._record(entry)
-        if self._offset < visible:
-            return self._offset, min(visible - self._offset, limit)
-        self.close()
-        return None
-
-    def advance(self, count: int) -> None:
-        """``count`` more bytes were sent from ``next_span``'s offset."""
-        self._offset += count
-
-    def _record(self, entry: Entry) -> None:
-        ctx, res = self._ctx, self._res
-        recorders: Recorders = self._flight._flights.recorders
-        recorders.answered(Answer(ctx.request, res.path, res, self._cache, 200, entry.size, entry.sha256))
-        recorders.used(ctx.proxy.key, res, entry)
-
-    def _fail(self, why: str) -> None:
-        ctx, res = self._ctx, self._res
-        self._flight._flights.recorders.answered(Answer(ctx.request, res.path, res, "error", 502, error=why))
-        self.close()
-        raise FlightFailed(why)
-
-    def close(self) -> None:
-        """Stop reading (the client left, or the body was sent); idempotent."""
-        if self._fd < 0:
-            return
-        fd, self._fd = self._fd, -1
-        os.close(fd)
-        self._flight.reader_closed()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        with self.cond:
+            self._cancel = why
+            self.cond.notify_all()  # a relay waiting for a slow reader stops waiting
 
 
 class Flights:

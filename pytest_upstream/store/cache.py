@@ -15,7 +15,6 @@ valid bytes stay.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_upstream.store.blobs import Verifier, stamp_of
+from pytest_upstream.store.early_sync import EarlySync
 from pytest_upstream.store.entry import Entry, entry_bytes, entry_id, parse_entry
 from pytest_upstream.store.errors import (
     CacheError,
@@ -37,6 +37,7 @@ from pytest_upstream.store.errors import (
     cannot_store,
 )
 from pytest_upstream.store.files import AtomicFile, atomic_write, fsync_dir, is_temporary
+from pytest_upstream.store.hasher import Hasher
 from pytest_upstream.store.layout import LAYOUT_VERSION, Layout, dir_names
 from pytest_upstream.store.local import LocalBackend
 from pytest_upstream.store.locks import striped_locks
@@ -96,9 +97,8 @@ class BlobWriter:
         with storing("a new file"):
             self._out = AtomicFile(tmp_dir=tmp_dir, stem=f"part-{eid}" if eid else None)
         self.path = self._out.path
-        self._hashes = {"sha256": hashlib.sha256()}
-        for algo in algorithms:
-            self._hashes.setdefault(algo, hashlib.new(algo))
+        self._hasher = Hasher(algorithms)  # in a thread of its own once the body is big (hasher.py)
+        self._early_sync = EarlySync(self._out.file.fileno())  # write-back begun as it grows
         self.size = 0
         self._reserved = 0
 
@@ -124,11 +124,23 @@ class BlobWriter:
             raise StoreFailed(f"the cache cannot store {length} bytes: {free} bytes free")
 
     def write(self, chunk: bytes) -> None:
+        """Hash and write ``chunk``.  Hashed first: when the write fails (StoreFailed) the digests
+        still count it, so a flight that relays the rest of the body from memory (flights.py)
+        verifies every byte exactly once whether the failure came in ``write`` or ``flush``."""
+        self._hasher.update(chunk)
         with storing(f"{self.size + len(chunk)} bytes"):
             self._out.write(chunk)
-        for h in self._hashes.values():
-            h.update(chunk)
         self.size += len(chunk)
+        self._early_sync.grown(self.size)
+
+    def hash_only(self, chunk: bytes) -> None:
+        """Hash bytes that are not written: the disk filled, and a flight relays the rest of the
+        body from memory (engine/flights.py), verified like a stored one."""
+        self._hasher.update(chunk)
+
+    def digests(self) -> dict[str, str]:
+        """The digests (hex) of every byte given to ``write`` and ``hash_only``."""
+        return self._hasher.hexdigests()
 
     def flush(self) -> None:
         """Hand what was written to the OS, so readers of the part file (``open_reader``) see it."""
@@ -145,11 +157,12 @@ class BlobWriter:
 
     def finish(self) -> dict[str, str]:
         """Flush and return the digests (hex) of what was written (a reservation past them is cut)."""
+        self._early_sync.stop()
         with storing(f"{self.size} bytes"):
             self._out.flush()
             if self._reserved > self.size:
                 os.ftruncate(self._out.file.fileno(), self.size)
-        return {algo: h.hexdigest() for algo, h in self._hashes.items()}
+        return self._hasher.hexdigests()
 
     def commit(self, target: Path) -> None:
         """fsync, rename to ``target`` and fsync its directory."""
@@ -157,6 +170,8 @@ class BlobWriter:
             self._out.commit(target)
 
     def discard(self) -> None:
+        self._early_sync.stop()
+        self._hasher.close()
         self._out.discard()
 
 

@@ -21,7 +21,7 @@ from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
-from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed
+from pytest_upstream.engine.errors import ReplayMiss, UpstreamFailed, WouldBlock
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
@@ -108,7 +108,19 @@ class Engine:
         return self._lock_recorder.snapshot()
 
     # -- dispatch ------------------------------------------------------------
-    def handle(self, req: ProxyRequest) -> Reply:
+    def answer_warm(self, req: ProxyRequest) -> Reply | None:
+        """``handle``'s reply if it can be given without waiting, else None (nothing recorded):
+        the server's event loop answers a fresh hit whose blob this process has verified and
+        whose rendering is memoised, an error, or ``/-/…`` itself, and hands anything that may
+        wait (a lock, the upstream, a download, hashing a blob, a render) to a worker thread,
+        which calls ``handle``.  One code path: ``handle`` with ``warm_only`` set, which raises
+        WouldBlock at each place that would wait, before anything is recorded."""
+        try:
+            return self.handle(req, warm_only=True)
+        except WouldBlock:
+            return None
+
+    def handle(self, req: ProxyRequest, *, warm_only: bool = False) -> Reply:
         settings = self.settings
         base_url = checked_base_url(req.base_url)
         if base_url is None:
@@ -139,7 +151,9 @@ class Engine:
             )
             reply.reason = "Format not supported"
             return reply
-        ctx = RequestContext(req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata)
+        ctx = RequestContext(
+            req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata, warm_only=warm_only
+        )
         return self._handle_in(ctx)
 
     def _handle_in(self, ctx: RequestContext) -> Reply:
@@ -280,7 +294,9 @@ class Engine:
         if entry.last_modified:
             headers["Last-Modified"] = entry.last_modified
         rendered = (
-            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob) if entry.is_metadata else None
+            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob, ctx.warm_only)
+            if entry.is_metadata
+            else None
         )
         if rendered is not None:
             body, ctype, etag = rendered
@@ -316,6 +332,8 @@ class Engine:
         not-found answer."""
         proxy = ctx.proxy
         if self.lock is not None and ctx.mode == "replay":
+            if ctx.warm_only:
+                raise WouldBlock  # replaying a lock file verifies what it names: a worker's job
             return locked_blob(self.settings, self.lock, self.cache, self.recorders, proxy, res)
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
         if entry is None:
@@ -328,6 +346,8 @@ class Engine:
                     404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
                 )
             return None
+        if ctx.warm_only and self.cache.verifier.known_path(entry.sha256, entry.size) is None:
+            raise WouldBlock  # verifying the blob would hash it
         blob = self.cache.verified_blob(entry)
         return None if blob is None else (entry, blob)
 
@@ -341,6 +361,8 @@ class Engine:
             return Obtained(found[0], "hit", blob=found[1])
         if ctx.mode == "replay":
             raise ReplayMiss(miss_message(self.settings, self.lock, proxy, res))
+        if ctx.warm_only:
+            raise WouldBlock  # a miss or a stale copy: the lock and the upstream
         try:
             with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
                 again = self._usable(ctx, res)
@@ -363,6 +385,8 @@ class Engine:
             return None
         if self._usable(ctx, res) is not None:
             return None
+        if ctx.warm_only:
+            raise WouldBlock  # a download to start or join
         return self.flights.serve(
             ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res) is not None
         )

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from pathlib import Path
 
+from pytest_upstream.engine.errors import WouldBlock
 from pytest_upstream.formats.base import Format, Resource
 from pytest_upstream.store.cache import Entry
 
@@ -55,13 +56,18 @@ class RenderMemo:
         with self._lock:
             return self._held
 
-    def render(self, key: str, fmt: Format, res: Resource, entry: Entry, blob: Path) -> Rendered | None:
-        """The client's view of stored metadata, or None to serve the stored bytes as they are."""
+    def render(
+        self, key: str, fmt: Format, res: Resource, entry: Entry, blob: Path, memoised_only: bool = False
+    ) -> Rendered | None:
+        """The client's view of stored metadata, or None to serve the stored bytes as they are;
+        ``memoised_only``: raise WouldBlock unless the render is memoised (``Engine.answer_warm``)."""
         memo_key = (key, res.path, res.render_as, entry.sha256)
         with self._lock:
             if memo_key in self._memo:
                 self._memo.move_to_end(memo_key)
                 return self._memo[memo_key]
+            if memoised_only:
+                raise WouldBlock
             pending = self._pending.get(memo_key)
             first = pending is None
             if pending is None:

@@ -152,10 +152,16 @@ class Wire:
 
     def whole(self, status: int, headers: dict[str, str], body: bytes, reason: str = "") -> None:
         """A reply with a body in hand: head and body in one write (one packet when small)."""
+        self.sock.sendall(self.whole_bytes(status, headers, body, reason))
+
+    def whole_bytes(self, status: int, headers: dict[str, str], body: bytes, reason: str = "") -> bytes:
+        """The bytes of a reply with a body in hand (counted as sent): the event loop writes
+        them without blocking, and a worker thread the rest (listener.py)."""
         head = self._head(status, headers, reason, len(body))
-        self.sock.sendall(head + body if self._remaining else head)
+        out = head + body if self._remaining else head
         self.sent += len(body) if self._remaining else 0
         self._remaining = 0
+        return out
 
     def data(self, chunk: bytes) -> None:
         if self.head_only or not chunk:
@@ -216,23 +222,28 @@ def send_reply(wire: Wire, request: Headers, reply: Reply) -> None:
         _send_file(wire, request, reply, reply.file)
     elif reply.stream is not None:
         _send_stream(wire, reply)
-    elif not _not_modified(wire, request, reply):
-        wire.whole(reply.status, reply.headers, reply.body, reply.reason)
+    else:
+        wire.sock.sendall(reply_bytes(wire, request, reply))
 
 
-def _not_modified(wire: Wire, request: Headers, reply: Reply) -> bool:
+def reply_bytes(wire: Wire, request: Headers, reply: Reply) -> bytes:
+    """All the bytes of a reply whose body is in hand (no file, no stream), a 304 included."""
+    if _not_modified(request, reply):
+        return wire.whole_bytes(304, {k: v for k, v in reply.headers.items() if k in _KEEP_ON_304}, b"")
+    return wire.whole_bytes(reply.status, reply.headers, reply.body, reply.reason)
+
+
+def _not_modified(request: Headers, reply: Reply) -> bool:
     etag = reply.headers.get("ETag")
     inm = request.get("If-None-Match")
     if reply.status != 200 or not etag or not inm:
         return False
-    if inm.strip() != "*" and etag not in [t.strip() for t in inm.split(",")]:
-        return False
-    wire.whole(304, {k: v for k, v in reply.headers.items() if k in _KEEP_ON_304}, b"")
-    return True
+    return inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]
 
 
 def _send_file(wire: Wire, request: Headers, reply: Reply, path: Path) -> None:
-    if _not_modified(wire, request, reply):
+    if _not_modified(request, reply):
+        wire.whole(304, {k: v for k, v in reply.headers.items() if k in _KEEP_ON_304}, b"")
         return
     with open(path, "rb") as f:
         size = reply.length if reply.length is not None else f.seek(0, 2)

@@ -43,6 +43,8 @@ log = logging.getLogger("pytest_upstream")
 
 OWN_KEY = "-"  # /-/metrics, /-/ready: keys start with a letter, so none collides
 REPLAY_MISS_REASON = "Not recorded (replay mode)"
+# answer_warm reads metadata a format resolves with up to this size (an npm packument can be 100 MB)
+INLINE_METADATA = 1024 * 1024
 # The Host a client addressed us by (the base of absolute links in rendered metadata): a DNS
 # name (underscores allowed: container networks use them), an IPv4 address or a bracketed IPv6
 # address, then an optional port.
@@ -321,6 +323,8 @@ class Engine:
     def _metadata(self, ctx: RequestContext, resource: Resource) -> tuple[Entry, bytes]:
         """``FormatContext.metadata``: what a format reads to resolve a request."""
         obtained = self.obtain(ctx, resource)
+        if ctx.warm_only and obtained.entry.size > INLINE_METADATA:
+            raise WouldBlock  # reading (and parsing) a big document is a worker's job
         path = obtained.blob or self.cache.verified_blob(obtained.entry)
         if path is None:
             raise UpstreamFailed(f"cached copy of {resource.upstream_url} vanished; retry")
@@ -346,8 +350,11 @@ class Engine:
                     404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
                 )
             return None
-        if ctx.warm_only and self.cache.verifier.known_path(entry.sha256, entry.size) is None:
-            raise WouldBlock  # verifying the blob would hash it
+        if ctx.warm_only:
+            known = self.cache.verifier.known_path(entry.sha256, entry.size)
+            if known is None:
+                raise WouldBlock  # verifying the blob would hash it
+            return entry, known
         blob = self.cache.verified_blob(entry)
         return None if blob is None else (entry, blob)
 

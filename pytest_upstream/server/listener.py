@@ -54,7 +54,8 @@ _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKLOG = 1024
 _MAX_BACKOFF = 1.0
 _SWEEP = 0.05  # seconds between deadline checks: a deadline is kept to within this
-_ACCEPTS = 64  # connections accepted per readiness of the listening socket
+_ACCEPTS = 1  # per readiness: with `serve --workers`, the processes share the new connections
+_ACCEPT_DEFER = 0.005  # seconds a busy loop leaves a newcomer to another process
 
 
 class Listener:
@@ -107,11 +108,20 @@ class Listener:
         selector.register(self.sock, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         swept = time.monotonic()
+        deferred = 0.0  # since when a waiting newcomer was left for a less busy process
         try:
             while not self.site.stopping.is_set():
-                for key, _ in selector.select(_SWEEP):
+                events = selector.select(_SWEEP)
+                for key, _ in events:
                     if key.fileobj is self.sock:
-                        self._accept()
+                        # Busy with other connections: leave the newcomer to an idle process
+                        # (``serve --workers`` share one socket) for a moment, then take it.
+                        now = time.monotonic()
+                        if len(events) == 1 or (deferred and now - deferred >= _ACCEPT_DEFER):
+                            deferred = 0.0
+                            self._accept()
+                        elif not deferred:
+                            deferred = now
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)

@@ -478,7 +478,7 @@ class Bench:
         self.r.row(
             "(c) reference: bare ThreadingHTTPServer handler (fixed bytes, no proxy logic) / nginx req/s",
             f"{b:,.0f} / {n:,.0f} = {b / n:.3f}x",
-            "(not a target: the ceiling of the server stack)",
+            "(not a target: the stdlib server stack's ceiling)",
             None,
         )
         self.r.detail(
@@ -638,15 +638,18 @@ def render_report(
         "and a static PEP 503 tree, and is both the upstream of the proxy and the peer it is compared "
         "with.",
         "- **Proxy:** `upstream-proxy --config FILE serve --port 0 --cache DIR`, a separate process "
-        "(one Python process, threaded), with a `generic` proxy in front of the files and a `pypi` "
-        "proxy in front of the tree.",
+        "(one Python process: an event-loop thread and worker threads), with a `generic` proxy in "
+        "front of the files and a `pypi` proxy in front of the tree.",
         "- **Client for (a), (b), (d):** a raw-socket Python reader (`recv_into` a reused 8 MiB "
         "buffer, one connection per request), the same for proxy and nginx; it records the end of "
         "the headers, the first body byte and the last byte. The *client check* row compares it "
         "with `curl -o /dev/null` against nginx to show it is not the bottleneck.",
         f"- **(a) warm hit:** the artifact ({profile.artifact_bytes // MiB} MiB, random bytes) is "
         "fetched once through the proxy (miss) and once more (hit, not counted); then proxy and nginx "
-        f"downloads alternate, {profile.hit_reps} each. Throughput = bytes / (connect to last byte).",
+        f"downloads alternate, {profile.hit_reps} each. Throughput = bytes / (connect to last byte). "
+        "While they run, nginx's and the proxy's threads are pinned to one CPU and the reader to the "
+        "other (`os.sched_setaffinity`): unpinned, a sendfile over loopback ran 2-9 GB/s by where the "
+        "scheduler happened to put sender and receiver, which decided the ratio more than the servers.",
         f"- **(b) cold miss:** {profile.miss_reps} runs; each starts a proxy on a fresh cache, warms the "
         "process up with a 1 KiB file, then downloads the artifact through the proxy (a miss: streamed "
         "to the client while it is hashed and written to the cache) and directly from nginx, in "
@@ -659,7 +662,7 @@ def render_report(
         f"for {profile.wrk_seconds} s against each, alternating, {profile.wrk_rounds} round(s). The "
         "proxy answer is a warm hit (`X-Upstream-Cache: hit`, rendering memoised). wrk, nginx (2 "
         "workers) and the proxy share the 2 cores. Reference: a bare `ThreadingHTTPServer` handler (the "
-        "server stack the proxy is built on) answering the same bytes with no proxy logic.",
+        "stdlib server stack the proxy was first built on) answering the same bytes with no proxy logic.",
         "- **(d) memory:** VmRSS of the proxy process is sampled every 5 ms from `/proc/PID/status` "
         "while it serves the big file; growth = max(VmHWM after, sampled peak) - VmRSS before. The "
         "miss is served by a process on a fresh cache; the hits by a new process on that cache (its "

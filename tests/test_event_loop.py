@@ -72,12 +72,44 @@ def test_a_warm_hit_is_answered_on_the_loop_thread_and_a_miss_in_a_worker(
     # The loop asked for a warm answer, got none (a miss), and a worker answered it.
     assert calls == [("pytest-upstream", True), ("pytest-upstream-worker", False)]
     calls.clear()
+    assert get(server, "/g/a.bin").endswith(b"a" * 1000)  # a small file hit: read and sent inline
+    assert calls == [("pytest-upstream", True)]
+    calls.clear()
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
         for _ in range(3):  # a kept-alive connection, handed back after each answer
             sock.sendall(b"GET /-/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
     assert calls == [("pytest-upstream", True)] * 3  # /-/ready: answered inline every time
-    assert [r.cache for r in server.served] == ["miss"]  # answers recorded once, not per attempt
+    assert [r.cache for r in server.served] == ["miss", "hit"]  # recorded once, not per attempt
+
+
+def raw(server: ProxyServer, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        sock.sendall(head + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_small_file_sent_inline_honours_range_head_and_conditionals(
+    server: ProxyServer, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = bytes(range(256)) * 4
+    upstream.files["/files/s.bin"] = data
+    get(server, "/g/s.bin")
+    get(server, "/g/s.bin")  # the blob verified by this process: hits are answered inline now
+    calls = spy_on_handle(server, monkeypatch)
+    ranged = raw(server, b"GET /g/s.bin HTTP/1.1\r\nRange: bytes=10-19\r\n")
+    assert ranged.startswith(b"HTTP/1.1 206 ") and b"Content-Range: bytes 10-19/1024\r\n" in ranged
+    assert ranged.endswith(b"\r\n\r\n" + data[10:20])
+    head = raw(server, b"HEAD /g/s.bin HTTP/1.1\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 1024\r\n" in head
+    assert head.endswith(b"\r\n\r\n")  # no body
+    etag = re.search(rb"ETag: (\S+)\r\n", head)
+    assert etag is not None
+    again = raw(server, b"GET /g/s.bin HTTP/1.1\r\nIf-None-Match: " + etag.group(1) + b"\r\n")
+    assert again.startswith(b"HTTP/1.1 304 ")
+    past = raw(server, b"GET /g/s.bin HTTP/1.1\r\nRange: bytes=5000-\r\n")
+    assert past.startswith(b"HTTP/1.1 416 ") and b"Content-Range: bytes */1024\r\n" in past
+    assert calls == [("pytest-upstream", True)] * 4  # none needed a worker
 
 
 def test_pipelined_requests_around_one_a_worker_answers_are_answered_in_order(

@@ -41,6 +41,7 @@ log = logging.getLogger("pytest_upstream.server")
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 256 * 1024
 _PATHS = 1024  # split request paths remembered (Site.paths)
+INLINE_FILE = 64 * 1024  # a hit of a file up to this size is read and sent by the event loop
 
 
 @dataclass
@@ -132,9 +133,12 @@ class Connection:
         key, reply = self._route(request.method, request.target, headers, warm_only=True)
         if reply is None:
             return Pending(request, started)
-        if reply.file is not None or reply.stream is not None:
+        try:
+            data = reply_bytes(self.wire, headers, reply, INLINE_FILE)
+        except (OSError, StreamFailed):  # the file went or shrank: the worker's send says so
+            data = None
+        if data is None:
             return Pending(request, started, key, reply)
-        data = reply_bytes(self.wire, headers, reply)
         try:
             sent = self.sock.send(data)
         except BlockingIOError:

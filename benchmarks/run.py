@@ -600,9 +600,11 @@ would wait), so a warm page costs no thread switch and no GIL hand-off between 1
 a miss, or anything else that may wait, goes to a worker thread. Against the thread-per-connection
 core in the same minutes (in-process, access log on, load average 7): 7,500-7,900 req/s before,
 8,900-10,500 after. With `--workers 2` the processes share one listening socket: each accepts one
-connection per wake-up, and a loop busy with its connections leaves a newcomer to an idle
-process for up to 5 ms; without that, one process took all of wrk's 16 connections and two
-processes did no better than one (now about 2x one).
+connection per wake-up, and one holding more connections than its sibling (a table in shared
+memory, `server/siblings.py`) leaves newcomers to it for up to 20 ms; without that, one process
+often took all of wrk's 16 connections and two processes did no better than one (now 8 and 8).
+Two processes still need CPU time the two cores do not always have: with the load average at
+5-10 from other work, `--workers 2` measured 1.0-2.4x one process.
 
 What one process still spends per warm page (cProfile of the loop): the access-log line through
 `logging` (the record, `findCaller`, the secret scrubber's two regex passes, the batching

@@ -10,6 +10,7 @@ only when needed and never beyond their bound; ``answer_warm`` records nothing w
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -24,6 +25,7 @@ from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import Headers, ProxyRequest
 from pytest_upstream.server.proxy_server import ProxyServer
+from pytest_upstream.server.siblings import Siblings
 from pytest_upstream.server.workers import Workers
 
 from .conftest import proxy_def
@@ -229,3 +231,20 @@ def test_a_stopped_server_closes_a_connection_a_worker_finishes(upstream: Upstre
     finally:
         sock.close()
         server.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="serve --workers forks")
+def test_sibling_processes_see_each_others_connection_counts() -> None:
+    """``serve --workers``: a process holding more connections than a sibling leaves newcomers to it."""
+    siblings = Siblings()
+    try:
+        assert siblings.least_busy() is None  # alone
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child process
+            siblings.publish(5)
+            os._exit(0)
+        os.waitpid(child, 0)
+        siblings.publish(7)
+        assert siblings.least_busy() == 5  # the child's count, through the shared table
+    finally:
+        siblings.close()

@@ -47,6 +47,7 @@ from pytest_upstream.server.connection import (
 )
 from pytest_upstream.server.request_reader import BadRequest
 from pytest_upstream.server.responses import cut, error_bytes, set_send_timeout
+from pytest_upstream.server.siblings import Siblings
 from pytest_upstream.server.workers import Workers
 
 log = logging.getLogger("pytest_upstream.server")
@@ -54,8 +55,9 @@ _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKLOG = 1024
 _MAX_BACKOFF = 1.0
 _SWEEP = 0.05  # seconds between deadline checks: a deadline is kept to within this
-_ACCEPTS = 1  # per readiness: with `serve --workers`, the processes share the new connections
-_ACCEPT_DEFER = 0.005  # seconds a busy loop leaves a newcomer to another process
+_ACCEPTS = 64  # connections accepted per readiness of the listening socket (one when shared)
+_ACCEPT_DEFER = 0.02  # seconds at most a process leaves newcomers to a less busy sibling
+_ACCEPT_PAUSE = 0.002  # ... looking again this often
 
 
 class Listener:
@@ -86,6 +88,9 @@ class Listener:
         self._paused_until = 0.0  # not accepting until then (out of descriptors)
         self._warned = 0.0
         self._open = 0
+        self._pid = os.getpid()  # serve --workers forks after this: see serve_forever
+        self._siblings = Siblings()
+        self._deferring_since: float | None = None  # newcomers left to a sibling since then
 
     @property
     def address(self) -> tuple[str, int]:
@@ -108,20 +113,21 @@ class Listener:
         selector.register(self.sock, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
         swept = time.monotonic()
-        deferred = 0.0  # since when a waiting newcomer was left for a less busy process
+        # A forked process (``serve --workers``) shares the socket with its siblings: it takes one
+        # newcomer at a time, and leaves it to a sibling holding fewer connections for a moment
+        # (siblings.py).  Alone, it takes every waiting one.
+        shared = os.getpid() != self._pid
+        accepts = 1 if shared else _ACCEPTS
+        published = -1
         try:
             while not self.site.stopping.is_set():
-                events = selector.select(_SWEEP)
-                for key, _ in events:
+                timeout = _SWEEP
+                if self._paused_until:
+                    timeout = min(timeout, max(0.0, self._paused_until - time.monotonic()))
+                for key, _ in selector.select(timeout):
                     if key.fileobj is self.sock:
-                        # Busy with other connections: leave the newcomer to an idle process
-                        # (``serve --workers`` share one socket) for a moment, then take it.
-                        now = time.monotonic()
-                        if len(events) == 1 or (deferred and now - deferred >= _ACCEPT_DEFER):
-                            deferred = 0.0
-                            self._accept()
-                        elif not deferred:
-                            deferred = now
+                        if not (shared and self._leave_to_sibling()):
+                            self._accept(accepts)
                     elif key.fileobj is self._wake_r:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
@@ -129,6 +135,12 @@ class Listener:
                         self._readable(key.data)
                 self._take_back()
                 now = time.monotonic()
+                if self._paused_until and now >= self._paused_until and not self.site.stopping.is_set():
+                    self._paused_until = 0.0
+                    selector.register(self.sock, selectors.EVENT_READ)
+                if shared and (self._open != published or now - swept >= _SWEEP):
+                    published = self._open
+                    self._siblings.publish(published)
                 if now - swept >= _SWEEP:
                     swept = now
                     self._sweep(now)
@@ -151,13 +163,31 @@ class Listener:
         for sock in (self.sock, self._wake_r, self._wake_w):
             sock.close()
         self._selector.close()
+        self._siblings.close()
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
 
     # -- accepting ------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        for _ in range(_ACCEPTS):
+    def _leave_to_sibling(self) -> bool:
+        """Whether to leave the waiting newcomers to a sibling process holding fewer connections:
+        then stop accepting for ``_ACCEPT_PAUSE``, at most ``_ACCEPT_DEFER`` in a row."""
+        now = time.monotonic()
+        least = self._siblings.least_busy()
+        if least is None or self._open <= least:
+            self._deferring_since = None
+            return False
+        if self._deferring_since is None:
+            self._deferring_since = now
+        elif now - self._deferring_since >= _ACCEPT_DEFER:
+            self._deferring_since = None  # left long enough: take it
+            return False
+        self._paused_until = now + _ACCEPT_PAUSE
+        self._selector.unregister(self.sock)
+        return True
+
+    def _accept(self, count: int) -> None:
+        for _ in range(count):
             try:
                 sock, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -219,7 +249,7 @@ class Listener:
             self._reserve = _open_reserve()
         self._backoff = min(max(self._backoff * 2, 0.01), _MAX_BACKOFF)
         self._paused_until = now + self._backoff
-        self._selector.unregister(self.sock)  # the sweep registers it again
+        self._selector.unregister(self.sock)  # the loop registers it again
 
     def _turn_away(self, sock: socket.socket, reason: str) -> None:
         """503 and close, without blocking the loop."""
@@ -341,9 +371,6 @@ class Listener:
 
     # -- deadlines and closing ------------------------------------------------------------------
     def _sweep(self, now: float) -> None:
-        if self._paused_until and now >= self._paused_until and not self.site.stopping.is_set():
-            self._paused_until = 0.0
-            self._selector.register(self.sock, selectors.EVENT_READ)
         for connection in list(self._connections):
             when, status = connection.deadline()
             if now < when:

@@ -12,6 +12,7 @@ docs/operations.md.
 
     listener.py     the event loop: accept, read, deadlines, connection cap, EMFILE back-off
     workers.py          the threads that answer what must wait
+    siblings.py     serve --workers: the processes' connection counts, to share the clients
     connection.py       one client: its state, routing, answering inline or in a worker
     request_reader.py   parsing (httptools) and the checks llhttp leaves to us
     responses.py    writing a Reply: bytes, sendfile with ranges, streams

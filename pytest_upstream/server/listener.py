@@ -85,7 +85,7 @@ class Listener:
         self._loop_done = False  # a worker then closes the connection it finished
         self._reserve: int | None = _open_reserve()
         self._backoff = 0.0
-        self._paused_until = 0.0  # not accepting until then (out of descriptors)
+        self._paused_until = 0.0  # not accepting until then (out of descriptors, or left to a sibling)
         self._warned = 0.0
         self._open = 0
         self._pid = os.getpid()  # serve --workers forks after this: see serve_forever

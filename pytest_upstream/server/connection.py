@@ -153,9 +153,9 @@ class Connection:
         return None
 
     def answer_in_worker(self, pending: Pending) -> bool:
-        """Finish ``pending``, then answer the requests that were read with it (a worker
-        thread; the socket is blocking, with ``SO_SNDTIMEO``); False when the connection must
-        close afterwards."""
+        """Finish ``pending`` (a worker thread; the socket is blocking, with ``SO_SNDTIMEO``);
+        False when the connection must close afterwards.  Requests read with it are the loop's
+        again once the connection is handed back."""
         request = pending.request
         headers = Headers(request.headers)
         if pending.reply is None:

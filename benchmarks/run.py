@@ -27,6 +27,7 @@ big files and caches) is removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +74,8 @@ class Profile:
     wrk_rounds: int
 
 
-FULL = Profile(100 * MiB, 1024 * MiB, hit_reps=7, miss_reps=5, wrk_seconds=5, wrk_rounds=3)
-QUICK = Profile(10 * MiB, 64 * MiB, hit_reps=3, miss_reps=2, wrk_seconds=2, wrk_rounds=1)
+FULL = Profile(100 * MiB, 1024 * MiB, hit_reps=11, miss_reps=5, wrk_seconds=5, wrk_rounds=3)
+QUICK = Profile(10 * MiB, 64 * MiB, hit_reps=5, miss_reps=2, wrk_seconds=2, wrk_rounds=1)
 
 
 # -- fixtures --------------------------------------------------------------
@@ -202,6 +204,45 @@ def fmt_list(values: list[float], spec: str = ".0f") -> str:
     return ", ".join(format(v, spec) for v in values)
 
 
+def threads_of(pid: int) -> list[int]:
+    """Every thread of process ``pid`` and of its descendants (nginx's workers)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+                found.append(int(task.name))
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@contextlib.contextmanager
+def pinned(server_pids: list[int]) -> Iterator[str]:
+    """The servers' threads on one CPU, this (client) thread on another, for the block; yields
+    how.  A sendfile over loopback runs 2-8 GB/s by where the scheduler puts sender and receiver
+    (the same core or not, a core shared with other work): pinned, every run of both servers has
+    the same placement.  Threads a server starts later inherit its mask."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield "not pinned (one CPU)"
+        return
+    server_cpu, client_cpu = cpus[0], cpus[1]
+    everything = set(cpus)
+    tids = [t for pid in server_pids for t in threads_of(pid)]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, {server_cpu})
+    os.sched_setaffinity(0, {client_cpu})
+    try:
+        yield f"servers pinned to CPU {server_cpu}, the client to CPU {client_cpu}"
+    finally:
+        os.sched_setaffinity(0, everything)
+        for tid in [t for pid in server_pids for t in threads_of(pid)]:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, everything)
+
+
 class Bench:
     def __init__(self, work: Path, profile: Profile, results: Results) -> None:
         self.work = work
@@ -279,16 +320,17 @@ class Bench:
             expect(http_get(proxy.port, f"/files/{self.art}"), "populate", size, "miss")
             expect(http_get(proxy.port, f"/files/{self.art}"), "first hit", size, "hit")
             ngx, prx = [], []
-            for i in range(self.p.hit_reps):
-                order = ("n", "p") if i % 2 == 0 else ("p", "n")
-                for who in order:
-                    if who == "n":
-                        ngx.append(
-                            expect(http_get(self.nginx.port, f"/big/{self.art}"), "nginx", size).mb_per_s
-                        )
-                    else:
-                        f = http_get(proxy.port, f"/files/{self.art}")
-                        prx.append(expect(f, "proxy hit", size, "hit").mb_per_s)
+            assert self.nginx.proc is not None
+            with pinned([self.nginx.proc.pid, proxy.pid]) as placement:
+                for i in range(self.p.hit_reps):
+                    order = ("n", "p") if i % 2 == 0 else ("p", "n")
+                    for who in order:
+                        if who == "n":
+                            f = http_get(self.nginx.port, f"/big/{self.art}")
+                            ngx.append(expect(f, "nginx", size).mb_per_s)
+                        else:
+                            f = http_get(proxy.port, f"/files/{self.art}")
+                            prx.append(expect(f, "proxy hit", size, "hit").mb_per_s)
         finally:
             self.drop_proxy(proxy)
         n, p = statistics.median(ngx), statistics.median(prx)
@@ -300,7 +342,7 @@ class Bench:
             ratio >= 0.9,
         )
         self.r.detail(
-            f"- (a) {self.p.hit_reps} runs each, alternating, MB/s: proxy {fmt_list(prx)}; "
+            f"- (a) {self.p.hit_reps} runs each, alternating, {placement}, MB/s: proxy {fmt_list(prx)}; "
             f"nginx {fmt_list(ngx)}"
         )
 
@@ -436,7 +478,7 @@ class Bench:
         self.r.row(
             "(c) reference: bare ThreadingHTTPServer handler (fixed bytes, no proxy logic) / nginx req/s",
             f"{b:,.0f} / {n:,.0f} = {b / n:.3f}x",
-            "(not a target: the ceiling of the server stack)",
+            "(not a target: the stdlib server stack's ceiling)",
             None,
         )
         self.r.detail(
@@ -507,12 +549,24 @@ class Bench:
 
 NOTES = """## Why targets are missed, and what would help
 
-These notes describe the server before issue 9's rewrite (ThreadingHTTPServer) and the targets it
-had then ((a) 0.8x, (b) 1.2x, (c) 0.1x); the targets above are issue 9's.
+The (b) notes describe the server before issue 9's rewrite (ThreadingHTTPServer) and the targets
+it had then ((a) 0.8x, (b) 1.2x, (c) 0.1x); the targets above are issue 9's.
 
 Findings from profiling the proxy on this machine (py-spy on the serving process, cProfile on one
 keep-alive connection, and prototypes patched in at run time). They are not regenerated by
 `run.py`; rerun the profiles after changing the hot paths.
+
+### (a) warm hit: a fair measurement
+
+Unpinned, nginx's own runs swung 2.4-9.4 GB/s within one run and the ratio read 0.24x in a full
+run and 1.18x in a quick one: a sendfile over loopback runs as fast as the scheduler's placement
+of sender and receiver (the same core or not, a core shared with other work). `run.py` now pins
+nginx's and the proxy's threads to one CPU and the reader to the other for the hit runs,
+alternates them and takes 11 runs each; the two servers then fall within each other's spread.
+Both servers and the reader on one CPU was slower for both and noisier (a trial: 0.90x, runs of
+0.6-2.6 GB/s). The hit path itself costs nothing per byte: the event loop looks the entry up and
+hands the reply to a worker thread, which sends the blob with `os.sendfile`, the system call
+nginx makes.
 
 ### (b) cold miss, and service_bench (4) and (2): time ratio (missed, out of reach on 2 cores)
 
@@ -573,13 +627,27 @@ the ratio says little. It was 1.57-1.65x before these changes on a quieter machi
 ### (c) requests/second for a warm index page
 
 Done after the first measurement (0.054x): entries memoised by (inode, size, mtime), the blob
-verified by the look-up reused, plain-string paths on the hit path, a lean HTTP/1.x request
-parser instead of `http.server`'s `email.parser`, headers and small bodies in one write, and
-`serve --workers N` (several processes on one listening socket and one cache, which is safe across
-processes). `Engine.handle` for a warm page now takes about 25-50 us; the rest is the stdlib
-server stack (one thread per connection, the GIL): a bare `ThreadingHTTPServer` answering fixed
-bytes reaches only 0.1-0.2x nginx here (reference row), and one proxy process gets close to it.
-Two workers, like nginx's two, meet the target; 0.25x would need a different server core.
+verified by the look-up reused, plain-string paths on the hit path, headers and small bodies in
+one write, and `serve --workers N` (several processes on one listening socket and one cache,
+which is safe across processes). Then issue 9's server core: one event-loop thread (epoll through
+`selectors`) owns every idle or reading connection, parses with httptools and answers a warm hit
+itself (`Engine.answer_warm`: the engine's own `handle`, declining with `WouldBlock` wherever it
+would wait), so a warm page costs no thread switch and no GIL hand-off between 16 busy threads;
+a miss, or anything else that may wait, goes to a worker thread. Against the thread-per-connection
+core in the same minutes (in-process, access log on, load average 7): 7,500-7,900 req/s before,
+8,900-10,500 after. With `--workers 2` the processes share one listening socket: each accepts one
+connection per wake-up, and one holding more connections than its sibling (a table in shared
+memory, `server/siblings.py`) leaves newcomers to it for up to 20 ms; without that, one process
+often took all of wrk's 16 connections and two processes did no better than one (now 8 and 8).
+Two processes still need CPU time the two cores do not always have: with the load average at
+5-10 from other work, `--workers 2` measured 1.0-2.4x one process.
+
+What one process still spends per warm page (cProfile of the loop): the access-log line through
+`logging` (the record, `findCaller`, the secret scrubber's two regex passes, the batching
+handler: about 30 us a line here) about 30 %, the engine's warm hit (entry look-up, `stat`s,
+the recorders) about 30 %, `send`/`recv`/`epoll` about 25 %, parsing and framing the rest. One
+process reaches 0.25x only when nginx's figure is low (nginx swings 35,000-85,000 req/s between
+runs on this shared machine); a cheaper access-log path is the next step.
 """
 
 
@@ -632,15 +700,18 @@ def render_report(
         "and a static PEP 503 tree, and is both the upstream of the proxy and the peer it is compared "
         "with.",
         "- **Proxy:** `upstream-proxy --config FILE serve --port 0 --cache DIR`, a separate process "
-        "(one Python process, threaded), with a `generic` proxy in front of the files and a `pypi` "
-        "proxy in front of the tree.",
+        "(one Python process: an event-loop thread and worker threads), with a `generic` proxy in "
+        "front of the files and a `pypi` proxy in front of the tree.",
         "- **Client for (a), (b), (d):** a raw-socket Python reader (`recv_into` a reused 8 MiB "
         "buffer, one connection per request), the same for proxy and nginx; it records the end of "
         "the headers, the first body byte and the last byte. The *client check* row compares it "
         "with `curl -o /dev/null` against nginx to show it is not the bottleneck.",
         f"- **(a) warm hit:** the artifact ({profile.artifact_bytes // MiB} MiB, random bytes) is "
         "fetched once through the proxy (miss) and once more (hit, not counted); then proxy and nginx "
-        f"downloads alternate, {profile.hit_reps} each. Throughput = bytes / (connect to last byte).",
+        f"downloads alternate, {profile.hit_reps} each. Throughput = bytes / (connect to last byte). "
+        "While they run, nginx's and the proxy's threads are pinned to one CPU and the reader to the "
+        "other (`os.sched_setaffinity`): unpinned, a sendfile over loopback ran 2-9 GB/s by where the "
+        "scheduler happened to put sender and receiver, which decided the ratio more than the servers.",
         f"- **(b) cold miss:** {profile.miss_reps} runs; each starts a proxy on a fresh cache, warms the "
         "process up with a 1 KiB file, then downloads the artifact through the proxy (a miss: streamed "
         "to the client while it is hashed and written to the cache) and directly from nginx, in "
@@ -653,7 +724,7 @@ def render_report(
         f"for {profile.wrk_seconds} s against each, alternating, {profile.wrk_rounds} round(s). The "
         "proxy answer is a warm hit (`X-Upstream-Cache: hit`, rendering memoised). wrk, nginx (2 "
         "workers) and the proxy share the 2 cores. Reference: a bare `ThreadingHTTPServer` handler (the "
-        "server stack the proxy is built on) answering the same bytes with no proxy logic.",
+        "stdlib server stack the proxy was first built on) answering the same bytes with no proxy logic.",
         "- **(d) memory:** VmRSS of the proxy process is sampled every 5 ms from `/proc/PID/status` "
         "while it serves the big file; growth = max(VmHWM after, sampled peak) - VmRSS before. The "
         "miss is served by a process on a fresh cache; the hits by a new process on that cache (its "

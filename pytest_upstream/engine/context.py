@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.engine.clock import Clock
+from pytest_upstream.engine.errors import WouldBlock
 from pytest_upstream.formats.base import Format, Resource
 from pytest_upstream.messages import ProxyRequest
 from pytest_upstream.store.cache import Cache, Entry
@@ -28,13 +29,19 @@ class RequestContext:
     clock: Clock
     # Engine.metadata: a metadata resource through the cache, honouring the mode.
     fetch_metadata: Callable[[RequestContext, Resource], tuple[Entry, bytes]]
+    # Engine.answer_warm: raise WouldBlock rather than wait (for a lock, the upstream, hashing).
+    warm_only: bool = False
 
     def now(self) -> float:
         return self.clock.now()
 
     def cached(self, path: str, variant: str = "") -> Entry | None:
         entry = self.cache.lookup(self.proxy.key, path, variant)
-        if entry is None or self.cache.verified_blob(entry) is None:
+        if entry is None:
+            return None
+        if self.warm_only and self.cache.verifier.known_path(entry.sha256, entry.size) is None:
+            raise WouldBlock  # verifying the blob would hash it
+        if self.cache.verified_blob(entry) is None:
             return None
         return entry
 

@@ -21,7 +21,7 @@ from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
-from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed
+from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed, WouldBlock
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
@@ -47,6 +47,8 @@ log = logging.getLogger("pytest_upstream")
 
 OWN_KEY = "-"  # /-/metrics, /-/ready: keys start with a letter, so none collides
 REPLAY_MISS_REASON = "Not recorded (replay mode)"
+# answer_warm reads metadata a format resolves with up to this size (an npm packument can be 100 MB)
+INLINE_METADATA = 1024 * 1024
 # The Host a client addressed us by (the base of absolute links in rendered metadata): a DNS
 # name (underscores allowed: container networks use them), an IPv4 address or a bracketed IPv6
 # address, then an optional port.
@@ -127,7 +129,19 @@ class Engine:
         return self._lock_recorder.snapshot()
 
     # -- dispatch ------------------------------------------------------------
-    def handle(self, req: ProxyRequest) -> Reply:
+    def answer_warm(self, req: ProxyRequest) -> Reply | None:
+        """``handle``'s reply if it can be given without waiting, else None (nothing recorded):
+        the server's event loop answers a fresh hit whose blob this process has verified and
+        whose rendering is memoised, an error, or ``/-/…`` itself, and hands anything that may
+        wait (a lock, the upstream, a download, hashing a blob, a render) to a worker thread,
+        which calls ``handle``.  One code path: ``handle`` with ``warm_only`` set, which raises
+        WouldBlock at each place that would wait, before anything is recorded."""
+        try:
+            return self.handle(req, warm_only=True)
+        except WouldBlock:
+            return None
+
+    def handle(self, req: ProxyRequest, *, warm_only: bool = False) -> Reply:
         settings = self.settings
         base_url = checked_base_url(req.base_url)
         if base_url is None:
@@ -142,6 +156,8 @@ class Engine:
             first, _, rest = req.path.partition("/")
             group = settings.group(first)
             if group is not None and group.format == router.name:  # a group under the root prefix
+                if warm_only:  # members are asked in turn: a worker's job (nothing recorded twice)
+                    raise WouldBlock
                 return self.groups.handle(group, replace(req, key=group.key, path=rest))
             routed = router.route(req, settings)
             if isinstance(routed, Reply):
@@ -150,6 +166,8 @@ class Engine:
         else:
             group = settings.group(req.key)
             if group is not None:
+                if warm_only:
+                    raise WouldBlock
                 return self.groups.handle(group, req)
             found = settings.proxy(req.key)
             if found is None:
@@ -160,9 +178,9 @@ class Engine:
                 reply.reason = "No such upstream proxy"
                 return reply
             proxy = found
-        return self._handle_proxy(req, proxy)
+        return self._handle_proxy(req, proxy, warm_only=warm_only)
 
-    def _handle_proxy(self, req: ProxyRequest, proxy: ProxyDefinition) -> Reply:
+    def _handle_proxy(self, req: ProxyRequest, proxy: ProxyDefinition, *, warm_only: bool = False) -> Reply:
         """A request for one proxy (a group's member included)."""
         settings = self.settings
         fmt = get_format(proxy.format)
@@ -172,7 +190,9 @@ class Engine:
             )
             reply.reason = "Format not supported"
             return reply
-        ctx = RequestContext(req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata)
+        ctx = RequestContext(
+            req, proxy, fmt, settings.mode, self.cache, self.clock, self._metadata, warm_only=warm_only
+        )
         return self._handle_in(ctx)
 
     def _handle_in(self, ctx: RequestContext) -> Reply:
@@ -318,7 +338,16 @@ class Engine:
         if entry.last_modified:
             headers["Last-Modified"] = entry.last_modified
         rendered = (
-            self.renders.render(ctx.proxy.key, ctx.fmt, res, entry, blob, ctx.proxy.policy, self.clock.now())
+            self.renders.render(
+                ctx.proxy.key,
+                ctx.fmt,
+                res,
+                entry,
+                blob,
+                ctx.proxy.policy,
+                self.clock.now(),
+                memoised_only=ctx.warm_only,
+            )
             if entry.is_metadata
             else None
         )
@@ -348,6 +377,8 @@ class Engine:
     def _metadata(self, ctx: RequestContext, resource: Resource) -> tuple[Entry, bytes]:
         """``FormatContext.metadata``: what a format reads to resolve a request."""
         obtained = self.obtain(ctx, resource)
+        if ctx.warm_only and obtained.entry.size > INLINE_METADATA:
+            raise WouldBlock  # reading (and parsing) a big document is a worker's job
         path = obtained.blob or self.cache.verified_blob(obtained.entry)
         if path is None:
             raise UpstreamFailed(f"cached copy of {resource.upstream_url} vanished; retry")
@@ -359,6 +390,8 @@ class Engine:
         not-found answer."""
         proxy = ctx.proxy
         if self.lock is not None and ctx.mode == "replay":
+            if ctx.warm_only:
+                raise WouldBlock  # replaying a lock file verifies what it names: a worker's job
             return locked_blob(self.settings, self.lock, self.cache, self.recorders, proxy, res)
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
         if entry is None:
@@ -371,6 +404,11 @@ class Engine:
                     404, f"not found upstream: {res.upstream_url} (answer cached {age:.0f}s ago)", cache="hit"
                 )
             return None
+        if ctx.warm_only:
+            known = self.cache.verifier.known_path(entry.sha256, entry.size)
+            if known is None:
+                raise WouldBlock  # verifying the blob would hash it
+            return entry, known
         blob = self.cache.verified_blob(entry)
         return None if blob is None else (entry, blob)
 
@@ -384,6 +422,8 @@ class Engine:
             return Obtained(found[0], "hit", blob=found[1])
         if ctx.mode == "replay":
             raise ReplayMiss(miss_message(self.settings, self.lock, proxy, res))
+        if ctx.warm_only:
+            raise WouldBlock  # a miss or a stale copy: the lock and the upstream
         try:
             with self.cache.locked(proxy.key, res.path, res.variant, self.settings.lock_timeout):
                 again = self._usable(ctx, res)
@@ -406,6 +446,8 @@ class Engine:
             return None
         if self._usable(ctx, res) is not None:
             return None
+        if ctx.warm_only:
+            raise WouldBlock  # a download to start or join
         return self.flights.serve(
             ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res) is not None
         )

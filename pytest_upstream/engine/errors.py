@@ -9,6 +9,11 @@ from __future__ import annotations
 from pytest_upstream.formats.base import FormatError
 
 
+class WouldBlock(Exception):
+    """``Engine.answer_warm``: the answer needs waiting (a lock, the upstream, a download, hashing
+    a blob, rendering): the server answers this request in a worker thread instead."""
+
+
 class ReplayMiss(Exception):
     """Replay mode, and what was asked for was not recorded (answered 504)."""
 

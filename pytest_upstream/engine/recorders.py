@@ -203,8 +203,11 @@ class Recorders:
     def answered(self, answer: Answer) -> None:
         if answer.error:
             answer = replace(answer, error=self.scrub(answer.error))
-        if answer.resource is not None:
-            answer = replace(answer, resource=self._scrubbed(answer.resource))
+        if (
+            answer.resource is not None
+            and (scrubbed := self._scrubbed(answer.resource)) is not answer.resource
+        ):
+            answer = replace(answer, resource=scrubbed)
         for recorder in self._recorders:
             recorder.answered(answer)
 

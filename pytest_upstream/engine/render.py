@@ -31,6 +31,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from pytest_upstream.config.release_policy import ReleasePolicy
+from pytest_upstream.engine.errors import WouldBlock
 from pytest_upstream.formats.base import Format, Resource
 from pytest_upstream.formats.hiding import Hidden, Hiding
 from pytest_upstream.store.cache import Entry
@@ -73,9 +74,12 @@ class RenderMemo:
         blob: Path,
         policy: ReleasePolicy | None = None,
         now: float = 0.0,
+        *,
+        memoised_only: bool = False,
     ) -> Rendered | None:
         """The client's view of stored metadata, or None to serve the stored bytes as they are;
-        ``policy``: the proxy's release policy, ``now`` the engine clock's time."""
+        ``policy``: the proxy's release policy, ``now`` the engine clock's time; ``memoised_only``:
+        raise WouldBlock unless the render is memoised (``Engine.answer_warm``)."""
         memo_key = (key, res.path, res.render_as, entry.sha256)
         with self._lock:
             if memo_key in self._memo and now >= self._until.get(memo_key, now + 1):
@@ -83,6 +87,8 @@ class RenderMemo:
             if memo_key in self._memo:
                 self._memo.move_to_end(memo_key)
                 return self._memo[memo_key]
+            if memoised_only:
+                raise WouldBlock
             pending = self._pending.get(memo_key)
             first = pending is None
             if pending is None:

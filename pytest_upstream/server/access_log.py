@@ -50,7 +50,10 @@ def log_access(
 
 def clean(text: str, limit: int) -> str:
     """Printable ASCII kept, anything else as ``\\xNN`` (or ``\\uNNNN``), at most ``limit`` characters."""
-    out = "".join(_escape(c) for c in text)
+    if text.isascii() and text.isprintable() and " " not in text:
+        out = text  # the common case, every request: nothing to escape
+    else:
+        out = "".join(_escape(c) for c in text)
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 

@@ -24,7 +24,7 @@ import base64
 import binascii
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.settings import Settings
@@ -32,6 +32,7 @@ from pytest_upstream.engine.dispatch import checked_base_url
 from pytest_upstream.messages import Headers, Reply
 from pytest_upstream.repro.netguard import is_loopback
 
+_VERDICTS = 256  # Host values whose verdict is remembered
 OPEN_PATHS = ("/-/ready",)  # answered without the token: readiness probes carry no credentials
 
 
@@ -42,6 +43,7 @@ class Admission:
     loopback_bound: bool  # bound to a loopback address: the Host check applies
     allowed_hosts: frozenset[str] = frozenset()  # "host" (any port) or "host:port", lower case
     token_env: str | None = None  # the variable holding the clients' token (names only: safe to print)
+    _verdicts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_server(cls, settings: Settings, bind_host: str) -> Admission:
@@ -78,7 +80,17 @@ class Admission:
         return None
 
     def host_allowed(self, host: str) -> bool:
-        """Whether a Host header (``name``, ``name:port``, ``[v6]:port``) is loopback or listed."""
+        """Whether a Host header (``name``, ``name:port``, ``[v6]:port``) is loopback or listed
+        (remembered for a few hundred Host values: clients send the same one every request)."""
+        known = self._verdicts.get(host)
+        if known is None:
+            known = self._host_allowed(host)
+            if len(self._verdicts) >= _VERDICTS:
+                self._verdicts.clear()  # the Host is the client's: a flood of them stays bounded
+            self._verdicts[host] = known
+        return known
+
+    def _host_allowed(self, host: str) -> bool:
         host = host.strip().lower()
         if not host:
             return True  # HTTP/1.0 without Host: nothing a browser sends

@@ -1,17 +1,17 @@
-"""One client connection: its request/response loop in the connection's own thread.
+"""One client connection: its state, and answering its requests.
 
-``request_reader.py`` parses (httptools) and ``responses.py`` frames; this module keeps the
-deadlines: the whole head within ``header_timeout`` (slowloris), ``idle_timeout`` between
-kept-alive requests, and it routes: the index, the forward-proxy refusal, ``/<key>/<path>`` to
+The event loop (``listener.py``) owns a connection while it is idle or reading a request head:
+it reads without blocking, parses (``request_reader.py``, httptools) and keeps the deadlines
+(the whole head within ``header_timeout``, ``idle_timeout`` between kept-alive requests).  A
+whole request is answered right there when the engine can answer it without waiting
+(``answer_inline``: a warm hit, an error, the index, ``/-/…``), else the connection goes to a
+worker thread (``answer_in_worker``), which runs the blocking engine (misses, downloads in
+flight, sendfile of big files, streams) and hands the connection back when the reply is done.
+Routing is one function for both: the index, the forward-proxy refusal, ``/<key>/<path>`` to
 the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
 connection closes, so nothing after it (a body, a request hidden in one) is ever read as a
-request.  Deadlines are kernel timeouts on a blocking socket (SO_RCVTIMEO, SO_SNDTIMEO):
-a request that arrives whole costs no extra system call, where a socket timeout in Python
-would poll before every read and write.
-
-The blocking engine runs right here: a client waiting on a slow upstream or on another
-process's download holds its own thread and nothing else.  A client that goes away
-(reset, broken pipe, a stalled reader past ``send_timeout``) is ordinary, not an error.
+request.  A client that goes away (reset, broken pipe, a stalled reader past ``send_timeout``,
+a kernel timeout ``SO_SNDTIMEO`` on the worker's blocking writes) is ordinary, not an error.
 """
 
 from __future__ import annotations
@@ -28,26 +28,20 @@ from urllib.parse import urlsplit
 
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
-from pytest_upstream.repro.netguard import exempt_current_thread, is_loopback
+from pytest_upstream.repro.netguard import is_loopback
 from pytest_upstream.server import access_log
 from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
-from pytest_upstream.server.responses import (
-    StreamFailed,
-    Wire,
-    cut,
-    error_bytes,
-    send_reply,
-    set_send_timeout,
-    timeval,
-)
+from pytest_upstream.server.responses import StreamFailed, Wire, cut, error_bytes, reply_bytes, send_reply
 
 log = logging.getLogger("pytest_upstream.server")
 # After the last reply: read what the client still sends for a moment, so that closing with
 # unread bytes does not reset the connection before the client has read that reply.
-_LINGER_SECONDS = 1.0
-_LINGER_BYTES = 256 * 1024
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 256 * 1024
+_PATHS = 1024  # split request paths remembered (Site.paths)
+INLINE_FILE = 64 * 1024  # a hit of a file up to this size is read and sent by the event loop
 
 
 @dataclass
@@ -61,151 +55,133 @@ class Site:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (host, test) of refused forward requests
     stopping: threading.Event = field(default_factory=threading.Event)
     admission: Admission = field(default_factory=lambda: Admission(loopback_bound=False))  # admission.py
+    # split_proxy_path's answers for the paths asked for lately: a warm page is asked for again and again
+    paths: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+# What a connection is doing, for the deadlines and the order connections are shed in at the cap.
+HEAD = "head"  # waiting for (the rest of) a request head: its first one, or one begun
+IDLE = "idle"  # kept alive between requests, no byte of the next one yet
+BODY = "body"  # reading a request body to drop it
+BUSY = "busy"  # being answered by a worker thread: never shed
+LINGER = "linger"  # answered for the last time: reading what the client still sends, then closed
+
+
+@dataclass(eq=False)
+class Pending:
+    """What a worker thread finishes for the event loop: the request being answered, with the
+    reply the loop already has (a file or a stream) or the bytes it could not write at once."""
+
+    request: ParsedRequest
+    started: float
+    key: str = ""
+    reply: Reply | None = None
+    unsent: bytes = b""
 
 
 class Connection:
-    """One accepted client socket; ``run()`` is its thread's body."""
+    """One accepted client socket (non-blocking while the event loop owns it)."""
 
-    def __init__(
-        self, sock: socket.socket, client: str, site: Site, on_close: Callable[[Connection], None]
-    ) -> None:
+    def __init__(self, sock: socket.socket, client: str, site: Site) -> None:
         self.sock = sock
         self.client = client
         self.site = site
         self.wire = Wire(sock)
         self.reader = RequestReader(site.limits, self._send_continue)
-        self._on_close = on_close
-        self._lock = threading.Lock()
-        self._recv_timeout = -1.0
-        self.idle = False  # waiting, kept alive, for the first byte of a next request
-        self.idle_since = time.monotonic()
-        # Waiting for (the rest of) a request head since this time; None while answering.  At the
-        # cap such a connection is shed after the idle ones, the longest waiting first: so
-        # connections trickling a header (slowloris) cannot keep a real client out.
-        self.head_since: float | None = time.monotonic()
+        self.opened = time.monotonic()
+        self.state = HEAD
+        self.since = self.opened  # when the state began (a read of the body moves it on)
+        self.answered = 0  # requests answered on this connection
+        self.refusal: BadRequest | None = None  # a malformed request after the ready ones
+        self.lingered = 0  # bytes read and dropped while lingering
 
-    def shed(self, *, only_idle: bool = True) -> bool:
-        """Close this connection from another thread (the cap, EMFILE, stop); False if it was
-        answering a request (``only_idle``: if it was not idle between requests either)."""
-        with self._lock:
-            if only_idle and not self.idle:
-                return False
-            if self.head_since is None:
-                return False
-            cut(self.sock)
-            return True
-
-    def shed_waiting(self) -> bool:
-        """Close this connection if it is still waiting for a request head (the cap)."""
-        with self._lock:
-            if self.head_since is None:
-                return False
-            cut(self.sock)
-            return True
-
-    def run(self) -> None:
-        exempt_current_thread()  # the proxy must reach upstreams while tests are blocked (netguard.py)
-        metrics = self.site.engine.metrics
-        metrics.connection_opened()
-        try:
-            # Headers and a sendfile body are two writes: without NODELAY, Nagle plus
-            # delayed ACKs would stall every keep-alive response by ~40 ms.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_send_timeout(self.sock, self.site.limits.send_timeout)
-            self._serve()
-        except OSError as exc:  # reset, broken pipe, a timeout: the client went away
-            log.debug("connection from %s ended: %s", self.client, exc)
-        except Exception:
-            log.exception("connection from %s failed", self.client)
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            metrics.connection_closed()
-            self._on_close(self)
-
-    def _serve(self) -> None:
-        opened = time.monotonic()
-        reader = self.reader
-        while True:
-            while not reader.ready:
-                try:
-                    if not self._receive(opened):
-                        return
-                except BadRequest as bad:
-                    while reader.ready:  # whole requests before the bad one are answered first
-                        if not self._answer(reader.ready.popleft()):
-                            return
-                    self._refuse(bad.status, bad.reason)
-                    return
-            opened = 0.0
-            with self._lock:
-                self.head_since = None  # answering: never shed
-            if not self._answer(reader.ready.popleft()) or self.site.stopping.is_set():
-                self._linger()
-                return
-            with self._lock:
-                self.head_since = time.monotonic()
-
-    # -- reading ------------------------------------------------------------
-    def _receive(self, opened: float) -> bool:
-        """Read and parse more bytes within the deadlines; False when the client is gone or
-        was idle too long; raises BadRequest for a malformed request or a late head."""
+    def deadline(self) -> tuple[float, int]:
+        """(when, status): the status to answer when the deadline passes (0: close quietly)."""
         limits = self.site.limits
-        reader = self.reader
-        if reader.started is not None and not reader.head_done:  # the whole head, from its first byte
-            timeout = (opened or reader.started) + limits.header_timeout - time.monotonic()
-        elif reader.started is not None:
-            timeout = limits.send_timeout  # a body, read to be dropped: progress, like a write
-        elif opened:
-            timeout = opened + limits.header_timeout - time.monotonic()  # a new connection's first head
-        else:
-            timeout = limits.idle_timeout
-        if timeout <= 0:
-            raise BadRequest(408, "Request Timeout (the request head took too long)")
-        idle = reader.started is None and not opened
-        if idle:
-            with self._lock:
-                self.idle = True
-                self.idle_since = time.monotonic()
-        try:
-            self._set_recv_timeout(timeout)
-            data = self.sock.recv(65536)
-        except BlockingIOError:  # SO_RCVTIMEO expired
-            if idle:
-                return False  # idle past idle_timeout: close quietly
-            if reader.started is None or not reader.head_done:
-                raise BadRequest(408, "Request Timeout (the request head took too long)") from None
-            return False
-        finally:
-            if idle:
-                with self._lock:
-                    self.idle = False
-        if not data:
-            return False
-        reader.feed(data)
-        return True
-
-    def _set_recv_timeout(self, seconds: float) -> None:
-        """SO_RCVTIMEO, set only when it changes (one system call per idle wait at most)."""
-        if abs(seconds - self._recv_timeout) > 0.001:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(max(seconds, 0.001)))
-            self._recv_timeout = seconds
+        if self.state == IDLE:
+            return self.since + limits.idle_timeout, 0
+        if self.state == BODY:
+            return self.since + limits.send_timeout, 0  # progress, like a write
+        if self.state == LINGER:
+            return self.since + LINGER_SECONDS, 0
+        if self.state == BUSY:
+            return float("inf"), 0
+        began = self.opened if not self.answered else (self.reader.started or self.since)
+        return began + limits.header_timeout, 408
 
     def _send_continue(self) -> None:
-        self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        with contextlib.suppress(OSError):  # a small write: the socket buffer takes it
+            self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer a request that cannot be read (without blocking: the reply is small); the
+        caller then closes the connection."""
+        log.debug("refused a request from %s: %d %s", self.client, status, reason)
+        with contextlib.suppress(OSError):
+            self.sock.send(error_bytes(status, reason))
+        access_log.log_access(
+            method="-", target="-", status=status, cache="", key="", nbytes=0, millis=0.0, client=self.client
+        )
 
     # -- answering ----------------------------------------------------------
-    def _answer(self, request: ParsedRequest) -> bool:
-        """Answer one request; False when the connection must close afterwards."""
+    def answer_inline(self, request: ParsedRequest) -> Pending | None:
+        """Answer ``request`` now if that takes no waiting (the event loop's thread; the socket
+        is non-blocking); else what a worker must finish."""
         started = time.monotonic()
-        method, target = request.method, request.target
         headers = Headers(request.headers)
-        self.wire.start(method, request.version, request.keep_alive)
-        key, reply = self._route(method, target, headers)
-        ok = self._send(method, target, headers, reply)
+        self.wire.start(request.method, request.version, request.keep_alive)
+        key, reply = self._route(request.method, request.target, headers, warm_only=True)
+        if reply is None:
+            return Pending(request, started)
+        try:
+            data = reply_bytes(self.wire, headers, reply, INLINE_FILE)
+        except (OSError, StreamFailed):  # the file went or shrank: the worker's send says so
+            data = None
+        if data is None:
+            return Pending(request, started, key, reply)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+            self.wire.keep_alive = False
+            sent = len(data)
+        if sent < len(data):
+            return Pending(request, started, key, reply, data[sent:])
+        self._log(request, key, reply, started)
+        return None
+
+    def answer_in_worker(self, pending: Pending) -> bool:
+        """Finish ``pending`` (a worker thread; the socket is blocking, with ``SO_SNDTIMEO``);
+        False when the connection must close afterwards.  Requests read with it are the loop's
+        again once the connection is handed back."""
+        request = pending.request
+        headers = Headers(request.headers)
+        if pending.reply is None:
+            self.wire.start(request.method, request.version, request.keep_alive)
+            pending.key, routed = self._route(request.method, request.target, headers)
+            assert routed is not None  # only warm_only routing answers None
+            reply = routed
+            ok = self._send(request, headers, reply)
+        elif pending.unsent:
+            reply = pending.reply
+            try:
+                self.sock.sendall(pending.unsent)
+                ok = True
+            except OSError as exc:
+                log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+                ok = False
+        else:
+            reply = pending.reply
+            ok = self._send(request, headers, reply)
+        self._log(request, pending.key, reply, pending.started)
+        return ok and self.wire.keep_alive
+
+    def _log(self, request: ParsedRequest, key: str, reply: Reply, started: float) -> None:
         access_log.log_access(
-            method=method,
-            target=target,
+            method=request.method,
+            target=request.target,
             status=reply.status,
             cache=reply.headers.get("X-Upstream-Cache", ""),
             key=key,
@@ -213,10 +189,11 @@ class Connection:
             millis=(time.monotonic() - started) * 1000,
             client=self.client,
         )
-        return ok and self.wire.keep_alive
 
-    def _route(self, method: str, target: str, headers: Headers) -> tuple[str, Reply]:
-        """(key, reply) for one request."""
+    def _route(
+        self, method: str, target: str, headers: Headers, warm_only: bool = False
+    ) -> tuple[str, Reply | None]:
+        """(key, reply) for one request; ``warm_only``: reply None when the engine would wait."""
         if method == "CONNECT":
             return "", self._refuse_forward(method, target, urlsplit(f"//{target}").hostname or target)
         raw_path, _, query = target.partition("?")
@@ -236,17 +213,25 @@ class Connection:
             return "", refusal
         if raw_path == "/":
             return "", Reply.json(200, self.site.index())
-        try:
-            key, rest = split_proxy_path(raw_path)
-        except (BadPath, UnicodeDecodeError) as exc:
-            reply = Reply.text(400, f"bad request path: {exc}")
-            reply.reason = f"Bad request path ({exc})"
-            return "", reply
+        split = self.site.paths.get(raw_path)
+        if split is None:
+            try:
+                split = split_proxy_path(raw_path)
+            except (BadPath, UnicodeDecodeError) as exc:
+                reply = Reply.text(400, f"bad request path: {exc}")
+                reply.reason = f"Bad request path ({exc})"
+                return "", reply
+            if len(self.site.paths) >= _PATHS:
+                self.site.paths.clear()  # the paths are the clients': a flood of them stays bounded
+            self.site.paths[raw_path] = split
+        key, rest = split
         host = headers.get("Host") or f"127.0.0.1:{self.site.port}"
         request = ProxyRequest(
             method=method, key=key, path=rest, query=query, headers=headers, base_url=f"http://{host}"
         )
         try:
+            if warm_only:
+                return key, self.site.engine.answer_warm(request)
             return key, self.site.engine.handle(request)
         except Exception as exc:  # a bug: answer 500 instead of dropping the connection
             log.exception("error handling %s %s", method, target)
@@ -263,40 +248,17 @@ class Connection:
         reply.reason = message
         return reply
 
-    def _send(self, method: str, target: str, headers: Headers, reply: Reply) -> bool:
+    def _send(self, request: ParsedRequest, headers: Headers, reply: Reply) -> bool:
         try:
             send_reply(self.wire, headers, reply)
         except StreamFailed as exc:
-            log.warning("aborted %s %s: %s", method, target, exc)
+            log.warning("aborted %s %s: %s", request.method, request.target, exc)
             cut(self.sock)
             return False
         except OSError as exc:
-            log.debug("client %s left during %s %s: %s", self.client, method, target, exc)
+            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
             return False
         return True
-
-    def _refuse(self, status: int, reason: str) -> None:
-        """Answer a request that cannot be read, then close."""
-        log.debug("refused a request from %s: %d %s", self.client, status, reason)
-        with contextlib.suppress(OSError):
-            self.sock.sendall(error_bytes(status, reason))
-        access_log.log_access(
-            method="-", target="-", status=status, cache="", key="", nbytes=0, millis=0.0, client=self.client
-        )
-        self._linger()
-
-    def _linger(self) -> None:
-        """Close gracefully: stop sending, then read and drop what the client still sends."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _LINGER_SECONDS
-            left = _LINGER_BYTES
-            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
-                self._set_recv_timeout(remaining)
-                data = self.sock.recv(65536)
-                if not data:
-                    break
-                left -= len(data)
 
 
 def _error(status: int, reason: str) -> Reply:

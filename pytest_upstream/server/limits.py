@@ -18,7 +18,8 @@ from pytest_upstream.config.settings import Settings
 # A connection can hold two descriptors (its socket and the file it is sending); this many
 # more are kept for the engine: the cache's lock and part files, upstream connections.
 _RESERVED_DESCRIPTORS = 64
-_MAX_AUTO_CONNECTIONS = 4096  # one thread per connection: enough for a CI fleet, not a C10K server
+# Enough for a CI fleet; the event loop checks every connection's deadline 20 times a second.
+_MAX_AUTO_CONNECTIONS = 4096
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,19 @@
-"""The HTTP face of the engine: an HTTP/1.1 server, httptools for parsing, a thread per connection.
+"""The HTTP face of the engine: an HTTP/1.1 server, httptools for parsing, an event loop and
+worker threads.
 
-One thread per connection (keep-alive), so a client waiting on a slow upstream or on another
-process's download never blocks the others, and the engine stays plain blocking code.  Cached
-files go out with ``socket.sendfile`` (constant memory, zero copy); misses stream to the client
-while the engine writes them to the cache.  The bounds that keep it up for weeks (deadlines,
-the connection cap) are in ``limits.py``; why httptools is in docs/dependencies.md.
+One event-loop thread holds every idle or reading connection and answers what needs no waiting
+(a warm hit, an error), so idle connections cost no thread and a warm page no thread switch;
+worker threads run the blocking engine for the rest (a client waiting on a slow upstream or on
+another process's download holds one worker and nothing else).  Cached files go out with
+``os.sendfile`` (constant memory, zero copy); misses stream to the client while the engine
+writes them to the cache.  The bounds that keep it up for weeks (deadlines, the connection cap)
+are in ``limits.py``; why httptools is in docs/dependencies.md; threads and connections in
+docs/operations.md.
 
-    listener.py     accept loop, connection cap, EMFILE back-off
-    connection.py       one client: the request loop, deadlines, routing
+    listener.py     the event loop: accept, read, deadlines, connection cap, EMFILE back-off
+    workers.py          the threads that answer what must wait
+    siblings.py     serve --workers: the processes' connection counts, to share the clients
+    connection.py       one client: its state, routing, answering inline or in a worker
     request_reader.py   parsing (httptools) and the checks llhttp leaves to us
     responses.py    writing a Reply: bytes, sendfile with ranges, streams
 """

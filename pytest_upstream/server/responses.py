@@ -8,10 +8,12 @@ and 304.  A stream that yields more or fewer bytes than its declared length fail
 A file's bytes go out with ``os.sendfile`` (zero copy, constant memory).  Conditional requests
 (If-None-Match, Range with If-Range) are decided here, on the reply's ETag and the file's size.
 
-Sockets are blocking with kernel timeouts (``SO_SNDTIMEO`` = ``send_timeout``): a write that
-makes no progress for that long fails with ``BlockingIOError``, so a client that stops reading
-is dropped and holds nothing but its own thread; a write that progresses costs no extra
-system call.
+A worker thread writes on a blocking socket with a kernel timeout (``SO_SNDTIMEO`` =
+``send_timeout``): a write that makes no progress for that long fails with
+``BlockingIOError``, so a client that stops reading is dropped and holds nothing but its own
+worker; a write that progresses costs no extra system call.  The event loop writes a reply
+whose bytes are in hand (``reply_bytes``) without blocking, and leaves what the socket did not
+take to a worker.
 """
 
 from __future__ import annotations
@@ -152,10 +154,16 @@ class Wire:
 
     def whole(self, status: int, headers: dict[str, str], body: bytes, reason: str = "") -> None:
         """A reply with a body in hand: head and body in one write (one packet when small)."""
+        self.sock.sendall(self.whole_bytes(status, headers, body, reason))
+
+    def whole_bytes(self, status: int, headers: dict[str, str], body: bytes, reason: str = "") -> bytes:
+        """The bytes of a reply with a body in hand (counted as sent): the event loop writes
+        them without blocking, and a worker thread the rest (listener.py)."""
         head = self._head(status, headers, reason, len(body))
-        self.sock.sendall(head + body if self._remaining else head)
+        out = head + body if self._remaining else head
         self.sent += len(body) if self._remaining else 0
         self._remaining = 0
+        return out
 
     def data(self, chunk: bytes) -> None:
         if self.head_only or not chunk:
@@ -212,43 +220,86 @@ def send_reply(wire: Wire, request: Headers, reply: Reply) -> None:
     Raises OSError when the client is gone or stalled past the send timeout, and
     StreamFailed when the body could not be completed (the caller cuts the connection).
     """
-    if reply.file is not None:
-        _send_file(wire, request, reply, reply.file)
-    elif reply.stream is not None:
+    if reply.stream is not None:
         _send_stream(wire, reply)
-    elif not _not_modified(wire, request, reply):
-        wire.whole(reply.status, reply.headers, reply.body, reply.reason)
+    elif reply.file is not None:
+        _send_file(wire, request, reply, reply.file)
+    else:
+        wire.sock.sendall(_in_hand(wire, request, reply))
 
 
-def _not_modified(wire: Wire, request: Headers, reply: Reply) -> bool:
+def reply_bytes(wire: Wire, request: Headers, reply: Reply, max_file: int = 0) -> bytes | None:
+    """All the bytes of a reply whose body is in hand, or is a file of at most ``max_file``
+    bytes (read whole: the event loop sends a small file so, with its ranges, 304 and 416
+    decided as ``send_reply`` decides them); None for a stream or a bigger file.  Raises OSError
+    when the file cannot be read, StreamFailed when it is shorter than the reply says."""
+    if reply.stream is not None:
+        return None
+    if reply.file is None:
+        return _in_hand(wire, request, reply)
+    if reply.length is None or reply.length > max_file:
+        return None
+    if _not_modified(request, reply):
+        return _in_hand(wire, request, reply)
+    with open(reply.file, "rb") as f:
+        plan = _file_plan(wire, request, reply, f)
+        if isinstance(plan, bytes):
+            return plan
+        status, headers, offset, count = plan
+        if wire.head_only:  # the length a GET would get, no body
+            return wire._head(status, headers, reply.reason, count)
+        body = os.pread(f.fileno(), count, offset) if count else b""
+    if len(body) != count:  # the file shrank under us
+        raise StreamFailed(f"file ended after {len(body)} of {count} bytes")
+    return wire.whole_bytes(status, headers, body, reply.reason)
+
+
+def _in_hand(wire: Wire, request: Headers, reply: Reply) -> bytes:
+    """The bytes of a reply with its body in hand, or its 304."""
+    if _not_modified(request, reply):
+        return wire.whole_bytes(304, {k: v for k, v in reply.headers.items() if k in _KEEP_ON_304}, b"")
+    return wire.whole_bytes(reply.status, reply.headers, reply.body, reply.reason)
+
+
+def _not_modified(request: Headers, reply: Reply) -> bool:
     etag = reply.headers.get("ETag")
     inm = request.get("If-None-Match")
     if reply.status != 200 or not etag or not inm:
         return False
-    if inm.strip() != "*" and etag not in [t.strip() for t in inm.split(",")]:
-        return False
-    wire.whole(304, {k: v for k, v in reply.headers.items() if k in _KEEP_ON_304}, b"")
-    return True
+    return inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]
+
+
+def _file_plan(
+    wire: Wire, request: Headers, reply: Reply, f: BinaryIO
+) -> bytes | tuple[int, dict[str, str], int, int]:
+    """(status, headers, offset, count) of a file reply, its Range decided; or the whole bytes
+    of a 416 for a range outside the file."""
+    size = reply.length if reply.length is not None else f.seek(0, 2)
+    offset, count, status, headers = 0, size, reply.status, dict(reply.headers)
+    wanted = request.get("Range")
+    if_range = request.get("If-Range")
+    if wanted and status == 200 and not (if_range and if_range != headers.get("ETag")):
+        try:
+            parsed = parse_range(wanted, size)
+        except Unsatisfiable:
+            return wire.whole_bytes(416, {"Content-Range": f"bytes */{size}"}, b"", "Range Not Satisfiable")
+        if parsed is not None:  # else a form we do not serve (e.g. several ranges): send it all
+            offset, count = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+    return status, headers, offset, count
 
 
 def _send_file(wire: Wire, request: Headers, reply: Reply, path: Path) -> None:
-    if _not_modified(wire, request, reply):
+    if _not_modified(request, reply):
+        wire.sock.sendall(_in_hand(wire, request, reply))
         return
     with open(path, "rb") as f:
-        size = reply.length if reply.length is not None else f.seek(0, 2)
-        offset, count, status, headers = 0, size, reply.status, dict(reply.headers)
-        wanted = request.get("Range")
-        if_range = request.get("If-Range")
-        if wanted and status == 200 and not (if_range and if_range != headers.get("ETag")):
-            try:
-                parsed = parse_range(wanted, size)
-            except Unsatisfiable:
-                wire.whole(416, {"Content-Range": f"bytes */{size}"}, b"", "Range Not Satisfiable")
-                return
-            if parsed is not None:  # else a form we do not serve (e.g. several ranges): send it all
-                offset, count = parsed
-                status = 206
-                headers["Content-Range"] = f"bytes {offset}-{offset + count - 1}/{size}"
+        plan = _file_plan(wire, request, reply, f)
+        if isinstance(plan, bytes):
+            wire.sock.sendall(plan)
+            return
+        status, headers, offset, count = plan
         wire.head(status, headers, reply.reason, count)
         wire.file(f, offset, count)
         wire.end()

@@ -89,8 +89,10 @@ def scrub(text: str, env_names: Iterable[str] = (), environ: Mapping[str, str] |
     the environment variables ``env_names`` (as they are, stripped, and as Python would quote
     them in an exception's repr) replaced by ``<redacted>``."""
     env = os.environ if environ is None else environ
-    text = _URL_CREDENTIALS.sub(rf"\1{_REDACTED}@", text)
-    text = _AUTH_VALUE.sub(rf"\1\2{_REDACTED}", text)
+    if "@" in text:  # each pattern needs its marker: most texts (an access line) skip the regexes
+        text = _URL_CREDENTIALS.sub(rf"\1{_REDACTED}@", text)
+    if "Bearer" in text or "Basic" in text:
+        text = _AUTH_VALUE.sub(rf"\1\2{_REDACTED}", text)
     for name in dict.fromkeys(env_names):
         value = env.get(name) or ""
         forms = {value, value.strip(), repr(value)[1:-1], repr(value.strip())[1:-1]}

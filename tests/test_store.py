@@ -1,6 +1,7 @@
 """The store's integrity rules, one by one: permissions of files people read, blob verification
 remembered across processes and shared between threads, the size rule, striped entry locks,
-the strict entry parser on the hit path, and the LocalBackend's side of the storage seam."""
+and the strict entry parser on the hit path.  (The storage seam's contract, LocalBackend's side
+included, is tested in test_backend_contract.py.)"""
 
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ from unittest import mock
 
 import pytest
 
-from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.repro.report import write_report
 from pytest_upstream.store.cache import Cache, ClaimMismatch, Entry, LockTimeout, entry_id
 from pytest_upstream.store.entry import NOT_FOUND, entry_bytes
 from pytest_upstream.store.files import AtomicFile
 from pytest_upstream.store.layout import LOCK_STRIPES, Layout, stripe_of
-from pytest_upstream.store.local import LocalBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -313,59 +312,3 @@ def test_the_locks_directory_holds_at_most_the_stripe_count(tmp_path: Path) -> N
     files = list(cache.locks.rglob("*"))
     assert 0 < len(files) <= LOCK_STRIPES
     assert all(f.name.startswith("stripe-") for f in files)
-
-
-# -- the LocalBackend's contract ----------------------------------------------------------------
-def test_local_backend_index_objects_are_conditional(tmp_path: Path) -> None:
-    backend = LocalBackend(Layout(tmp_path / "cache"))
-    Layout(tmp_path / "cache").tmp.mkdir(parents=True)
-    v1 = backend.put_index("g", "a" * 64, b"one", if_absent=True)
-    assert v1 is not None
-    assert backend.put_index("g", "a" * 64, b"two", if_absent=True) is None  # present: refused
-    got = backend.get_index("g", "a" * 64)
-    assert got is not None and (got.data, got.version) == (b"one", v1)
-    v2 = backend.put_index("g", "a" * 64, b"two", if_version=v1)
-    assert v2 is not None and v2 != v1
-    assert backend.put_index("g", "a" * 64, b"three", if_version=v1) is None  # stale version: refused
-    assert not backend.delete_index("g", "a" * 64, if_version=v1)
-    assert list(backend.list_index()) == [("g", "a" * 64)]
-    assert backend.delete_index("g", "a" * 64, if_version=v2)
-    assert backend.get_index("g", "a" * 64) is None and list(backend.list_index("g")) == []
-
-
-def test_local_backend_blobs_are_content_addressed(tmp_path: Path) -> None:
-    layout = Layout(tmp_path / "cache")
-    layout.tmp.mkdir(parents=True)
-    backend = LocalBackend(layout)
-    source = tmp_path / "src"
-    source.write_bytes(b"blob")
-    assert backend.put_blob(source, sha(b"blob")) and not source.exists()
-    source.write_bytes(b"blob")
-    assert not backend.put_blob(source, sha(b"blob"))  # already there: kept
-    info = backend.blob_stat(sha(b"blob"))
-    assert info is not None and info.size == 4
-    assert not backend.delete_blob_if_corrupt(sha(b"blob"))  # intact: kept
-    Path(layout.blob(sha(b"blob"))).write_bytes(b"blub")
-    assert backend.delete_blob_if_corrupt(sha(b"blob"))
-    assert backend.blob_stat(sha(b"blob")) is None and backend.blob_local_path(sha(b"blob")) is None
-
-
-def test_local_backend_leases_expire_and_are_taken_over(tmp_path: Path) -> None:
-    layout = Layout(tmp_path / "cache")
-    layout.tmp.mkdir(parents=True)
-    clock = ManualClock(1_000_000.0)
-    one, two = LocalBackend(layout, now=clock.now), LocalBackend(layout, now=clock.now)
-    token = one.acquire_lease("fetch-x", ttl=0.3)
-    assert token is not None
-    assert two.acquire_lease("fetch-x", ttl=10) is None  # held and alive
-    assert one.renew_lease("fetch-x", token, ttl=0.3)
-    clock.advance(0.2)
-    assert two.acquire_lease("fetch-x", ttl=10) is None  # renewed: alive until 0.3 s after the renewal
-    clock.advance(0.2)
-    taken = two.acquire_lease("fetch-x", ttl=10)  # expired: taken over
-    assert taken is not None and taken != token
-    assert not one.renew_lease("fetch-x", token, ttl=10)  # the old holder learns it lost it
-    one.release_lease("fetch-x", token)  # not ours any more: nothing happens
-    assert one.acquire_lease("fetch-x", ttl=10) is None
-    two.release_lease("fetch-x", taken)
-    assert one.acquire_lease("fetch-x", ttl=10) is not None

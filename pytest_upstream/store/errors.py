@@ -43,3 +43,15 @@ CANNOT_STORE_ERRNOS = frozenset(
 def cannot_store(exc: BaseException) -> bool:
     """Whether ``exc`` says the cache cannot store (``CANNOT_STORE_ERRNOS``)."""
     return isinstance(exc, StoreFailed) or (isinstance(exc, OSError) and exc.errno in CANNOT_STORE_ERRNOS)
+
+
+class ObjectStoreError(CacheError):
+    """The object store (an ``s3://`` cache) failed a request: unreachable, timed out, refused
+    access or answered an error.  The message names the operation, bucket, key and status, never
+    a credential; local-tier hits do not depend on it, so callers may degrade instead of failing.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status, or None when no answer came
+        self.code = code  # the S3 error code (AccessDenied, ...) or our own kind (unreachable, timeout)

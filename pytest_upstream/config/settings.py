@@ -20,6 +20,7 @@ from pytest_upstream.config.auth import AuthSpec
 from pytest_upstream.config.checks import ConfigError as ConfigError
 from pytest_upstream.config.checks import number as _number
 from pytest_upstream.config.checks import positive as _positive
+from pytest_upstream.config.checks import size as _size
 from pytest_upstream.config.connection_limits import (
     CONNECTION_LIMIT_FIELDS,
     DEFAULT_HEADER_TIMEOUT,
@@ -28,9 +29,19 @@ from pytest_upstream.config.connection_limits import (
     DEFAULT_SEND_TIMEOUT,
     parse_connection_limits,
 )
+from pytest_upstream.config.fetch_limits import FETCH_FIELDS, parse_fetch_limits
+from pytest_upstream.config.fetch_limits import FetchLimits as FetchLimits
 from pytest_upstream.config.keys import key_error
+from pytest_upstream.config.object_store import (
+    OBJECT_STORE_FIELDS,
+    SECRET_ENV,
+    StoreOptions,
+    parse_store_options,
+    resolve_cache,
+)
+from pytest_upstream.config.s3_location import S3Location, is_s3_url
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
-from pytest_upstream.config.units import parse_age, parse_size
+from pytest_upstream.config.units import parse_size
 
 MODES = ("record", "replay", "refresh")
 TABLE = "pytest-upstream"
@@ -57,70 +68,8 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
-_TOP_FIELDS |= {"allowed_hosts"}
+_TOP_FIELDS |= {"allowed_hosts"} | FETCH_FIELDS | OBJECT_STORE_FIELDS
 
-# -- fetch deadlines (docs/configuration.md § Fetch deadlines) -------------------------------------
-DEFAULT_FETCH_DEADLINE = 3600.0
-DEFAULT_MIN_RATE = 1024
-DEFAULT_MIN_RATE_WINDOW = 30.0
-DEFAULT_ORPHAN_DEADLINE = 60.0
-_FETCH_FIELDS = {"fetch_deadline", "min_rate", "min_rate_window", "orphan_deadline"}
-_TOP_FIELDS |= _FETCH_FIELDS
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """How long one upstream download may take, whoever is waiting for it.
-
-    ``deadline``: seconds from the upstream request to the last byte (0: none).
-    ``min_rate``: bytes per second, averaged over each ``rate_window`` seconds, below which a
-    download is given up (0: none); a stalled upstream is cut by its read ``timeout`` anyway, this
-    catches one that drips.  ``orphan_deadline``: seconds a download continues after its last
-    client left (0: it stops as soon as that is noticed).  Checked as each chunk arrives.
-    """
-
-    deadline: float = DEFAULT_FETCH_DEADLINE
-    min_rate: int = DEFAULT_MIN_RATE
-    rate_window: float = DEFAULT_MIN_RATE_WINDOW
-    orphan_deadline: float = DEFAULT_ORPHAN_DEADLINE
-
-
-def parse_fetch_limits(table: Mapping[str, Any], where: str) -> FetchLimits:
-    """The fetch deadlines of a ``[tool.pytest-upstream]`` table: seconds as numbers or ages
-    (``"1h"``), ``min_rate`` as bytes per second or a size (``"1K"``)."""
-    return FetchLimits(
-        deadline=_age(table.get("fetch_deadline", DEFAULT_FETCH_DEADLINE), where, "fetch_deadline"),
-        min_rate=_size(table.get("min_rate", DEFAULT_MIN_RATE), where, "min_rate"),
-        rate_window=_positive(
-            _age(table.get("min_rate_window", DEFAULT_MIN_RATE_WINDOW), where, "min_rate_window"),
-            where,
-            "min_rate_window",
-        ),
-        orphan_deadline=_age(table.get("orphan_deadline", DEFAULT_ORPHAN_DEADLINE), where, "orphan_deadline"),
-    )
-
-
-def _age(value: Any, where: str, name: str) -> float:
-    if isinstance(value, str):
-        try:
-            return parse_age(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {name}: {exc}") from None
-    return _number(value, where, name)
-
-
-def _size(value: Any, where: str, name: str) -> int:
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {name}: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: {name} must be a non-negative number of bytes (got {value!r})")
-    return int(value)
-
-
-# -- end of fetch deadlines ------------------------------------------------------------------------
 
 # -- hostile upstreams: bounded decoding and the SSRF guard (issue 10; docs/configuration.md) -------
 DEFAULT_MAX_DECODED_SIZE = 1024**3
@@ -268,6 +217,10 @@ class Settings:
     # whose blobs it never removes besides the engine's own (serve --keep-lock)
     max_size: int | None = None
     keep_locks: tuple[Path, ...] = ()
+    # the shared cache on object storage (issue 11, config/object_store.py): cache_dir is then its
+    # local tier; store_options are the table's local_cache, s3_endpoint_url and s3_region
+    object_store: S3Location | None = None
+    store_options: StoreOptions = field(default_factory=StoreOptions)
 
     def secret_env_names(self) -> tuple[str, ...]:
         """The environment variables whose values are secrets: the upstreams' credentials and the
@@ -275,6 +228,8 @@ class Settings:
         names = [name for proxy in self.proxies for name in proxy.auth.required_env()]
         if self.client_token_env:
             names.append(self.client_token_env)
+        if self.object_store is not None:  # boto3's chain reads these; never shown
+            names.extend(SECRET_ENV)
         return tuple(dict.fromkeys(names))
 
     def proxy(self, key: str) -> ProxyDefinition | None:
@@ -301,9 +256,11 @@ class Settings:
     ) -> Settings:
         if mode is not None and mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        where = resolve_cache(cache, self.store_options, "cache", default_cache_dir) if cache else None
         return replace(
             self,
-            cache_dir=Path(cache).expanduser() if cache else self.cache_dir,
+            cache_dir=where.cache_dir if where else self.cache_dir,
+            object_store=where.object_store if where else self.object_store,
             mode=mode or self.mode,
             lock_file=Path(lock).expanduser() if lock else self.lock_file,
         )
@@ -430,12 +387,17 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
     cache = table.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise ConfigError(f"{where}: cache must be a path string")
-    cache_dir = (base_dir / Path(cache).expanduser()) if cache else default_cache_dir()
+    options = parse_store_options(table, where, base_dir)
+    if cache and not is_s3_url(cache):
+        cache = str(base_dir / Path(cache).expanduser())
+    location = resolve_cache(cache or default_cache_dir(), options, f"{where}: cache", default_cache_dir)
     lock = table.get("lock")
     if lock is not None and (not isinstance(lock, str) or not lock):
         raise ConfigError(f"{where}: lock must be a path string (got {lock!r})")
     return Settings(
-        cache_dir=cache_dir,
+        cache_dir=location.cache_dir,
+        object_store=location.object_store,
+        store_options=options,
         mode=mode,
         proxies=tuple(proxies) or builtin_proxies(ttl, timeout),
         lock_timeout=lock_timeout,

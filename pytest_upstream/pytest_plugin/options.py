@@ -38,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--upstream-cache",
         metavar="DIR",
         dest="upstream_cache",
-        help="shared cache directory (env UPSTREAM_PROXY_CACHE; ini upstream_cache)",
+        help="shared cache: a directory or s3://BUCKET/PREFIX (env UPSTREAM_PROXY_CACHE; ini upstream_cache)",
     )
     group.addoption(
         "--upstream-mode",

@@ -114,8 +114,10 @@ class RemoteTier:
         backoff: float = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        strict: bool = False,
     ) -> None:
         self.backend = backend
+        self.strict = strict  # the admin commands: a failed request is an error, not a degradation
         self.where = where
         self.health = TierHealth(where, backoff, clock)
         self._clock = clock
@@ -126,12 +128,15 @@ class RemoteTier:
         return self.health.degraded()
 
     def _call(self, fn: Callable[[], _T], fallback: _T) -> _T:
-        """``fn()`` against the store; ``fallback`` when it is degraded or the request fails."""
-        if not self.health.available():
+        """``fn()`` against the store; ``fallback`` when it is degraded or the request fails
+        (``strict``: the ``ObjectStoreError`` itself)."""
+        if not self.strict and not self.health.available():
             return fallback
         try:
             result = fn()
         except ObjectStoreError as exc:
+            if self.strict:
+                raise
             self.health.failed(exc)
             return fallback
         self.health.succeeded()
@@ -192,7 +197,7 @@ class RemoteTier:
         finally:
             writer.discard()
         if writer.size != entry.size:  # intact bytes, a wrong claim: the entry is not served
-            log.warning("the shared entry of %r says %d bytes, its intact blob has another size", entry.path, entry.size)
+            log.warning("the shared entry of %r has a wrong size (%d)", entry.path, entry.size)
             return False
         return True
 

@@ -170,7 +170,7 @@ class RemoteTier:
         """Stream the entry's blob into the local tier; False if it is missing, corrupt (then
         removed from the store) or not of the entry's size."""
         what = f"{self.where} blob {entry.sha256} of {entry.path!r}"
-        writer = cache.writer(reserve=entry.size)
+        writer = cache.writer(eid=entry.id, reserve=entry.size)  # a killed pull's part: an orphan
         try:
             try:
                 source = self.backend.open_blob(entry.sha256)

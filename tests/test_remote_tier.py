@@ -25,6 +25,7 @@ import pytest
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.engine.clock import ManualClock
 from pytest_upstream.store.backend import Backend
+from pytest_upstream.store.blobs import stamp_of
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.entry import ARTIFACT, METADATA, Entry, entry_bytes
 from pytest_upstream.store.errors import ObjectStoreError
@@ -164,6 +165,9 @@ def test_the_blob_is_in_the_store_before_the_entry_names_it(tmp_path: Path) -> N
     assert tier.publish(cache, entry)
     assert writes == ["blob", "index"]
     assert cache.blob_path(entry.sha256).read_bytes() == b"payload"  # the local tier keeps its copy
+    # ...still vouched for: linking it for the upload changed its ctime, not its bytes.
+    assert cache.verifier.known(entry.sha256, stamp_of(os.stat(cache.blob_path(entry.sha256)))) is not None
+    assert not list(cache.tmp.iterdir())
 
 
 def test_a_newer_entry_from_another_machine_is_never_overwritten(bucket: Bucket, tmp_path: Path) -> None:

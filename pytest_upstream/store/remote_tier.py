@@ -45,6 +45,7 @@ from typing import TypeVar
 
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.store.backend import Backend
+from pytest_upstream.store.blobs import stamp_of
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.entry import Entry, entry_bytes, entry_id, parse_entry
 from pytest_upstream.store.errors import DigestMismatch, ObjectStoreError
@@ -213,7 +214,7 @@ class RemoteTier:
             log.info("not publishing %r: its local blob is gone or damaged", entry.path)
             return False
         if self.backend.blob_stat(entry.sha256) is None:
-            self.backend.put_blob(_spare_link(cache, blob), entry.sha256)  # consumes the link only
+            _put_local_blob(self.backend, cache, entry.sha256, blob)
         data = entry_bytes(entry)
         for _ in range(3):
             current = self.backend.get_index(entry.key, entry.id)
@@ -288,15 +289,29 @@ class RemoteTier:
             interval = min(interval * 2, POLL_MAX)
 
 
-def _spare_link(cache: Cache, blob: Path) -> Path:
-    """A second name for a local blob in the cache's tmp directory (``put_blob`` consumes its
-    source; the local tier keeps its copy): a hard link, or a copy where links are not allowed."""
+def _put_local_blob(backend: Backend, cache: Cache, sha256: str, blob: Path) -> None:
+    """Upload a local blob, which the local tier keeps.
+
+    ``put_blob`` consumes its source, so it gets a second name for the blob in the cache's tmp
+    directory (a hard link, or a copy where links are not allowed).  Linking and unlinking
+    change the blob's ctime, part of the stamp its verification is remembered by: the blob is
+    vouched for again under its new stamp, as of the same hash, so the next hit does not
+    re-hash it (as ``Cache.freshen_blob`` does for a new mtime).
+    """
+    hashed_at = cache.verifier.known(sha256, stamp_of(os.stat(blob)))
     spare = cache.tmp / f".publish.{uuid.uuid4().hex}.tmp"
     try:
         os.link(blob, spare)
     except OSError:
         shutil.copyfile(blob, spare)
-    return spare
+    try:
+        backend.put_blob(spare, sha256)  # consumes the link only
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spare)
+        if hashed_at is not None:
+            with contextlib.suppress(FileNotFoundError):
+                cache.verifier.remember(sha256, stamp_of(os.stat(blob)), marker=True, hashed_at=hashed_at)
 
 
 def open_tier(

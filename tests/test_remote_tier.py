@@ -239,6 +239,20 @@ def test_an_entry_whose_blob_is_missing_is_a_miss(bucket: Bucket, tmp_path: Path
     assert b.cache.lookup("pypi", entry.path) is None
 
 
+@pytest.mark.parametrize("claimed", [5, 7])
+def test_an_entry_claiming_another_size_is_a_miss_and_its_intact_blob_stays(
+    bucket: Bucket, tmp_path: Path, claimed: int
+) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    entry = store_local(a.cache, b"sixsix")
+    assert a.tier.publish(a.cache, entry)
+    bucket.make().put_index("pypi", entry.id, entry_bytes(replace(entry, size=claimed)))
+    assert b.tier.pull(b.cache, "pypi", entry.path) is None
+    assert b.cache.lookup("pypi", entry.path) is None
+    assert bucket.make().blob_stat(entry.sha256) is not None  # the bytes are right: kept
+    assert b.tier.health.snapshot()["corrupt"] == 0
+
+
 def test_a_shared_entry_that_is_not_ours_is_ignored(bucket: Bucket, tmp_path: Path) -> None:
     b = machine(bucket, tmp_path / "b")
     entry = store_local(b.cache, b"bytes")

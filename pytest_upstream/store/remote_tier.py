@@ -187,13 +187,13 @@ class RemoteTier:
             try:
                 cache.commit_blob(writer, {"sha256": entry.sha256}, what)
             except DigestMismatch:
-                self.health.count("corrupt")
-                removed = self.backend.delete_blob_if_corrupt(entry.sha256)
-                log.warning(
-                    "%s did not hash to its name: %s; fetching it again",
-                    what,
-                    "removed from the store" if removed else "the store's copy is intact now",
-                )
+                # Hashed whole by the store's own check: only a copy that does not hash to its
+                # name goes (an intact one read short, or longer than the entry says, stays).
+                if self.backend.delete_blob_if_corrupt(entry.sha256):
+                    self.health.count("corrupt")
+                    log.warning("%s did not hash to its name: removed from the store; refetching", what)
+                else:
+                    log.warning("%s is intact but not of the entry's size: fetching it again", what)
                 return False
         finally:
             writer.discard()

@@ -12,6 +12,8 @@ import hashlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -488,3 +490,51 @@ def test_a_stopped_store_degrades_quickly_and_local_hits_go_on(
     assert first < 8, first
     assert later < 0.5, later
     assert b.tier.degraded() and b.tier.health.snapshot()["outages"] == 1
+
+
+HOLDER = """
+import sys, time
+from pytest_upstream.config.s3_location import S3Location
+from pytest_upstream.store.remote_tier import open_tier
+tier = open_tier(S3Location(sys.argv[1], sys.argv[2], sys.argv[3], "us-east-1"))
+claim = tier.claim("pypi", "pkg/killed.whl", ttl=float(sys.argv[4]))
+print("held" if claim is not None and claim.shared else "not held", flush=True)
+time.sleep(600)  # "downloading" until killed
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", S3_KINDS)
+def test_a_holder_killed_mid_fetch_is_taken_over_after_its_claim_expires(
+    kind: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_peer: Callable[[str], S3Peer],  # noqa: F811
+) -> None:
+    """A real process holds the claim and is killed -9: nothing it wrote is visible, and another
+    machine fetches once the claim's time to live has passed (not before)."""
+    peer = s3_peer(kind)
+    isolate_aws(monkeypatch)
+    prefix = f"t-{uuid.uuid4().hex[:12]}/killed"
+    ttl = 3.0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, peer.bucket, prefix, peer.endpoint, str(ttl)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+        holder.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        holder.wait(10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    location = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1")
+    b = Machine(Cache(tmp_path / "b"), open_tier(location))
+    outcome = b.tier.acquire(b.cache, "pypi", "pkg/killed.whl", ttl=30, wait=60)
+    waited = time.monotonic() - killed_at
+    assert isinstance(outcome, Claim) and outcome.shared and outcome.taken_over
+    assert ttl - 1.0 < waited < ttl + 10, waited
+    assert b.cache.lookup("pypi", "pkg/killed.whl") is None
+    outcome.release()

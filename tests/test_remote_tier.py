@@ -145,6 +145,15 @@ def test_a_remembered_404_and_an_empty_blob_travel_too(bucket: Bucket, tmp_path:
     assert b.tier.pull(b.cache, "maven", entry.path) == entry
 
 
+def test_a_pull_never_replaces_a_newer_local_entry(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    shared = store_local(a.cache, b"index v1", path="simple/p/", kind=METADATA, fetched_at=1000.0)
+    assert a.tier.publish(a.cache, shared)
+    newer = store_local(b.cache, b"index v2", path="simple/p/", kind=METADATA, fetched_at=2000.0)
+    assert b.tier.pull(b.cache, "pypi", "simple/p/") == newer
+    assert b.cache.lookup("pypi", "simple/p/") == newer
+
+
 def test_the_blob_is_in_the_store_before_the_entry_names_it(tmp_path: Path) -> None:
     """The order of writes, seen by the store: the entry is written last."""
     layout = Layout(tmp_path / "store")

@@ -146,7 +146,8 @@ class RemoteTier:
     # -- pull: shared index -> local tier ---------------------------------------------------------
     def pull(self, cache: Cache, key: str, path: str, variant: str = "") -> Entry | None:
         """The shared entry for a request, copied into ``cache`` (blob verified first), or None:
-        not in the store, its blob missing or corrupt (removed from the store), or the store down."""
+        not in the store, its blob missing or corrupt (removed from the store), or the store down.
+        A newer local entry (a stale one being revalidated elsewhere) is never replaced: returned."""
         eid = entry_id(key, path, variant)
         return self._call(lambda: self._pull(cache, key, eid), None)
 
@@ -161,6 +162,9 @@ class RemoteTier:
             log.warning("ignoring the shared entry %s/%s in %s: %s", key, eid, self.where, exc)
             self.health.count("pull_misses")
             return None
+        local = cache.lookup(entry.key, entry.path, entry.variant)
+        if local is not None and local.fetched_at > entry.fetched_at:
+            return local  # the local answer is newer (a revalidation not yet published): kept
         if cache.verified_digest(entry.sha256, entry.size) is None and not self._pull_blob(cache, entry):
             return None
         cache.store_entry(entry)  # fetched_at as the machine that fetched it saw it

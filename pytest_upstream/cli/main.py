@@ -204,6 +204,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from pytest_upstream.cli.cache_commands import run_cli
 
     settings = resolve_settings(args.config, args.cache)
+    if settings.object_store is not None:  # cli/store_commands.py: the bucket, not the local tier
+        from pytest_upstream.cli.store_commands import run_store_cli
+
+        return run_store_cli(args, settings.object_store, settings.lock_timeout)
     return run_cli(args, settings.cache_dir, settings.lock_timeout)
 
 
@@ -228,7 +232,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     cache = sub.add_parser("cache", help="list, verify, prune, export or import the cache")
     actions = cache.add_subparsers(dest="cache_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--cache", metavar="DIR", help=f"cache directory (env {ENV_CACHE}, else the config's)")
+    where.add_argument("--cache", metavar="DIR|s3://B/P", help=f"the cache (env {ENV_CACHE}, else config)")
     ls = actions.add_parser("ls", parents=[where], help="list entries and totals")
     ls.add_argument("--key", help="only this proxy key")
     ls.add_argument("--json", action="store_true")

@@ -28,6 +28,7 @@ def positive(value: Any, where: str, name: str) -> float:
 
 
 def age_value(value: Any, where: str, name: str) -> float:
+    """Seconds as a number, or an age as text (``"1h"``, config/units.py)."""
     if isinstance(value, str):
         try:
             return parse_age(value)
@@ -37,6 +38,7 @@ def age_value(value: Any, where: str, name: str) -> float:
 
 
 def size_value(value: Any, where: str, name: str) -> int:
+    """Bytes as a number >= 0, or a size as text (``"10G"``, config/units.py)."""
     if isinstance(value, str):
         try:
             return parse_size(value)

@@ -31,7 +31,15 @@ from pytest_upstream.config.connection_limits import (
 )
 from pytest_upstream.config.groups import GroupDefinition, parse_groups
 from pytest_upstream.config.keys import key_error
+from pytest_upstream.config.object_store import (
+    OBJECT_STORE_FIELDS,
+    SECRET_ENV,
+    StoreOptions,
+    parse_store_options,
+    resolve_cache,
+)
 from pytest_upstream.config.release_policy import POLICY_FIELDS, ReleasePolicy, parse_policy, policy_table
+from pytest_upstream.config.s3_location import S3Location, is_s3_url
 from pytest_upstream.config.sources import BUILTIN_SOURCES, FORMATS, SOURCES
 from pytest_upstream.config.units import parse_size
 from pytest_upstream.config.upstream_limits import (
@@ -72,7 +80,7 @@ _PROXY_FIELDS = {
 }
 _TOP_FIELDS = {"cache", "mode", "metadata_ttl", "timeout", "lock_timeout", "lock", "proxy"}
 _TOP_FIELDS |= set(CONNECTION_LIMIT_FIELDS)
-_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", "group", *FETCH_FIELDS, *HEALTH_FIELDS}
+_TOP_FIELDS |= {"allowed_hosts", "allow_hosts", "group", *FETCH_FIELDS, *HEALTH_FIELDS} | OBJECT_STORE_FIELDS
 _PROXY_FIELDS |= set(DECODE_FIELDS)
 _PROXY_FIELDS |= set(POLICY_FIELDS)  # what comes in: allow/block rules, min_age (docs/rules.md)
 _PROXY_FIELDS |= {"offline"}  # serve only what is cached (docs/rules.md)
@@ -189,6 +197,10 @@ class Settings:
     # whose blobs it never removes besides the engine's own (serve --keep-lock)
     max_size: int | None = None
     keep_locks: tuple[Path, ...] = ()
+    # the shared cache on object storage (issue 11, config/object_store.py): cache_dir is then its
+    # local tier; store_options are the table's local_cache, s3_endpoint_url and s3_region
+    object_store: S3Location | None = None
+    store_options: StoreOptions = field(default_factory=StoreOptions)
 
     def secret_env_names(self) -> tuple[str, ...]:
         """The environment variables whose values are secrets: the upstreams' credentials and the
@@ -196,6 +208,8 @@ class Settings:
         names = [name for proxy in self.proxies for name in proxy.auth.required_env()]
         if self.client_token_env:
             names.append(self.client_token_env)
+        if self.object_store is not None:  # boto3's chain reads these; never shown
+            names.extend(SECRET_ENV)
         return tuple(dict.fromkeys(names))
 
     def group(self, key: str) -> GroupDefinition | None:
@@ -225,9 +239,11 @@ class Settings:
     ) -> Settings:
         if mode is not None and mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        where = resolve_cache(cache, self.store_options, "cache", default_cache_dir) if cache else None
         return replace(
             self,
-            cache_dir=Path(cache).expanduser() if cache else self.cache_dir,
+            cache_dir=where.cache_dir if where else self.cache_dir,
+            object_store=where.object_store if where else self.object_store,
             mode=mode or self.mode,
             lock_file=Path(lock).expanduser() if lock else self.lock_file,
         )
@@ -370,13 +386,18 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
     cache = table.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise ConfigError(f"{where}: cache must be a path string")
-    cache_dir = (base_dir / Path(cache).expanduser()) if cache else default_cache_dir()
+    options = parse_store_options(table, where, base_dir)
+    if cache and not is_s3_url(cache):
+        cache = str(base_dir / Path(cache).expanduser())
+    location = resolve_cache(cache or default_cache_dir(), options, f"{where}: cache", default_cache_dir)
     lock = table.get("lock")
     if lock is not None and (not isinstance(lock, str) or not lock):
         raise ConfigError(f"{where}: lock must be a path string (got {lock!r})")
     all_proxies = tuple(proxies) or builtin_proxies(ttl, timeout)
     return Settings(
-        cache_dir=cache_dir,
+        cache_dir=location.cache_dir,
+        object_store=location.object_store,
+        store_options=options,
         mode=mode,
         proxies=all_proxies,
         groups=parse_groups(table.get("group"), {p.key: p.format for p in all_proxies}, origin),

@@ -19,6 +19,7 @@ from typing import Any
 
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
+from pytest_upstream.config.s3_location import is_s3_url
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings, with_max_size
 from pytest_upstream.config.units import human_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
@@ -41,7 +42,7 @@ def settings_for(
     max_size: str | None = None,
 ) -> Settings:
     settings = load_settings(config_file, search_dir=search_dir)
-    if cache and not Path(cache).expanduser().is_absolute():
+    if cache and not is_s3_url(cache) and not Path(cache).expanduser().is_absolute():
         cache = str(base_dir / cache)
     if lock and not Path(lock).expanduser().is_absolute():
         lock = str(base_dir / lock)

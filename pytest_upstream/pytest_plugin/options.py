@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_upstream.config.s3_location import is_s3_url
 from pytest_upstream.config.settings import ENV_MAX_SIZE, MODES
 
 MARKER = "upstream"
@@ -37,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--upstream-cache",
         metavar="DIR",
         dest="upstream_cache",
-        help="shared cache directory (env UPSTREAM_PROXY_CACHE; ini upstream_cache)",
+        help="shared cache: a directory or s3://BUCKET/PREFIX (env UPSTREAM_PROXY_CACHE; ini upstream_cache)",
     )
     group.addoption(
         "--upstream-mode",
@@ -138,8 +139,13 @@ def cache_option(config: pytest.Config, environ: Mapping[str, str]) -> str | Non
     return (
         config.getoption("upstream_cache")
         or environ.get("UPSTREAM_PROXY_CACHE")
-        or _rooted(config, config.getini("upstream_cache"))
+        or _rooted_cache(config, config.getini("upstream_cache"))
     )
+
+
+def _rooted_cache(config: pytest.Config, value: str | None) -> str | None:
+    """An ini cache: a directory relative to the rootdir, or an ``s3://`` location as it is."""
+    return value if value and is_s3_url(value) else _rooted(config, value)
 
 
 def mode_option(config: pytest.Config, environ: Mapping[str, str]) -> str | None:

@@ -34,7 +34,7 @@ import pytest
 
 from pytest_upstream.admin.prune import prune
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine import flights as flights_module
+from pytest_upstream.engine import flight_reader as flight_reader_module
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.store import cache as cache_module
 from pytest_upstream.store.cache import Cache, StoreFailed, entry_id
@@ -474,8 +474,8 @@ def test_a_relay_from_memory_is_bounded_a_stalled_client_is_cut_the_others_finis
     upstream.files["/u.bin"] = gzip.compress(data, compresslevel=1)
     upstream.faults["/u.bin"] = Fault(delay=0.4, chunk_delay=0.001, headers={"Content-Encoding": "gzip"})
     proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
-    monkeypatch.setattr(flights_module, "RELAY_LIMIT", 1 * MiB)
-    monkeypatch.setattr(flights_module, "RELAY_STALL", 0.5)
+    monkeypatch.setattr(flight_reader_module, "RELAY_LIMIT", 1 * MiB)
+    monkeypatch.setattr(flight_reader_module, "RELAY_STALL", 0.5)
     _fill_after(monkeypatch, 9 * MiB)
     parts = urlsplit(proxy.base_url)
     stalled = socket.socket()

@@ -262,6 +262,6 @@ def test_a_fetch_is_in_flight_until_its_body_is_stored(served: ProxyServer, upst
 )
 def test_the_engine_checks_the_host_whichever_face_asks(base_url: str, checked: str | None) -> None:
     """The engine's own check, for faces other than the server (whose reader refuses first)."""
-    from pytest_upstream.engine.dispatch import checked_base_url
+    from pytest_upstream.engine.hosts import checked_base_url
 
     assert checked_base_url(base_url) == checked

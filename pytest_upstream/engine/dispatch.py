@@ -13,7 +13,6 @@ nothing of HTTP servers, pytest or any one format.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,15 +20,17 @@ from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
-from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed, WouldBlock
+from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed, WouldBlock, reason_for
 from pytest_upstream.engine.fetch import CACHE_HEADER, Fetcher, Obtained
 from pytest_upstream.engine.flights import Flights
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.groups import Groups
+from pytest_upstream.engine.hosts import checked_base_url
 from pytest_upstream.engine.metrics import CONTENT_TYPE, Metrics
 from pytest_upstream.engine.recorders import Answer, LockRecorder, MetricsRecorder, Recorders, ServedRecorder
 from pytest_upstream.engine.render import RenderMemo
 from pytest_upstream.engine.replay import load_lock, locked_blob, miss_message
+from pytest_upstream.engine.shared_tier import shared_tier
 from pytest_upstream.engine.trimmer import size_cap
 from pytest_upstream.formats import get_format, root_routes
 from pytest_upstream.formats.base import FormatError, Kind, MalformedUpstream, Resource
@@ -49,16 +50,6 @@ OWN_KEY = "-"  # /-/metrics, /-/ready: keys start with a letter, so none collide
 REPLAY_MISS_REASON = "Not recorded (replay mode)"
 # answer_warm reads metadata a format resolves with up to this size (an npm packument can be 100 MB)
 INLINE_METADATA = 1024 * 1024
-# The Host a client addressed us by (the base of absolute links in rendered metadata): a DNS
-# name (underscores allowed: container networks use them), an IPv4 address or a bracketed IPv6
-# address, then an optional port.
-_HOST = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
-    r"|\[[0-9a-f:.]{2,45}\])"
-    r"(?::[0-9]{1,5})?"
-)
-# A status line's few words for an error whose raiser gave none (FormatError carries a status).
-_REASONS = {400: "Bad request", 403: "Forbidden", 404: "Not found", 502: "Upstream failed", 504: "Timed out"}
 
 
 class Engine:
@@ -96,8 +87,16 @@ class Engine:
             self.cache, self.client, self.freshness, self.recorders, settings.fetch, self.health
         )
         # Artifact misses: one download per entry in the background, clients served from its file.
+        self.shared = shared_tier(settings, self.cache)
+        if self.shared is not None:
+            self.metrics.object_store = self.shared.tier.health.snapshot
         self.flights = Flights(
-            self.cache, self.fetcher, self.recorders, self.clock.now, settings.fetch.orphan_deadline
+            self.cache,
+            self.fetcher,
+            self.recorders,
+            self.clock.now,
+            settings.fetch.orphan_deadline,
+            self.shared,
         )
         self.renders = RenderMemo()
         self.groups = Groups(settings, self._handle_proxy)
@@ -274,7 +273,7 @@ class Engine:
             Answer(ctx.request, ctx.request.path, res, cache, status, error=msg, replay_miss=replay_miss)
         )
         reply = ctx.fmt.error(ctx, status, msg, code)
-        reply.reason = reply.reason or reason or _reason_for(status, msg)
+        reply.reason = reply.reason or reason or reason_for(status, msg)
         if replay_miss:  # a state a client (and the access log) can read; other errors claim none
             reply.headers[CACHE_HEADER] = "replay-miss"
         return reply
@@ -394,6 +393,10 @@ class Engine:
                 raise WouldBlock  # replaying a lock file verifies what it names: a worker's job
             return locked_blob(self.settings, self.lock, self.cache, self.recorders, proxy, res)
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
+        if entry is None and self.shared is not None:  # what another machine put in the bucket
+            if ctx.warm_only:
+                raise WouldBlock  # asking the bucket is a worker's job
+            entry = self.shared.pull(proxy.key, res.path, res.variant, self.settings.lock_timeout)
         if entry is None:
             return None
         if entry.kind == NOT_FOUND:
@@ -430,7 +433,21 @@ class Engine:
                 entry = again[0] if again else None
                 if entry is not None and self.freshness.fresh(ctx.mode, proxy, res, entry):
                     return Obtained(entry, "hit")  # another thread or process fetched it meanwhile
-                return self.fetcher.fetch_whole(ctx, res, entry)
+                if self.shared is not None and entry is not None:  # another machine refreshed it?
+                    newer = self.shared.fresher(proxy.key, res.path, res.variant, entry)
+                    if newer is not None and self.freshness.fresh(ctx.mode, proxy, res, newer):
+                        return Obtained(newer, "hit")
+                try:
+                    obtained = self.fetcher.fetch_whole(ctx, res, entry)
+                except FormatError as exc:  # a remembered 404 is shared too (the negative cache)
+                    if self.shared is not None and exc.status == 404:
+                        remembered = self.cache.lookup(proxy.key, res.path, res.variant)
+                        if remembered is not None and remembered.kind == NOT_FOUND:
+                            self.shared.publish(remembered)
+                    raise
+                if self.shared is not None and obtained.cache == "miss":
+                    self.shared.publish(obtained.entry)
+                return obtained
         except StoreFailed as exc:  # a read-only cache cannot lock: its stale copy, else a 503
             if found is None:
                 raise
@@ -451,25 +468,3 @@ class Engine:
         return self.flights.serve(
             ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res) is not None
         )
-
-
-def _reason_for(status: int, message: str) -> str:
-    """A short reason phrase for an error the engine made: "Not found upstream" for the upstream's
-    404, else the status's words."""
-    if status == 404 and message.startswith("not found upstream"):
-        return "Not found upstream"
-    return _REASONS.get(status, "")
-
-
-def checked_base_url(base_url: str) -> str | None:
-    """``http://<host>`` with the client's Host lower-cased, or None when it is no host[:port].
-
-    The Host header ends up in rendered links and in the render memo's key (through a format's
-    ``render_as``): it is checked once here, so no header can inject text into a rendered page
-    and spellings of one host share one memoised render.
-    """
-    scheme, sep, host = base_url.partition("://")
-    host = host.lower()
-    if not sep or scheme not in ("http", "https") or len(host) > 300 or not _HOST.fullmatch(host):
-        return None
-    return f"{scheme}://{host}"

@@ -29,3 +29,15 @@ class UpstreamDown(UpstreamFailed):
     """The upstream was not asked at all: the proxy is ``offline``, or its upstream is marked down
     after failing (upstream/health.py).  Answered 503; not an upstream failure of its own, so it is
     neither logged nor counted again for every request it spares the upstream."""
+
+
+# A status line's few words for an error whose raiser gave none (FormatError carries a status).
+_REASONS = {400: "Bad request", 403: "Forbidden", 404: "Not found", 502: "Upstream failed", 504: "Timed out"}
+
+
+def reason_for(status: int, message: str) -> str:
+    """A short reason phrase for an error the engine made: "Not found upstream" for the upstream's
+    404, else the status's words."""
+    if status == 404 and message.startswith("not found upstream"):
+        return "Not found upstream"
+    return _REASONS.get(status, "")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections import deque
 
@@ -62,6 +63,8 @@ class FlightBody:
         self.tail: deque[tuple[int, bytes]] = deque()  # relaying: (offset, chunk) past in_file
         self.dropped_to = 0  # relaying: the tail before this offset was dropped
         self.sha256 = ""  # relayed: the body's digest
+        self._tail_bytes = 0  # relaying: the bytes in ``tail``
+        self._cancel = ""  # why to stop (Flights.close)
         # Open readers (their offsets bound the tail); a reader dropped unclosed leaves by itself.
         self.readers: weakref.WeakSet[FlightReader] = weakref.WeakSet()
 
@@ -73,6 +76,37 @@ class FlightBody:
         """The smallest offset an open reader still needs (called with ``cond`` held).  A reader
         behind ``dropped_to`` lost its place (it fails when it gets there): it holds up nothing."""
         return min((r.offset for r in self.readers if r.offset >= self.dropped_to), default=None)
+
+    def _hold(self, offset: int, chunk: bytes) -> None:
+        """Add a relayed chunk to the tail, publishing the one before it; drop what every reader
+        passed, and past ``RELAY_LIMIT`` bytes wait for the slowest reader, at most
+        ``RELAY_STALL`` seconds without progress (then it loses its place: flight_reader.py)."""
+        with self.cond:
+            self.tail.append((offset, chunk))
+            self._tail_bytes += len(chunk)
+            self.visible = offset
+            self.cond.notify_all()
+            slowest, since = self.slowest(), time.monotonic()
+            while self.tail:
+                start, oldest = self.tail[0]
+                now = self.slowest()
+                if now is None or now >= start + len(oldest):
+                    self._drop_oldest()
+                    continue
+                if self._tail_bytes <= RELAY_LIMIT or self._cancel:
+                    return
+                if now != slowest:
+                    slowest, since = now, time.monotonic()
+                left = RELAY_STALL - (time.monotonic() - since)
+                if left <= 0:
+                    self._drop_oldest()  # the reader stuck before it fails when it gets there
+                    continue
+                self.cond.wait(left)
+
+    def _drop_oldest(self) -> None:
+        start, chunk = self.tail.popleft()
+        self._tail_bytes -= len(chunk)
+        self.dropped_to = start + len(chunk)
 
 
 def _read_at(fd: int, size: int, offset: int) -> bytes:

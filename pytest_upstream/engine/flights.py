@@ -50,8 +50,6 @@ from pytest_upstream.engine.flight_reader import (
     FAILED,
     FOUND,
     PASSING,
-    RELAY_LIMIT,
-    RELAY_STALL,
     RELAYED,
     STARTING,
     STORED,
@@ -62,6 +60,7 @@ from pytest_upstream.engine.flight_reader import (
 )
 from pytest_upstream.engine.passthrough import PassThrough
 from pytest_upstream.engine.recorders import Recorders
+from pytest_upstream.engine.shared_tier import SharedTier
 from pytest_upstream.formats.base import Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
@@ -74,6 +73,7 @@ from pytest_upstream.store.cache import (
     entry_id,
     verify_digests,
 )
+from pytest_upstream.store.remote_tier import Claim
 from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
 from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
 
@@ -123,9 +123,8 @@ class Flight(FlightBody):
         self._pending = 0  # clients that joined and have no reader yet
         self._readers = 0  # open readers
         self._left_at: float | None = None  # when the last client left
-        self._cancel = ""  # why to stop (Flights.close)
-        self._tail_bytes = 0  # relaying: the bytes in ``tail``
         self._published = 0.0  # when the readers were last woken for new bytes
+        self._claim: Claim | None = None  # the bucket's claim to download this entry (s3:// caches)
         self.thread = threading.Thread(
             target=self._run, name=f"pytest-upstream fetch {res.path[-60:]}", daemon=True
         )
@@ -207,8 +206,17 @@ class Flight(FlightBody):
         else:
             if entry is not None:
                 self._end(DONE, entry=entry)
+                self._share(entry)  # after the clients have it all
         finally:
+            if self._claim is not None:  # failed, or found: let another machine go
+                self._claim.release()
             self._flights.finished()
+
+    def _share(self, entry: Entry) -> None:
+        """Publish to the bucket what this machine stored, then release the claim."""
+        if self._flights.shared is not None:
+            claim, self._claim = self._claim, None
+            self._flights.shared.publish(entry, claim)
 
     def _fetch(self) -> Entry | None:
         """Download, verify and store; None when the flight already ended (FOUND, STORED)."""
@@ -223,6 +231,12 @@ class Flight(FlightBody):
             if unlockable is None and self._usable():  # another process fetched it meanwhile
                 self._end(FOUND)
                 return None
+            if unlockable is None and flights.shared is not None:  # or another machine did
+                outcome = flights.shared.acquire(ctx.proxy.key, res.path, res.variant)
+                if not isinstance(outcome, Claim):
+                    self._end(FOUND)
+                    return None
+                self._claim = outcome
             with contextlib.ExitStack() as stack:
                 pace = fetcher.pace()
                 resp = fetcher.open(stack, ctx, res, None)
@@ -233,7 +247,9 @@ class Flight(FlightBody):
                     if unlockable is not None:
                         raise unlockable
                     if res.expected and length is not None and length <= VERIFY_BEFORE_SERVE_LIMIT:
-                        self._end(STORED, obtained=fetcher.store(ctx, res, resp, pace))
+                        obtained = fetcher.store(ctx, res, resp, pace)
+                        self._end(STORED, obtained=obtained)
+                        self._share(obtained.entry)
                         return None
                     size = UNKNOWN if length is None else length
                     writer = flights.cache.writer(tuple(res.expected), self.eid, size)
@@ -340,37 +356,6 @@ class Flight(FlightBody):
         place already if part of the tail was dropped)."""
         return 0 if self._pending and not self.dropped_to else super().slowest()
 
-    def _hold(self, offset: int, chunk: bytes) -> None:
-        """Add a relayed chunk to the tail, publishing the one before it; drop what every reader
-        passed, and past ``RELAY_LIMIT`` bytes wait for the slowest reader, at most
-        ``RELAY_STALL`` seconds without progress (then it loses its place: flight_reader.py)."""
-        with self.cond:
-            self.tail.append((offset, chunk))
-            self._tail_bytes += len(chunk)
-            self.visible = offset
-            self.cond.notify_all()
-            slowest, since = self.slowest(), time.monotonic()
-            while self.tail:
-                start, oldest = self.tail[0]
-                now = self.slowest()
-                if now is None or now >= start + len(oldest):
-                    self._drop_oldest()
-                    continue
-                if self._tail_bytes <= RELAY_LIMIT or self._cancel:
-                    return
-                if now != slowest:
-                    slowest, since = now, time.monotonic()
-                left = RELAY_STALL - (time.monotonic() - since)
-                if left <= 0:
-                    self._drop_oldest()  # the reader stuck before it fails when it gets there
-                    continue
-                self.cond.wait(left)
-
-    def _drop_oldest(self) -> None:
-        start, chunk = self.tail.popleft()
-        self._tail_bytes -= len(chunk)
-        self.dropped_to = start + len(chunk)
-
     def _check_wanted(self) -> None:
         """Raise FlightCancelled when the engine closes, or no client came back in time."""
         if self._cancel:
@@ -435,12 +420,14 @@ class Flights:
         recorders: Recorders,
         clock: Callable[[], float],
         orphan_deadline: float,
+        shared: SharedTier | None = None,
     ) -> None:
         self.cache = cache
         self.fetcher = fetcher
         self.recorders = recorders
         self.clock = clock
         self.orphan_deadline = orphan_deadline
+        self.shared = shared  # an s3:// cache's bucket: one download per entry across machines
         self.mutex = threading.Lock()
         self._idle = threading.Condition(self.mutex)
         self._flights: dict[str, Flight] = {}  # joinable flights

@@ -24,6 +24,8 @@ class Metrics:
 
     # Set by the engine: upstream health per key, ``key -> (down, failures in a row, skipped)``.
     health: Callable[[], dict[str, tuple[bool, int, int]]] | None = None
+    # Set by the engine for an s3:// cache: the object store's counters and ``degraded``.
+    object_store: Callable[[], dict[str, int]] | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -142,6 +144,14 @@ class Metrics:
         out += [_sample("upstream_down", {"key": k}, int(down)) for k, (down, _, _) in health]
         _family(out, "upstream_skipped_total", "counter", "Requests not sent to an upstream marked down.")
         out += [_sample("upstream_skipped_total", {"key": k}, skipped) for k, (_, _, skipped) in health]
+        if self.object_store is not None:
+            store = self.object_store()
+            _family(
+                out, "object_store_degraded", "gauge", "1 while the object store is left alone after failing."
+            )
+            out.append(_sample("object_store_degraded", {}, store.pop("degraded", 0)))
+            _family(out, "object_store_events_total", "counter", "What the shared tier did, by event.")
+            out += [_sample("object_store_events_total", {"event": e}, n) for e, n in sorted(store.items())]
         return "\n".join(out) + "\n"
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine.dispatch import checked_base_url
+from pytest_upstream.engine.hosts import checked_base_url
 from pytest_upstream.messages import Headers, Reply
 from pytest_upstream.repro.netguard import is_loopback
 

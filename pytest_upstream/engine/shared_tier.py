@@ -1,0 +1,73 @@
+"""The engine's side of an ``s3://`` cache: the object store behind the local tier (docs/object-storage.md).
+
+``store/remote_tier.py`` knows how to move entries between a local directory and the bucket and
+how machines agree on who fetches; this module says *when* the engine does it:
+
+- a **local miss** (also in replay mode) first asks the bucket (``pull``): what another machine
+  fetched is served from here, verified, without asking the upstream;
+- **stale metadata** is looked up in the bucket before the upstream: another machine may have
+  refreshed it, and its fetch time counts here too (``fresher``);
+- an **artifact download** starts only once this machine holds the entry's claim (``acquire``,
+  in the download's thread, under the entry's local lock): while another machine downloads it,
+  this one waits for the object and serves it from the bucket;
+- what this machine stored from the upstream is **published** (blob, then entry) once its clients
+  have it, and only then is the claim released, so a waiting machine finds the object.
+
+A store that is down degrades to local-only behaviour (store/tier_health.py): nothing here raises
+because of the bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pytest_upstream.config.settings import Settings
+from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.remote_tier import Claim, RemoteTier, open_tier
+
+log = logging.getLogger("pytest_upstream")
+
+
+class SharedTier:
+    """One engine's use of a ``RemoteTier``; thread-safe as the tier and the cache are."""
+
+    def __init__(self, tier: RemoteTier, cache: Cache, *, claim_wait: float = 300.0) -> None:
+        self.tier = tier
+        self.cache = cache
+        self.claim_wait = claim_wait
+
+    def pull(self, key: str, path: str, variant: str, lock_timeout: float) -> Entry | None:
+        """A local miss: the bucket's entry, pulled into the local tier (under the entry's lock)."""
+        with self.cache.locked(key, path, variant, lock_timeout):
+            if (entry := self.cache.lookup(key, path, variant)) is not None:
+                return entry  # another thread pulled or fetched it meanwhile
+            return self.tier.pull(self.cache, key, path, variant)
+
+    def fresher(self, key: str, path: str, variant: str, local: Entry | None) -> Entry | None:
+        """The bucket's copy if it was fetched after ``local`` (called under the entry's lock)."""
+        pulled = self.tier.pull(self.cache, key, path, variant)
+        if pulled is not None and (local is None or pulled.fetched_at > local.fetched_at):
+            return pulled
+        return None
+
+    def acquire(self, key: str, path: str, variant: str) -> Entry | Claim:
+        """Before an upstream download (under the entry's lock): the entry another machine put in
+        the bucket, else the claim to fetch it here (see ``RemoteTier.acquire``)."""
+        return self.tier.acquire(self.cache, key, path, variant, wait=self.claim_wait)
+
+    def publish(self, entry: Entry, claim: Claim | None = None) -> None:
+        """Share what this machine stored, then let waiting machines go."""
+        try:
+            self.tier.publish(self.cache, entry)
+        except Exception:  # the tier degrades on store errors; anything else is a bug worth a line
+            log.exception("publishing %s/%s to %s failed", entry.key, entry.path, self.tier.where)
+        finally:
+            if claim is not None:
+                claim.release()
+
+
+def shared_tier(settings: Settings, cache: Cache) -> SharedTier | None:
+    """The engine's shared tier when the cache is an ``s3://`` bucket, else None."""
+    if settings.object_store is None:
+        return None
+    return SharedTier(open_tier(settings.object_store), cache)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from pytest_upstream.config.groups import parse_groups
+from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.config.settings import ProxyDefinition, Settings, parse_proxy
 from pytest_upstream.engine.clock import Clock
 from pytest_upstream.server.proxy_server import ProxyServer
@@ -62,12 +63,14 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
         clock: Clock | None = None,
         allow_hosts: tuple[str, ...] = (),
         groups: tuple[dict[str, Any], ...] = (),
+        object_store: S3Location | None = None,
     ) -> ProxyServer:
         settings = Settings(
             cache_dir=cache or tmp_path / "cache",
             mode=mode,
             proxies=tuple(proxies),
             groups=parse_groups(list(groups), {p.key: p.format for p in proxies}, "test"),
+            object_store=object_store,
             lock_timeout=lock_timeout,
             allow_hosts=allow_hosts,
         )

@@ -396,7 +396,7 @@ class Engine:
         if entry is None and self.shared is not None:  # what another machine put in the bucket
             if ctx.warm_only:
                 raise WouldBlock  # asking the bucket is a worker's job
-            entry = self.shared.pull(proxy.key, res.path, res.variant, self.settings.lock_timeout)
+            entry = self.shared.pull(proxy.key, res.path, res.variant)
         if entry is None:
             return None
         if entry.kind == NOT_FOUND:

@@ -61,7 +61,7 @@ from pytest_upstream.engine.flight_reader import (
 from pytest_upstream.engine.passthrough import PassThrough
 from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.engine.shared_tier import SharedTier
-from pytest_upstream.formats.base import Resource
+from pytest_upstream.formats.base import FormatError, Resource
 from pytest_upstream.messages import Reply
 from pytest_upstream.repro.netguard import exempt_current_thread
 from pytest_upstream.store.cache import (
@@ -73,6 +73,7 @@ from pytest_upstream.store.cache import (
     entry_id,
     verify_digests,
 )
+from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.store.remote_tier import Claim
 from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
 from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
@@ -201,6 +202,8 @@ class Flight(FlightBody):
                 url, why = scrub(self.res.upstream_url), scrub(str(failure))
                 log.log(level, "download of %s stopped: %s", url, why)
             self._end(FAILED, error=failure)
+            if isinstance(exc, FormatError) and exc.status == 404:  # a remembered 404 is shared too
+                self._share_not_found()
             if not isinstance(exc, Exception):
                 raise
         else:
@@ -211,6 +214,14 @@ class Flight(FlightBody):
             if self._claim is not None:  # failed, or found: let another machine go
                 self._claim.release()
             self._flights.finished()
+
+    def _share_not_found(self) -> None:
+        if self._flights.shared is None:
+            return
+        res = self.res
+        remembered = self._flights.cache.lookup(self.ctx.proxy.key, res.path, res.variant)
+        if remembered is not None and remembered.kind == NOT_FOUND:
+            self._share(remembered)
 
     def _share(self, entry: Entry) -> None:
         """Publish to the bucket what this machine stored, then release the claim."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.store.cache import Cache, Entry
+from pytest_upstream.store.cache import Cache, Entry, LockTimeout
 from pytest_upstream.store.remote_tier import Claim, RemoteTier, open_tier
 
 log = logging.getLogger("pytest_upstream")
@@ -36,12 +36,19 @@ class SharedTier:
         self.cache = cache
         self.claim_wait = claim_wait
 
-    def pull(self, key: str, path: str, variant: str, lock_timeout: float) -> Entry | None:
-        """A local miss: the bucket's entry, pulled into the local tier (under the entry's lock)."""
-        with self.cache.locked(key, path, variant, lock_timeout):
-            if (entry := self.cache.lookup(key, path, variant)) is not None:
-                return entry  # another thread pulled or fetched it meanwhile
-            return self.tier.pull(self.cache, key, path, variant)
+    def pull(self, key: str, path: str, variant: str) -> Entry | None:
+        """A local miss: the bucket's entry, pulled into the local tier under the entry's lock.
+
+        Only if the lock is free at once: a holder in this process is fetching or pulling the
+        entry (perhaps waiting for another machine's download), and the caller then joins that
+        download instead of queueing behind it (None)."""
+        try:
+            with self.cache.locked(key, path, variant, 0):
+                if (entry := self.cache.lookup(key, path, variant)) is not None:
+                    return entry  # another thread pulled or fetched it meanwhile
+                return self.tier.pull(self.cache, key, path, variant)
+        except LockTimeout:
+            return None
 
     def fresher(self, key: str, path: str, variant: str, local: Entry | None) -> Entry | None:
         """The bucket's copy if it was fetched after ``local`` (called under the entry's lock)."""

@@ -1,0 +1,109 @@
+"""An ``s3://`` cache end to end: proxies on two "machines" (separate local tiers) sharing one
+bucket on a real SeaweedFS started on loopback (engine/shared_tier.py, docs/object-storage.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_upstream.config.s3_location import S3Location
+
+from .conftest import MakeProxy, proxy_def
+from .peers import free_port
+from .s3_peers import S3Peer
+from .test_backend_contract import isolate_aws, s3_peer  # noqa: F401 (a fixture)
+from .upstreams import Upstream
+
+pytestmark = pytest.mark.slow
+
+BIG = bytes(range(256)) * (4 * 1024 * 16)  # 16 MiB
+
+
+def get(url: str) -> tuple[int, bytes, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+@pytest.fixture
+def bucket(s3_peer: Callable[[str], S3Peer], monkeypatch: pytest.MonkeyPatch) -> S3Location:  # noqa: F811
+    peer = s3_peer("seaweedfs")
+    isolate_aws(monkeypatch)
+    return S3Location(peer.bucket, f"t-{uuid.uuid4().hex[:12]}/cache", peer.endpoint, "us-east-1")
+
+
+def test_sixteen_clients_on_two_machines_one_upstream_fetch_then_a_third_machine_replays(
+    upstream: Upstream, make_proxy: MakeProxy, bucket: S3Location, tmp_path: Path
+) -> None:
+    upstream.files["/big.bin"] = BIG
+    upstream.files["/small.txt"] = b"small"
+    definition = proxy_def(key="g", format="generic", url=upstream.url)
+    a = make_proxy(definition, cache=tmp_path / "machine-a", object_store=bucket)
+    b = make_proxy(definition, cache=tmp_path / "machine-b", object_store=bucket)
+    results: list[tuple[int, str]] = []
+
+    def client(i: int) -> None:
+        status, body, _ = get((a if i % 2 else b).url("g") + "big.bin")
+        results.append((status, hashlib.sha256(body).hexdigest()))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [(200, hashlib.sha256(BIG).hexdigest())] * 16
+    assert upstream.hits["/big.bin"] == 1  # one machine fetched; the other waited for the bucket
+    assert get(a.url("g") + "small.txt")[1] == b"small"
+    # machine C: an empty local tier, replay mode, the upstream gone: served from the bucket
+    upstream.files.clear()
+    c = make_proxy(definition, cache=tmp_path / "machine-c", object_store=bucket, mode="replay")
+    status, body, _ = get(c.url("g") + "big.bin")
+    assert (status, body == BIG) == (200, True)
+    assert get(c.url("g") + "small.txt")[:2] == (200, b"small")
+    status, _, _ = get(c.url("g") + "never-fetched.txt")
+    assert status == 504  # not recorded anywhere: a replay miss, as without a bucket
+    metrics = get(a.base_url + "/-/metrics")[1].decode()
+    assert "upstream_proxy_object_store_degraded 0" in metrics
+    assert 'upstream_proxy_object_store_events_total{event="published"}' in metrics
+
+
+def test_a_store_that_is_down_leaves_local_hits_and_upstream_misses_working(
+    upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_aws(monkeypatch)
+    dead = S3Location("cache", "p", f"http://127.0.0.1:{free_port()}", "us-east-1")  # refuses connections
+    upstream.files["/a.txt"] = b"a"
+    upstream.files["/b.txt"] = b"b"
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url), object_store=dead)
+    assert get(proxy.url("g") + "a.txt")[:2] == (200, b"a")  # the store failed: fetched upstream
+    assert get(proxy.url("g") + "a.txt")[:2] == (200, b"a")  # a local hit
+    assert get(proxy.url("g") + "b.txt")[:2] == (200, b"b")
+    metrics = get(proxy.base_url + "/-/metrics")[1].decode()
+    assert "upstream_proxy_object_store_degraded 1" in metrics
+    assert upstream.hits["/a.txt"] == 1
+
+
+def test_metadata_and_a_remembered_404_travel_between_machines(
+    upstream: Upstream, make_proxy: MakeProxy, bucket: S3Location, tmp_path: Path
+) -> None:
+    upstream.files["/index.json"] = b'{"v": 1}'
+    definition = proxy_def(key="m", format="maven", url=upstream.url)
+    pages = proxy_def(key="g", format="generic", url=upstream.url, mutable_paths=["*.json"])
+    a = make_proxy(definition, pages, cache=tmp_path / "a", object_store=bucket)
+    b = make_proxy(definition, pages, cache=tmp_path / "b", object_store=bucket)
+    assert get(a.url("g") + "index.json")[:2] == (200, b'{"v": 1}')
+    assert get(b.url("g") + "index.json")[:2] == (200, b'{"v": 1}')  # from the bucket: fresh there
+    assert upstream.hits["/index.json"] == 1
+    missing = "org/example/lib/9.9/lib-9.9.pom"
+    assert get(a.url("m") + missing)[0] == 404  # remembered (maven's negative cache) and shared
+    assert get(b.url("m") + missing)[0] == 404
+    assert upstream.hits["/" + missing] == 1

@@ -140,3 +140,12 @@ def test_capture_hosts_and_exclude(tmp_path: Path) -> None:
         parse_capture({"upstream_ca": "missing.pem"}, "t", tmp_path)
     with pytest.raises(ConfigError, match="capture must be"):
         parse_capture({"capture": "yes"}, "t", tmp_path)
+
+
+def test_a_corrupt_ca_is_a_cache_error(tmp_path: Path) -> None:
+    from pytest_upstream.store.errors import CacheError
+
+    (tmp_path / "capture").mkdir()
+    (tmp_path / "capture" / CA_FILE).write_bytes(b"not a pem")
+    with pytest.raises(CacheError, match="is not a CA key and certificate"):
+        CertificateAuthority(tmp_path)

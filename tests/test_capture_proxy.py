@@ -162,3 +162,45 @@ def test_a_proxy_token_is_required_when_set(
         assert refused.returncode != 0 and b"407" in refused.stderr + refused.stdout
         ok = curl(server, f"{upstream.url}/small.txt", "--proxy-user", "x:s3cret")
         assert _split(ok.stdout)[1] == b"hello\n"
+
+
+def test_the_marker_scope_takes_captured_host_keys(tmp_path: Path, upstream: TlsUpstream) -> None:
+    from pytest_upstream.pytest_plugin.harness import UpstreamProxy
+
+    proxy = UpstreamProxy.start(_settings(tmp_path, upstream_ca=upstream.ca_file))
+    try:
+        server = proxy.server
+        key = f"ip-{HOST}_{upstream.port}"
+        with proxy.using(proxies=["other.example.org"]):  # another captured host only: refused
+            status, _ = _split(curl(server, f"{upstream.url}/small.txt").stdout)
+            assert status == b"HTTP/1.1 403 Blocked by the upstream marker"
+        with proxy.using(proxies=[key]):
+            assert _split(curl(server, f"{upstream.url}/small.txt").stdout)[1] == b"hello\n"
+        with pytest.raises(KeyError):
+            proxy.set_test_scope(proxies=["Not A Key"])
+    finally:
+        proxy.stop()
+
+
+def test_serve_capture_prints_the_ca_and_captures(tmp_path: Path, upstream: TlsUpstream) -> None:
+    from tests.test_serve_ops import Serve
+
+    config = tmp_path / "pyproject.toml"
+    config.write_text(f'[tool.pytest-upstream]\nupstream_ca = "{upstream.ca_file}"\n')
+    serve = Serve(config, tmp_path / "cache", "--capture")
+    try:
+        lines = [serve.line(serve.proc.stdout), serve.line(serve.proc.stdout)]
+        assert lines[0] == f"  capture: HTTPS_PROXY={serve.base_url} (hosts *)"
+        ca = tmp_path / "cache" / "capture" / "ca-cert.pem"
+        assert lines[1].startswith(f"  capture CA: {ca} ")
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        out = subprocess.run(
+            ["curl", "-sS", "--proxy", serve.base_url, "--cacert", str(ca), f"{upstream.url}/small.txt"],
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert out.stdout == b"hello\n", out
+    finally:
+        serve.stop()

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pytest_upstream.store.errors import CacheError
 from pytest_upstream.store.files import AtomicFile, atomic_write
 
 CA_DIR = "capture"
@@ -48,8 +49,9 @@ LEAF_DAYS = 30
 MAX_LEAVES = 256  # per process: hosts a test run talks to
 
 
-class CAError(Exception):
-    """The CA cannot be created or read (an unreadable or corrupt ``ca.pem``)."""
+class CAError(CacheError):
+    """The CA cannot be created or read (an unreadable or corrupt ``ca.pem``, a cache directory
+    another user made): a cache error, which ``serve`` and the plugin report in one line."""
 
 
 def _now() -> datetime.datetime:
@@ -138,16 +140,22 @@ class CertificateAuthority:
 
     # -- the CA on disk ------------------------------------------------------------------------
     def _load_or_create(self) -> bytes:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.chmod(self.directory, 0o700)
         target = self.directory / CA_FILE
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.chmod(self.directory, 0o700)
             return target.read_bytes()
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise CAError(f"cannot read {target}: {exc.strerror}") from None
+            raise CAError(f"cannot read the capture CA {target}: {exc.strerror}") from None
+        try:
+            return self._create(target)
+        except OSError as exc:
+            raise CAError(f"cannot create the capture CA in {self.directory}: {exc.strerror}") from None
+
+    def _create(self, target: Path) -> bytes:
         candidate = AtomicFile(tmp_dir=self.directory, stem="ca")
         try:
             os.chmod(candidate.path, 0o600)

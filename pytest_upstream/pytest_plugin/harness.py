@@ -21,6 +21,7 @@ from typing import Any
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
 from pytest_upstream.config.capture import with_capture
+from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings, with_max_size
 from pytest_upstream.config.units import human_size, plural
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
@@ -180,11 +181,17 @@ class UpstreamProxy:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
         keys = None if proxies is None else frozenset(proxies)
-        if keys is not None and (unknown := sorted(keys - set(self.keys))):
+        if keys is not None and (unknown := sorted(keys - set(self.keys) - self._capture_keys(keys))):
             known = ", ".join(self.keys)
             raise KeyError(f"no upstream proxy with key(s) {', '.join(unknown)} (configured: {known})")
         self.server.engine.mode = mode or self.session_mode
         self.server.engine.allowed_keys = keys
+
+    def _capture_keys(self, keys: frozenset[str]) -> frozenset[str]:
+        """The keys that may name captured hosts (capture/hosts.py): any valid key, with capture on."""
+        if self.server.capture is None:
+            return frozenset()
+        return frozenset(k for k in keys if key_error(k) is None)
 
     def clear_test_scope(self) -> None:
         self.server.engine.mode = self.session_mode

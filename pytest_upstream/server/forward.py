@@ -113,8 +113,16 @@ class Forwarder:
         self, sock: socket.socket, client: str, host: str, port: int, stopping: Callable[[], bool]
     ) -> None:
         limits = self.limits
-        context = self.ca.server_context(host)
-        sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        try:
+            context = self.ca.server_context(host)
+        except ValueError as exc:  # a name no certificate can carry
+            with contextlib.suppress(OSError):
+                sock.sendall(error_bytes(400, f"Bad Request (no certificate for {host!r}: {exc})"))
+            return
+        try:
+            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        except OSError:
+            return  # the client left
         raw = socket.socket(fileno=os.dup(sock.fileno()))  # the TLS layer's own; the caller closes sock
         raw.settimeout(limits.header_timeout)
         try:
@@ -230,7 +238,10 @@ class Forwarder:
             return
         log.info("tunnelling %s to %s:%d (not captured)", client, host, port)
         with upstream, selectors.DefaultSelector() as selector:
-            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            try:
+                sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            except OSError:
+                return
             upstream.settimeout(self.limits.send_timeout)
             selector.register(sock, selectors.EVENT_READ, upstream)
             selector.register(upstream, selectors.EVENT_READ, sock)

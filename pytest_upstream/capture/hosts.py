@@ -14,6 +14,9 @@ that is: the host lower-cased; ``ip-`` before an IPv4 address and ``ip6-`` befor
 (written out in full, ``:`` as ``-``), since a key starts with a letter; then ``_<port>`` unless
 the port is HTTPS's 443.  A name the key grammar (config/keys.py) still refuses (an underscore,
 too long, ``v2``) becomes ``host-`` and 16 hex digits of its sha256.
+
+Registry-aware capture: a public registry's host (config/sources.py ``CAPTURE_REGISTRY_HOSTS``)
+is answered by the configured proxy of that built-in source instead, under its own key.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fnmatch import fnmatchcase
 from pytest_upstream.config.capture import CaptureSettings
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.settings import ProxyDefinition
+from pytest_upstream.config.sources import CAPTURE_REGISTRY_HOSTS
 
 
 def host_key(host: str, port: int, scheme: str = "https") -> str:
@@ -75,3 +79,18 @@ def host_proxy(host: str, port: int, scheme: str, template: ProxyDefinition | No
         metadata_ttl=template.metadata_ttl,
         timeout=template.timeout,
     )
+
+
+def registry_proxy(proxies: tuple[ProxyDefinition, ...], host: str, port: int) -> ProxyDefinition | None:
+    """The configured proxy that answers a public registry's host (``CAPTURE_REGISTRY_HOSTS``,
+    HTTPS on 443 only): the first of that built-in source, or None (then the host is generic)."""
+    source = CAPTURE_REGISTRY_HOSTS.get(host.lower()) if port == 443 else None
+    return next((p for p in proxies if p.source == source), None) if source else None
+
+
+def registry_path(key: str, raw_path: str) -> str:
+    """The path below a registry proxy's key for a request to its public host: the registry's own
+    layout is the proxy's (``/simple/<project>/``, ``/<package>``), and a link the proxy
+    rendered (``https://<host>/<key>/files/...``) comes back with the key in front."""
+    prefix = f"/{key}/"
+    return raw_path[len(prefix) - 1 :] if raw_path.startswith(prefix) else raw_path

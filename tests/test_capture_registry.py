@@ -6,7 +6,10 @@ installed again in replay mode with that server gone: the same files."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
+import tarfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -67,3 +70,58 @@ def test_pip_without_an_index_url_goes_through_the_pypi_proxy(tmp_path: Path, in
         _pip(server, tmp_path / "again")
     assert installed(tmp_path / "again") == installed(tmp_path / "first")
     assert "upstream_demo_a" in {p.name for p in (tmp_path / "first").iterdir()}
+
+
+def _npm_tarball(name: str, version: str, code: str) -> bytes:
+    """A package tarball as npm packs one (``package/`` inside a gzipped tar)."""
+    files = {
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}).encode(),
+        "package/index.js": code.encode(),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm")
+def test_npm_without_a_registry_flag_goes_through_the_npm_proxy(tmp_path: Path) -> None:
+    from tests.test_npm import installed_tree, manifest, npm_env, packument, run
+
+    tarball = _npm_tarball("demo-base", "1.0.0", "module.exports = 'base';\n")
+    with TlsUpstream(tmp_path / "registry-ca") as registry:
+        url = f"{registry.url}/files/demo-base-1.0.0.tgz"
+        registry.files["/demo-base"] = packument(
+            "demo-base", {"1.0.0": manifest("demo-base", "1.0.0", url, tarball)}, "1.0.0"
+        )
+        registry.content_types["/demo-base"] = "application/json"
+        registry.files["/files/demo-base-1.0.0.tgz"] = tarball
+        proxy = ProxyDefinition(key="npm", source="npm", format="npm", url=f"{registry.url}/")
+        settings = Settings(
+            cache_dir=tmp_path / "cache",
+            proxies=(proxy,),
+            capture=CaptureSettings(enabled=True, upstream_ca=registry.ca_file),
+        )
+
+        def install(server: ProxyServer, project: Path) -> dict[str, str]:
+            project.mkdir()
+            deps = {"demo-base": "^1.0.0"}
+            (project / "package.json").write_text(
+                json.dumps({"name": "c", "version": "1.0.0", "dependencies": deps})
+            )
+            env = {**npm_env(project.parent / f"{project.name}-home"), **capture_env(server)}
+            cmd = ["npm", "install", "--cache", str(project.parent / f"{project.name}-cache"), "--no-audit"]
+            run(cmd, project, env, timeout=120)
+            return installed_tree(project)
+
+        with ProxyServer(settings) as server:
+            first = install(server, tmp_path / "first")
+            records = {(r.key, r.path) for r in server.served.records}
+        assert {("npm", "demo-base"), ("npm", "demo-base/-/demo-base-1.0.0.tgz")} <= records
+        registry.stop()
+        with ProxyServer(replace(settings, mode="replay")) as server:
+            again = install(server, tmp_path / "again")
+    assert again == first and "demo-base/index.js" in first

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,9 +34,8 @@ def upstream(tmp_path: Path) -> Iterator[TlsUpstream]:
         yield up
 
 
-def _settings(tmp_path: Path, mode: str = "record", **capture: object) -> Settings:
-    options: dict[str, object] = {"enabled": True, **capture}
-    return Settings(cache_dir=tmp_path / "cache", mode=mode, capture=CaptureSettings(**options))  # type: ignore[arg-type]
+def _settings(tmp_path: Path, mode: str = "record", **capture: Any) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache", mode=mode, capture=CaptureSettings(True, **capture))
 
 
 def curl(server: ProxyServer, url: str, *extra: str) -> subprocess.CompletedProcess[bytes]:

@@ -197,10 +197,6 @@ class CertificateAuthority:
                 self._leaves.popitem(last=False)
         return ctx
 
-    @property
-    def leaves(self) -> int:
-        return len(self._leaves)
-
     def leaf_pem(self, host: str) -> bytes:
         """The certificate a leaf for ``host`` would carry (for tests and ``describe``)."""
         return self._leaf_cert(host).public_bytes(serialization.Encoding.PEM)

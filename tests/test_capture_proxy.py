@@ -204,3 +204,22 @@ def test_serve_capture_prints_the_ca_and_captures(tmp_path: Path, upstream: TlsU
         assert out.stdout == b"hello\n", out
     finally:
         serve.stop()
+
+
+def test_upstream_ca_applies_to_keyed_proxies(tmp_path: Path, upstream: TlsUpstream) -> None:
+    import urllib.error
+    import urllib.request
+
+    from pytest_upstream.config.settings import ProxyDefinition
+
+    keyed = ProxyDefinition(key="files", source="custom", format="generic", url=upstream.url + "/")
+    trusted = Settings(
+        cache_dir=tmp_path / "a", proxies=(keyed,), capture=CaptureSettings(upstream_ca=upstream.ca_file)
+    )
+    with ProxyServer(trusted) as server:  # capture off: upstream_ca is about upstream TLS only
+        body = urllib.request.urlopen(server.url("files") + "small.txt", timeout=30).read()
+        assert body == b"hello\n"
+    with ProxyServer(Settings(cache_dir=tmp_path / "b", proxies=(keyed,))) as server:
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(server.url("files") + "small.txt", timeout=30)
+        assert (failed.value.code, failed.value.reason) == (502, "Upstream certificate not trusted")

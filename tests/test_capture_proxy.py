@@ -223,3 +223,19 @@ def test_upstream_ca_applies_to_keyed_proxies(tmp_path: Path, upstream: TlsUpstr
         with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(server.url("files") + "small.txt", timeout=30)
         assert (failed.value.code, failed.value.reason) == (502, "Upstream certificate not trusted")
+
+
+def test_a_silent_tunnel_is_closed_by_the_header_deadline(tmp_path: Path, upstream: TlsUpstream) -> None:
+    import socket
+    import time
+
+    settings = replace(_settings(tmp_path, upstream_ca=upstream.ca_file), header_timeout=0.5)
+    with ProxyServer(settings) as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            target = f"{HOST}:{upstream.port}"
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200 Connection established")
+            started = time.monotonic()
+            assert sock.recv(1024) == b""  # no TLS handshake came: the proxy closed the tunnel
+            assert time.monotonic() - started < 5

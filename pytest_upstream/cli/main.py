@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_upstream.cli.capture_flags import add_capture_flags, capture_lines, with_capture_flags
 from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, with_client_flags
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
 from pytest_upstream.cli.size_cap_flags import add_size_cap_flags, with_size_cap_flags
@@ -86,7 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = with_fetch_flags(
         args, _with_connection_limits(resolve_settings(args.config, args.cache, args.mode, args.lock), args)
     )
-    settings = with_size_cap_flags(args, with_client_flags(args, settings))
+    settings = with_capture_flags(args, with_size_cap_flags(args, with_client_flags(args, settings)))
     writes_lock = _serve_checks(args, settings)
     from pytest_upstream.server.limits import raise_open_file_limit
 
@@ -107,6 +108,8 @@ def _serve(args: argparse.Namespace, settings: Settings, writes_lock: bool) -> i
         where = client_url(server.base_url, group.key, group.format)
         print(f"  {group.key:<20} {group.format:<8} {where} -> {' then '.join(group.members)}", flush=True)
     print(f"  cache {settings.cache_dir} (mode {settings.mode})", flush=True)
+    for line in capture_lines(settings, server.base_url):
+        print(line, flush=True)
     if settings.lock_file is not None:
         what = "written at shutdown" if writes_lock else "replayed"
         print(f"  lock {settings.lock_file} ({what})", flush=True)
@@ -428,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_fetch_flags(serve)
     add_size_cap_flags(serve)
+    add_capture_flags(serve)
     add_client_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 

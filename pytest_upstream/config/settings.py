@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_upstream.config.auth import AuthSpec
+from pytest_upstream.config.capture import CAPTURE_FIELDS, CaptureSettings, parse_capture
 from pytest_upstream.config.checks import ConfigError as ConfigError
 from pytest_upstream.config.checks import number as _number
 from pytest_upstream.config.checks import positive as _positive
@@ -88,6 +89,7 @@ _PROXY_FIELDS |= {"offline"}  # serve only what is cached (docs/rules.md)
 # -- the size cap (issue 11; docs/cache.md § Size cap) ---------------------------------------------
 ENV_MAX_SIZE = "UPSTREAM_PROXY_MAX_SIZE"
 _TOP_FIELDS |= {"max_size"}
+_TOP_FIELDS |= set(CAPTURE_FIELDS)  # capture (docs/capture.md, config/capture.py)
 
 
 def parse_size_cap(table: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -201,6 +203,7 @@ class Settings:
     # local tier; store_options are the table's local_cache, s3_endpoint_url and s3_region
     object_store: S3Location | None = None
     store_options: StoreOptions = field(default_factory=StoreOptions)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)  # the forward proxy (docs/capture.md)
 
     def secret_env_names(self) -> tuple[str, ...]:
         """The environment variables whose values are secrets: the upstreams' credentials and the
@@ -409,6 +412,7 @@ def parse_table(table: Mapping[str, Any], origin: str, base_dir: Path) -> Settin
         allowed_hosts=_host_list(table, "allowed_hosts", where),
         **parse_allow_hosts(table, where),
         **parse_size_cap(table, where),
+        **parse_capture(table, where, base_dir),
     )
 
 

@@ -32,6 +32,12 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
 
 SOURCES = (*BUILTIN_SOURCES, "custom")
 
+# Registry-aware capture (docs/capture.md): a captured HTTPS request to one of these public hosts
+# is answered by the configured proxy of that built-in source (its format's logic, its key), not
+# by a generic proxy of the host.  The proxy's own url decides where it is fetched from: pointed
+# at a mirror (or a test's server), the host's requests go there.
+CAPTURE_REGISTRY_HOSTS = {"pypi.org": "pypi", "registry.npmjs.org": "npm"}
+
 # The domain that container tools (podman, skopeo, containerd) use in image names
 # for a built-in registry, when it differs from the host of its URL.
 IMAGE_DOMAINS = {"dockerhub": "docker.io"}

@@ -41,7 +41,7 @@ from pytest_upstream.repro.served import ServedLog
 from pytest_upstream.store.cache import Cache, CacheError, DigestMismatch, Entry, LockTimeout, StoreFailed
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.addresses import AddressPolicy
-from pytest_upstream.upstream.client import UpstreamClient
+from pytest_upstream.upstream.client import UNTRUSTED, UpstreamClient
 from pytest_upstream.upstream.health import Health
 
 log = logging.getLogger("pytest_upstream")
@@ -62,7 +62,8 @@ class Engine:
         # The SSRF guard trusts the upstreams' origins, allow_hosts, and the token realms a
         # proxy's auth_hosts names (credentials may go there, so connections may too).
         trusted = [*settings.allow_hosts, *(host for p in settings.proxies for host in p.auth_hosts)]
-        self.client = UpstreamClient(AddressPolicy([p.url for p in settings.proxies], trusted))
+        self.addresses = AddressPolicy([p.url for p in settings.proxies], trusted)
+        self.client = UpstreamClient(self.addresses, extra_ca=settings.capture.upstream_ca)
         self.served = log_ or ServedLog()
         # The lock file (docs/reproducible-builds.md): replay serves exactly what it names;
         # the lock recorder collects what every answer came from, for a record or refresh run to save.
@@ -179,6 +180,18 @@ class Engine:
             proxy = found
         return self._handle_proxy(req, proxy, warm_only=warm_only)
 
+    def handle_captured(
+        self, req: ProxyRequest, proxy: ProxyDefinition, *, warm_only: bool = False
+    ) -> Reply | None:
+        """A request for a proxy made for one captured host (docs/capture.md), in no Settings;
+        None when ``warm_only`` and answering would wait.  The SSRF guard trusts that origin:
+        the client named it itself, as it could have connected to it itself."""
+        self.addresses.add_origin(proxy.url)
+        try:
+            return self._handle_proxy(req, proxy, warm_only=warm_only)
+        except WouldBlock:
+            return None
+
     def _handle_proxy(self, req: ProxyRequest, proxy: ProxyDefinition, *, warm_only: bool = False) -> Reply:
         """A request for one proxy (a group's member included)."""
         settings = self.settings
@@ -231,7 +244,8 @@ class Engine:
             self._upstream_failed(ctx, resource, str(exc))
             if (err := exc.passthrough) is not None:
                 return self._fail(ctx, resource, err.status, str(err), cache=err.cache, code=err.code)
-            return self._fail(ctx, resource, 502, str(exc), reason="Upstream failed")
+            reason = "Upstream certificate not trusted" if UNTRUSTED in str(exc) else "Upstream failed"
+            return self._fail(ctx, resource, 502, str(exc), reason=reason)
         except DigestMismatch as exc:
             self._upstream_failed(ctx, resource, str(exc))
             return self._fail(ctx, resource, 502, str(exc), reason="Upstream bytes failed verification")

@@ -13,12 +13,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from pytest_upstream.clients.containers_conf import registries_conf_text
 from pytest_upstream.clients.maven_settings import settings_xml
+from pytest_upstream.config.capture import with_capture
+from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.s3_location import is_s3_url
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings, with_max_size
 from pytest_upstream.config.units import human_size, plural
@@ -40,13 +43,15 @@ def settings_for(
     base_dir: Path,
     lock: str | None = None,
     max_size: str | None = None,
+    capture: bool | None = None,
 ) -> Settings:
     settings = load_settings(config_file, search_dir=search_dir)
     if cache and not is_s3_url(cache) and not Path(cache).expanduser().is_absolute():
         cache = str(base_dir / cache)
     if lock and not Path(lock).expanduser().is_absolute():
         lock = str(base_dir / lock)
-    return with_max_size(settings.with_overrides(cache=cache, mode=mode, lock=lock), max_size)
+    settings = with_max_size(settings.with_overrides(cache=cache, mode=mode, lock=lock), max_size)
+    return replace(settings, capture=with_capture(settings.capture, capture))
 
 
 def exported_env(server: ProxyServer) -> dict[str, str]:
@@ -62,6 +67,32 @@ def exported_env(server: ProxyServer) -> dict[str, str]:
         for name in ("npm_config_registry", "NPM_CONFIG_REGISTRY", "pnpm_config_registry"):
             env[name] = registry
         env.update({"YARN_REGISTRY": registry, "YARN_NPM_REGISTRY_SERVER": registry})
+    return {**env, **capture_env(server)}
+
+
+# Clients that take a CA file *instead of* their roots get the bundle (the system's roots and the
+# cache's CA); Node adds NODE_EXTRA_CA_CERTS to its own roots, so it gets the CA alone.
+BUNDLE_VARIABLES = (
+    "SSL_CERT_FILE",  # OpenSSL's default file: Python's ssl, httpx, urllib, uv, wget, git, ruby, ...
+    "REQUESTS_CA_BUNDLE",  # requests (and pip's vendored copy)
+    "CURL_CA_BUNDLE",  # curl, and requests as a fallback
+    "PIP_CERT",  # pip --cert
+    "GIT_SSL_CAINFO",  # git over HTTPS
+    "CARGO_HTTP_CAINFO",  # cargo
+    "AWS_CA_BUNDLE",  # boto3, the AWS CLI
+)
+ADDED_CA_VARIABLES = ("NODE_EXTRA_CA_CERTS",)  # node, npm, yarn, pnpm
+
+
+def capture_env(server: ProxyServer) -> dict[str, str]:
+    """With capture on (docs/capture.md): every client's HTTP(S)_PROXY at the proxy, and the
+    cache's CA in every common client's CA variable; nothing when it is off."""
+    forward = server.capture
+    if forward is None:
+        return {}
+    env = forward_proxy_env(server)
+    env.update({name: str(forward.ca.bundle_path) for name in BUNDLE_VARIABLES})
+    env.update({name: str(forward.ca.cert_path) for name in ADDED_CA_VARIABLES})
     return env
 
 
@@ -151,11 +182,17 @@ class UpstreamProxy:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
         keys = None if proxies is None else frozenset(proxies)
-        if keys is not None and (unknown := sorted(keys - set(self.keys))):
+        if keys is not None and (unknown := sorted(keys - set(self.keys) - self._capture_keys(keys))):
             known = ", ".join(self.keys)
             raise KeyError(f"no upstream proxy with key(s) {', '.join(unknown)} (configured: {known})")
         self.server.engine.mode = mode or self.session_mode
         self.server.engine.allowed_keys = keys
+
+    def _capture_keys(self, keys: frozenset[str]) -> frozenset[str]:
+        """The keys that may name captured hosts (capture/hosts.py): any valid key, with capture on."""
+        if self.server.capture is None:
+            return frozenset()
+        return frozenset(k for k in keys if key_error(k) is None)
 
     def clear_test_scope(self) -> None:
         self.server.engine.mode = self.session_mode
@@ -181,6 +218,8 @@ class UpstreamProxy:
             return
         self.guard = NetworkGuard(lambda: self.server.served.current_test)
         self.guard.install()
+        if self.server.capture is not None:  # hosts not captured are refused, not tunnelled
+            self.server.capture.tunnels = False
         for name, value in forward_proxy_env(self.server).items():
             self._saved_forward_env[name] = os.environ.get(name)
             os.environ[name] = value
@@ -189,6 +228,8 @@ class UpstreamProxy:
         if self.guard is None:
             return
         self.guard.uninstall()
+        if self.server.capture is not None:
+            self.server.capture.tunnels = True
         self._blocked_before.extend(self.guard.blocked)
         self.guard = None
         for name, old in self._saved_forward_env.items():

@@ -75,6 +75,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(10G; 0: no cap; env UPSTREAM_PROXY_MAX_SIZE; ini upstream_max_size; table: max_size)",
     )
     group.addoption(
+        "--upstream-capture",
+        action="store_true",
+        default=None,
+        dest="upstream_capture",
+        help="also be an HTTP(S) forward proxy: export HTTP(S)_PROXY and the cache's CA to every "
+        "client, and cache what they fetch (ini upstream_capture; table: capture; docs/capture.md)",
+    )
+    group.addoption(
         "--upstream-report",
         metavar="FILE",
         dest="upstream_report",
@@ -105,6 +113,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("upstream_lock", "lock file (record/refresh write it, replay serves it)", default=None)
     parser.addini("upstream_max_size", "cap on the cache's size while the proxy serves (10G)", default=None)
+    parser.addini(
+        "upstream_capture",
+        "capture every client's downloads (HTTP(S)_PROXY and a CA)",
+        type="bool",
+        default=None,
+    )
     parser.addini("upstream_report", "write what each test used (JSON) to this file", default=None)
     parser.addini(
         "upstream_block_network",
@@ -167,6 +181,15 @@ def max_size_option(config: pytest.Config, environ: Mapping[str, str]) -> str | 
         or config.getini("upstream_max_size")
     )
     return size
+
+
+def capture_option(config: pytest.Config) -> bool | None:
+    """``--upstream-capture``, else ini ``upstream_capture``; None: the table's ``capture``."""
+    flag = config.getoption("upstream_capture", None)
+    if flag is not None:
+        return bool(flag)
+    ini = config.getini("upstream_capture")
+    return None if ini is None else bool(ini)
 
 
 def config_file_option(config: pytest.Config) -> str | None:

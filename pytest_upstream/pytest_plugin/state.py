@@ -15,6 +15,7 @@ import pytest
 from pytest_upstream.pytest_plugin.options import (
     block_setting,
     cache_option,
+    capture_option,
     config_file_option,
     lock_option,
     max_size_option,
@@ -63,6 +64,7 @@ def session_proxy(config: pytest.Config) -> UpstreamProxy:
             base_dir=config.rootpath,
             lock=lock_option(config),
             max_size=max_size_option(config, os.environ),
+            capture=capture_option(config),
         )
         if problems := env_problems(n for p in settings.proxies for n in p.auth.required_env()):
             raise ConfigError("; ".join(problems))  # names the variables, never their values

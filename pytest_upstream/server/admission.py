@@ -79,6 +79,24 @@ class Admission:
             return reply
         return None
 
+    def forward_refusal(self, headers: Headers) -> Reply | None:
+        """The reply refusing a forward-proxy request (capture: ``CONNECT``, absolute-form), or
+        None.  Its Host names the upstream, not us, so only the token applies, sent as
+        ``Proxy-Authorization`` (what clients send for ``http://user:<token>@host:port`` in
+        ``HTTPS_PROXY``)."""
+        if self.token_env and not self.token_ok(headers.get("Proxy-Authorization")):
+            reply = Reply.text(
+                407,
+                "this proxy requires a token: put it in the proxy URL (http://user:<token>@host:port)",
+                {
+                    "Proxy-Authenticate": 'Basic realm="pytest-upstream", charset="UTF-8"',
+                    "Connection": "close",
+                },
+            )
+            reply.reason = "Proxy token required"
+            return reply
+        return None
+
     def host_allowed(self, host: str) -> bool:
         """Whether a Host header (``name``, ``name:port``, ``[v6]:port``) is loopback or listed
         (remembered for a few hundred Host values: clients send the same one every request)."""

@@ -31,6 +31,7 @@ from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, spli
 from pytest_upstream.repro.netguard import is_loopback
 from pytest_upstream.server import access_log
 from pytest_upstream.server.admission import Admission
+from pytest_upstream.server.forward import Forwarder, target_of
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
 from pytest_upstream.server.responses import StreamFailed, Wire, cut, error_bytes, reply_bytes, send_reply
@@ -57,6 +58,7 @@ class Site:
     admission: Admission = field(default_factory=lambda: Admission(loopback_bound=False))  # admission.py
     # split_proxy_path's answers for the paths asked for lately: a warm page is asked for again and again
     paths: dict[str, tuple[str, str]] = field(default_factory=dict)
+    forward: Forwarder | None = None  # capture (server/forward.py): None refuses every forward request
 
 
 # What a connection is doing, for the deadlines and the order connections are shed in at the cap.
@@ -158,6 +160,8 @@ class Connection:
         again once the connection is handed back."""
         request = pending.request
         headers = Headers(request.headers)
+        if pending.reply is None and request.method == "CONNECT":
+            return self._connect(request, headers, pending.started)
         if pending.reply is None:
             self.wire.start(request.method, request.version, request.keep_alive)
             pending.key, routed = self._route(request.method, request.target, headers)
@@ -194,8 +198,8 @@ class Connection:
         self, method: str, target: str, headers: Headers, warm_only: bool = False
     ) -> tuple[str, Reply | None]:
         """(key, reply) for one request; ``warm_only``: reply None when the engine would wait."""
-        if method == "CONNECT":
-            return "", self._refuse_forward(method, target, urlsplit(f"//{target}").hostname or target)
+        if method == "CONNECT":  # answered by a worker (_connect) unless refused now
+            return "", self._connect_refusal(target, headers)
         raw_path, _, query = target.partition("?")
         if raw_path.startswith(("http://", "https://")):  # absolute-form: a client using us as HTTP_PROXY
             url = urlsplit(raw_path)
@@ -204,7 +208,12 @@ class Connection:
             except ValueError:
                 port = None
             if not (is_loopback(url.hostname or "") and port == self.site.port):
-                return "", self._refuse_forward(method, target, url.hostname or url.netloc)
+                forward, origin = self.site.forward, target_of(raw_path, 443 if url.scheme == "https" else 80)
+                if forward is None or origin is None or not forward.captures(origin[0]):
+                    return "", self._refuse_forward(method, target, url.hostname or url.netloc)
+                if (refusal := self.site.admission.forward_refusal(headers)) is not None:
+                    return "", refusal
+                return forward.answer(method, target, headers, url.scheme, *origin, warm_only)
             raw_path = url.path or "/"  # addressed to this proxy itself: serve it
             host_checked = True  # the URL names this proxy on a loopback address
         else:
@@ -237,6 +246,32 @@ class Connection:
             log.exception("error handling %s %s", method, target)
             why = self.site.engine.scrub(f"{type(exc).__name__}: {exc}")
             return key, _error(500, f"Internal error in pytest-upstream ({why})")
+
+    def _connect_refusal(self, target: str, headers: Headers) -> Reply | None:
+        """The reply refusing a ``CONNECT``, or None when a worker is to serve it: capture is on,
+        the target is well-formed, the token (if any) is right, and its host is captured or
+        may be tunnelled."""
+        forward = self.site.forward
+        origin = target_of(target, 443)
+        host = origin[0] if origin else target
+        if forward is None or origin is None or not (forward.tunnels or forward.captures(host)):
+            return self._refuse_forward("CONNECT", target, host)
+        return self.site.admission.forward_refusal(headers)
+
+    def _connect(self, request: ParsedRequest, headers: Headers, started: float) -> bool:
+        """A ``CONNECT`` (a worker thread): refused, or the tunnel served to its end; the
+        connection closes afterwards either way."""
+        self.wire.start(request.method, request.version, False)
+        refusal = self._connect_refusal(request.target, headers)
+        origin = target_of(request.target, 443)
+        if refusal is None and self.site.forward is not None and origin is not None:
+            self.site.forward.connect(self.sock, self.client, *origin, self.site.stopping.is_set)
+            reply = Reply.text(200, "")
+        else:
+            reply = refusal or _error(400, "Bad Request (bad CONNECT target)")
+            self._send(request, headers, reply)
+        self._log(request, "", reply, started)
+        return False
 
     def _refuse_forward(self, method: str, target: str, host: str) -> Reply:
         """403 for a forward-proxy request (the plugin exports HTTP(S)_PROXY pointing here while

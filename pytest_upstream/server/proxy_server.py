@@ -14,6 +14,7 @@ docs/operations.md.
     workers.py          the threads that answer what must wait
     siblings.py     serve --workers: the processes' connection counts, to share the clients
     connection.py       one client: its state, routing, answering inline or in a worker
+    forward.py      capture: CONNECT and absolute-form requests (docs/capture.md)
     request_reader.py   parsing (httptools) and the checks llhttp leaves to us
     responses.py    writing a Reply: bytes, sendfile with ranges, streams
 """
@@ -29,6 +30,7 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.repro.served import ServedLog
 from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.connection import Site
+from pytest_upstream.server.forward import Forwarder
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.listener import Listener
 
@@ -57,6 +59,8 @@ class ProxyServer:
                 index=self._index,
                 admission=Admission.for_server(settings, host),
             )
+            if settings.capture.enabled:
+                self._site.forward = _forwarder(settings, self.engine, self.limits)
             self._listener = Listener(host, port, self._site)
         except BaseException:
             self.engine.close()
@@ -72,6 +76,11 @@ class ProxyServer:
     def refused(self) -> list[tuple[str, str]]:
         """(host, test) of each forward-proxy request refused (see ``Connection._refuse_forward``)."""
         return list(self._site.refused)
+
+    @property
+    def capture(self) -> Forwarder | None:
+        """Capture's forwarder (server/forward.py), None when capture is off."""
+        return self._site.forward
 
     @property
     def base_url(self) -> str:
@@ -117,3 +126,10 @@ class ProxyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _forwarder(settings: Settings, engine: Engine, limits: Limits) -> Forwarder:
+    """Capture's forwarder with the cache's CA (cryptography is imported only here)."""
+    from pytest_upstream.capture.ca import CertificateAuthority
+
+    return Forwarder(settings.capture, CertificateAuthority(settings.cache_dir), engine, limits)

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ _date_cache: tuple[int, bytes] = (0, b"")  # (second, formatted Date header)
 _KEEP_ON_304 = ("ETag", "X-Upstream-Cache", "Vary")
 _FRAMING = frozenset({"connection", "content-length", "transfer-encoding", "keep-alive"})
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_TLS_CHUNK = 256 * 1024  # bytes read per write on a TLS socket
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
@@ -197,7 +199,11 @@ class Wire:
 def _sendfile(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
     """Bytes sent by ``os.sendfile``: a timeout (SO_SNDTIMEO) with no progress raises
     TimeoutError; the end of the file ends it early.  ``socket.sendfile`` would block forever
-    on a stalled client of a blocking socket, so this loop is ours."""
+    on a stalled client of a blocking socket, so this loop is ours.  A TLS socket (a captured
+    tunnel, server/forward.py) gets the bytes read and written: its file descriptor carries
+    records, not the file's bytes."""
+    if isinstance(sock, ssl.SSLSocket):
+        return _send_read(sock, f, offset, count)
     if not hasattr(os, "sendfile"):  # pragma: no cover - platforms without it
         return sock.sendfile(f, offset, count)
     out, fd, done = sock.fileno(), f.fileno(), 0
@@ -211,6 +217,17 @@ def _sendfile(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
         if n == 0:
             break
         done += n
+    return done
+
+
+def _send_read(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
+    done = 0
+    while done < count:
+        chunk = os.pread(f.fileno(), min(count - done, _TLS_CHUNK), offset + done)
+        if not chunk:
+            break
+        sock.sendall(chunk)
+        done += len(chunk)
     return done
 
 

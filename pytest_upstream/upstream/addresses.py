@@ -78,9 +78,7 @@ class AddressPolicy:
     def __init__(self, origins: Iterable[str], allow_hosts: Iterable[str] = ()) -> None:
         self._origins: set[tuple[str, int]] = set()
         for url in origins:
-            parts = urlsplit(url)
-            if parts.hostname:
-                self._origins.add((parts.hostname.lower(), parts.port or _default_port(parts.scheme)))
+            self.add_origin(url)
         self._hosts: set[tuple[str, int | None]] = set()
         self._networks: list[tuple[IPNetwork, int | None]] = []
         for entry in allow_hosts:
@@ -89,6 +87,12 @@ class AddressPolicy:
                 self._networks.append((ipaddress.ip_network(host, strict=False), port))
             except ValueError:
                 self._hosts.add((host, port))
+
+    def add_origin(self, url: str) -> None:
+        """Trust one more upstream's origin (capture's per-host proxies, made as clients ask)."""
+        parts = urlsplit(url)
+        if parts.hostname:
+            self._origins.add((parts.hostname.lower(), parts.port or _default_port(parts.scheme)))
 
     @staticmethod
     def check_entry(entry: str) -> str:

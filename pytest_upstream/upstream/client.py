@@ -23,6 +23,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -36,7 +37,7 @@ from pytest_upstream.upstream.addresses import AddressPolicy, GuardedBackend
 from pytest_upstream.upstream.decoding import OFFERED, coding_of, decode
 from pytest_upstream.upstream.errors import UpstreamError
 
-__all__ = ["Pace", "UpstreamClient", "UpstreamError", "content_coded", "iter_body"]
+__all__ = ["UNTRUSTED", "Pace", "UpstreamClient", "UpstreamError", "content_coded", "iter_body"]
 
 # Request and response extensions (httpx hands a request's dict to httpcore as it is).
 _DECODING = "pytest_upstream.decoding"  # the DecodeLimits of this request
@@ -272,7 +273,26 @@ def _broke_reused_connection(exc: httpx.HTTPError) -> bool:
         return False
 
 
+# What an upstream error says when the upstream's certificate failed verification: the engine
+# puts it in the status line (a 502 that says the certificate was not trusted, docs/capture.md).
+UNTRUSTED = "upstream certificate not trusted"
+
+
+def _untrusted(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _describe(exc: Exception) -> str:
+    if (bad := _untrusted(exc)) is not None:
+        why = bad.verify_message or bad.reason or "verification failed"
+        return f"{UNTRUSTED} ({why}; add its CA to upstream_ca if it is a private one)"
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({type(exc).__name__})"
     if isinstance(exc, httpx.ConnectError):
@@ -288,10 +308,16 @@ class UpstreamClient:
     ``policy`` is the SSRF guard: where redirects and links may take the proxy (addresses.py).
     """
 
-    def __init__(self, policy: AddressPolicy, *, max_connections: int = 64) -> None:
+    def __init__(
+        self, policy: AddressPolicy, *, max_connections: int = 64, extra_ca: Path | None = None
+    ) -> None:
         # Upstream requests ignore HTTP(S)_PROXY on purpose: the plugin may
         # point those variables at this very proxy for its clients.
+        # TLS is never weakened: the system's roots, plus ``upstream_ca``'s for private
+        # registries and tests (docs/capture.md); hostnames are checked as always.
         ctx = ssl.create_default_context()
+        if extra_ca is not None:
+            ctx.load_verify_locations(cafile=str(extra_ca))
         self._client = _Client(
             transport=_UpstreamTransport(ctx, max_connections, policy),
             follow_redirects=True,  # httpx drops Authorization on a cross-origin redirect

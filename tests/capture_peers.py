@@ -1,0 +1,37 @@
+"""An HTTPS upstream on 127.0.0.2 with its own CA (made by capture's own CA code in another
+directory), for the capture tests."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Self
+
+from pytest_upstream.capture.ca import CertificateAuthority
+from tests.upstreams import Upstream, _Handler, _Server
+
+HOST = "127.0.0.2"  # not in the plugin's NO_PROXY (127.0.0.1, localhost): clients go through the proxy
+
+
+class TlsUpstream(Upstream):
+    """``Upstream`` over HTTPS on ``HOST``; ``ca_file`` is the CA its certificate chains to."""
+
+    def __init__(self, ca_dir: Path) -> None:
+        super().__init__()
+        self.authority = CertificateAuthority(ca_dir)
+        self.ca_file = self.authority.cert_path
+
+    @property
+    def url(self) -> str:
+        return f"https://{HOST}:{self.port}"
+
+    def start(self) -> Self:
+        self.stopped = False
+        self._server = _Server((HOST, self.port), _Handler)
+        self._server.upstream = self
+        self._server.socket = self.authority.server_context(HOST).wrap_socket(
+            self._server.socket, server_side=True
+        )
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True).start()
+        return self

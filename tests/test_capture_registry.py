@@ -1,0 +1,127 @@
+"""Registry-aware capture (docs/capture.md § Registries): pip with no index flag asks the public
+index's host through HTTPS_PROXY; capture answers it with the configured ``pypi``-source proxy
+(the pypi format's logic, its key), whose url points at an HTTPS PEP 503 server on loopback:
+the documented test-only way to stand a local server in for the public host.  Installed, then
+installed again in replay mode with that server gone: the same files."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_wheels import write_tree
+from pytest_upstream.config.capture import CaptureSettings
+from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.pytest_plugin.harness import capture_env
+from pytest_upstream.server.proxy_server import ProxyServer
+from tests.capture_peers import TlsUpstream
+from tests.pip_setup import installed, pip_env, pip_install
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[TlsUpstream]:
+    tree = tmp_path / "tree"
+    write_tree(tree)
+    with TlsUpstream(tmp_path / "index-ca") as up:
+        for file in tree.rglob("*"):
+            if file.is_file():
+                path = "/" + file.relative_to(tree).as_posix()
+                if path.endswith("/index.html"):
+                    path = path.removesuffix("index.html")
+                    up.content_types[path] = "text/html"
+                up.files[path] = file.read_bytes()
+        yield up
+
+
+def _pip(server: ProxyServer, target: Path) -> str:
+    assert server.capture is not None
+    env = pip_env()  # no index URL, no pip config: pip asks the public index's host
+    env.update(capture_env(server))  # what the session exports with capture on
+    done = pip_install(target, "upstream-demo-a", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_pip_without_an_index_url_goes_through_the_pypi_proxy(tmp_path: Path, index: TlsUpstream) -> None:
+    proxy = ProxyDefinition(key="pypi", source="pypi", format="pypi", url=f"{index.url}/simple/")
+    settings = Settings(
+        cache_dir=tmp_path / "cache",
+        proxies=(proxy,),
+        capture=CaptureSettings(enabled=True, upstream_ca=index.ca_file),
+    )
+    with ProxyServer(settings) as server:
+        _pip(server, tmp_path / "first")
+        keys = {r.key for r in server.served.records}
+        paths = {r.path for r in server.served.records}
+    assert keys == {"pypi"}  # the format's proxy, not a generic one for the host
+    assert {"simple/upstream-demo-a/", "simple/upstream-demo-b/"} <= paths
+    assert index.hits["/simple/upstream-demo-a/"] == 1
+    index.stop()
+    with ProxyServer(replace(settings, mode="replay")) as server:
+        _pip(server, tmp_path / "again")
+    assert installed(tmp_path / "again") == installed(tmp_path / "first")
+    assert "upstream_demo_a" in {p.name for p in (tmp_path / "first").iterdir()}
+
+
+def _npm_tarball(name: str, version: str, code: str) -> bytes:
+    """A package tarball as npm packs one (``package/`` inside a gzipped tar)."""
+    files = {
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}).encode(),
+        "package/index.js": code.encode(),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm")
+def test_npm_without_a_registry_flag_goes_through_the_npm_proxy(tmp_path: Path) -> None:
+    from tests.test_npm import installed_tree, manifest, npm_env, packument, run
+
+    tarball = _npm_tarball("demo-base", "1.0.0", "module.exports = 'base';\n")
+    with TlsUpstream(tmp_path / "registry-ca") as registry:
+        url = f"{registry.url}/files/demo-base-1.0.0.tgz"
+        registry.files["/demo-base"] = packument(
+            "demo-base", {"1.0.0": manifest("demo-base", "1.0.0", url, tarball)}, "1.0.0"
+        )
+        registry.content_types["/demo-base"] = "application/json"
+        registry.files["/files/demo-base-1.0.0.tgz"] = tarball
+        proxy = ProxyDefinition(key="npm", source="npm", format="npm", url=f"{registry.url}/")
+        settings = Settings(
+            cache_dir=tmp_path / "cache",
+            proxies=(proxy,),
+            capture=CaptureSettings(enabled=True, upstream_ca=registry.ca_file),
+        )
+
+        def install(server: ProxyServer, project: Path) -> dict[str, str]:
+            project.mkdir()
+            deps = {"demo-base": "^1.0.0"}
+            (project / "package.json").write_text(
+                json.dumps({"name": "c", "version": "1.0.0", "dependencies": deps})
+            )
+            env = {**npm_env(project.parent / f"{project.name}-home"), **capture_env(server)}
+            cmd = ["npm", "install", "--cache", str(project.parent / f"{project.name}-cache"), "--no-audit"]
+            run(cmd, project, env, timeout=120)
+            return installed_tree(project)
+
+        with ProxyServer(settings) as server:
+            first = install(server, tmp_path / "first")
+            records = {(r.key, r.path) for r in server.served.records}
+        assert {("npm", "demo-base"), ("npm", "demo-base/-/demo-base-1.0.0.tgz")} <= records
+        registry.stop()
+        with ProxyServer(replace(settings, mode="replay")) as server:
+            again = install(server, tmp_path / "again")
+    assert again == first and "demo-base/index.js" in first

@@ -4,6 +4,7 @@ bucket on a real SeaweedFS started on loopback (engine/shared_tier.py, docs/obje
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from .conftest import MakeProxy, proxy_def
 from .peers import free_port
 from .s3_peers import S3Peer
 from .test_backend_contract import isolate_aws, s3_peer  # noqa: F401 (a fixture)
+from .test_npm import installed_tree, npm_install, publish_demo_packages, verdaccio  # noqa: F401
 from .upstreams import Upstream
 
 pytestmark = pytest.mark.slow
@@ -107,3 +109,42 @@ def test_metadata_and_a_remembered_404_travel_between_machines(
     assert get(a.url("m") + missing)[0] == 404  # remembered (maven's negative cache) and shared
     assert get(b.url("m") + missing)[0] == 404
     assert upstream.hits["/" + missing] == 1
+
+
+def test_pip_records_on_one_machine_and_another_replays_from_the_bucket(
+    make_proxy: MakeProxy, bucket: S3Location, tmp_path: Path
+) -> None:
+    from .peers import pypiserver
+    from .pip_setup import installed, pip_env, pip_install, publish
+
+    files = publish(tmp_path / "upstream")
+    with pypiserver(files) as index_url:
+        definition = proxy_def(key="local", format="pypi", url=index_url)
+        a = make_proxy(definition, cache=tmp_path / "machine-a", object_store=bucket)
+        first = pip_install(tmp_path / "t1", "upstream-demo-a", env=pip_env(a.url("local") + "simple/"))
+        assert first.returncode == 0, first.stderr
+    # the index is gone; machine C has an empty local tier and replays from the bucket
+    c = make_proxy(definition, cache=tmp_path / "machine-c", object_store=bucket, mode="replay")
+    again = pip_install(tmp_path / "t2", "upstream-demo-a", env=pip_env(c.url("local") + "simple/"))
+    assert again.returncode == 0, again.stderr
+    assert installed(tmp_path / "t1") == installed(tmp_path / "t2")
+    assert {r.cache for r in c.served.records} == {"hit"}
+
+
+def test_npm_records_on_one_machine_and_another_replays_from_the_bucket(
+    verdaccio: tuple[str, subprocess.Popen[bytes]],  # noqa: F811 (the fixture imported above)
+    make_proxy: MakeProxy,
+    bucket: S3Location,
+    tmp_path: Path,
+) -> None:
+    registry_url, registry_proc = verdaccio
+    publish_demo_packages(registry_url, tmp_path)
+    definition = proxy_def(key="npm", format="npm", url=registry_url)
+    a = make_proxy(definition, cache=tmp_path / "machine-a", object_store=bucket)
+    npm_install(a.url("npm"), tmp_path / "first", tmp_path / "npm-cache-1")
+    registry_proc.terminate()
+    registry_proc.wait(timeout=10)
+    c = make_proxy(definition, cache=tmp_path / "machine-c", object_store=bucket, mode="replay")
+    npm_install(c.url("npm"), tmp_path / "second", tmp_path / "npm-cache-2")
+    assert installed_tree(tmp_path / "second") == installed_tree(tmp_path / "first")
+    assert {r.cache for r in c.served.records} == {"hit"}

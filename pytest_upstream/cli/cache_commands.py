@@ -17,7 +17,7 @@ from pytest_upstream.admin.archive import export_archive, import_into
 from pytest_upstream.admin.listing import list_entries
 from pytest_upstream.admin.prune import DEFAULT_GRACE, prune
 from pytest_upstream.admin.scan import open_cache
-from pytest_upstream.admin.verify import verify
+from pytest_upstream.admin.verify import VerifyReport, verify
 from pytest_upstream.config.units import human_age, human_size, parse_age, parse_size, plural
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import Cache
@@ -75,16 +75,20 @@ def _ls(cache: Cache, key: str | None, as_json: bool) -> int:
 
 
 def _verify(cache: Cache, as_json: bool) -> int:
-    report = verify(cache)
+    return print_verify(verify(cache), str(cache.root), as_json, "entry busy or changed meanwhile")
+
+
+def print_verify(report: VerifyReport, where: str, as_json: bool, not_removed: str) -> int:
+    """``cache verify``'s output for a directory or a bucket (``where``); its exit status."""
     if as_json:
-        print(json.dumps({"cache": str(cache.root), **report.as_json()}, indent=1))
+        print(json.dumps({"cache": where, **report.as_json()}, indent=1))
     else:
         for p in report.problems:
-            state = "removed" if p.repaired else "NOT removed (entry busy or changed meanwhile)"
+            state = "removed" if p.repaired else f"NOT removed ({not_removed})"
             print(f"{p.kind}: {p.path}: {p.detail}: {state}")
         summary = (
             f"checked {plural(report.blobs, 'blob')} ({human_size(report.blob_bytes)}) and "
-            f"{plural(report.entries, 'entry')} in {cache.root}"
+            f"{plural(report.entries, 'entry')} in {where}"
         )
         print(f"{summary}: {'ok' if report.ok else plural(len(report.problems), 'problem')}")
     return 0 if report.ok else 1

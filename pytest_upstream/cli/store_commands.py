@@ -24,6 +24,7 @@ from pytest_upstream.admin.object_store import (
     prune_store,
     verify_store,
 )
+from pytest_upstream.cli.cache_commands import print_verify
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.config.units import human_age, human_size, parse_age, parse_size, plural
 from pytest_upstream.repro.lockfile import LockError, LockFile
@@ -38,19 +39,7 @@ def run_store_cli(args: Any, location: S3Location, lock_timeout: float) -> int:
         if action == "ls":
             return _ls(list_store(backend, args.key), where, args.json)
         if action == "verify":
-            report = verify_store(backend)
-            if args.json:
-                print(json.dumps({"cache": where, **report.as_json()}, indent=1))
-            else:
-                for p in report.problems:
-                    state = "removed" if p.repaired else "NOT removed (changed meanwhile)"
-                    print(f"{p.kind}: {p.path}: {p.detail}: {state}")
-                summary = (
-                    f"checked {plural(report.blobs, 'blob')} ({human_size(report.blob_bytes)}) and "
-                    f"{plural(report.entries, 'entry')} in {where}"
-                )
-                print(f"{summary}: {'ok' if report.ok else plural(len(report.problems), 'problem')}")
-            return 0 if report.ok else 1
+            return print_verify(verify_store(backend), where, args.json, "changed meanwhile")
         if action == "prune":
             return _prune(args, backend, where)
         if action == "export":

@@ -355,7 +355,14 @@ def test_a_waiter_takes_over_when_the_holder_gives_up(bucket: Bucket, tmp_path: 
     a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
     held = a.tier.claim("pypi", "pkg/e.whl", ttl=60)
     assert held is not None
-    timer = threading.Timer(0.5, held.release)  # the fetch failed: released without an entry
+
+    def release_once_b_waits() -> None:  # the fetch failed: released without an entry
+        deadline = time.monotonic() + 20
+        while b.tier.health.snapshot()["claims_waited"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held.release()
+
+    timer = threading.Thread(target=release_once_b_waits)
     timer.start()
     start = time.monotonic()
     outcome = b.tier.acquire(b.cache, "pypi", "pkg/e.whl", ttl=60, wait=30)

@@ -148,3 +148,31 @@ def test_npm_records_on_one_machine_and_another_replays_from_the_bucket(
     npm_install(c.url("npm"), tmp_path / "second", tmp_path / "npm-cache-2")
     assert installed_tree(tmp_path / "second") == installed_tree(tmp_path / "first")
     assert {r.cache for r in c.served.records} == {"hit"}
+
+
+def test_the_pytest_summary_says_when_the_bucket_failed(
+    pytester: pytest.Pytester, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_aws(monkeypatch)
+    upstream.files["/a.txt"] = b"a"
+    (pytester.path / "pyproject.toml").write_text(
+        "[tool.pytest-upstream]\n"
+        'cache = "s3://cache/ci"\n'
+        'local_cache = "local-tier"\n'
+        f's3_endpoint_url = "http://127.0.0.1:{free_port()}"\n'  # refuses connections
+        "[[tool.pytest-upstream.proxy]]\n"
+        f'key = "g"\nformat = "generic"\nurl = "{upstream.url}"\n'
+    )
+    pytester.makepyfile(
+        test_x="""
+import urllib.request
+
+def test_x(upstream_proxy):
+    for _ in range(3):
+        assert urllib.request.urlopen(upstream_proxy.url("g") + "a.txt", timeout=30).read() == b"a"
+"""
+    )
+    result = pytester.runpytest_subprocess("--upstream-proxy", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*object store s3://cache/ci failed during the session: *served locally*"])
+    assert upstream.hits["/a.txt"] == 1  # then hits from the local tier

@@ -356,6 +356,14 @@ class UpstreamProxy:
         if fetches:
             raise AssertionError("upstream requests were made: " + ", ".join(fetches))
 
+    def _object_store(self) -> dict[str, Any] | None:
+        """An s3:// cache's bucket: its counters and why it is left alone now ("" when it is not)."""
+        shared = self.server.engine.shared
+        if shared is None:
+            return None
+        counts = shared.tier.health.snapshot()
+        return {"where": shared.tier.where, **counts, "degraded": shared.tier.degraded()}
+
     def report(self, *, detail: bool = False) -> dict[str, Any]:
         """A plain-data summary, sent from xdist workers to the controller.
 
@@ -384,10 +392,23 @@ class UpstreamProxy:
                 if down or failures or skipped
             },
             "hidden": sorted({f"{r.key}: {h}" for r in records for h in r.hidden}),
+            "object_store": self._object_store(),
         }
         if detail:
             report["tests"] = usage(settings, records)
         return report
+
+
+def _store_lines(reports: list[dict[str, Any]]) -> list[str]:
+    """One line when an s3:// cache's bucket failed during the session (the proxy went local-only)."""
+    stores = [r["object_store"] for r in reports if r.get("object_store")]
+    failing = [s for s in stores if s["outages"] or s["degraded"]]
+    if not failing:
+        return []
+    where, why = failing[0]["where"], next((s["degraded"] for s in failing if s["degraded"]), "")
+    skipped = sum(s["skipped"] for s in failing)
+    now = f": {why}" if why else " (available again)"
+    return [f"object store {where} failed during the session{now}; {plural(skipped, 'call')} served locally"]
 
 
 def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
@@ -416,6 +437,7 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"upstream of {key!r} failed; marked down{down}: {plural(skipped, 'request')} not sent to it"
         )
+    lines += _store_lines(reports)
     hidden = sorted({h for r in reports for h in r.get("hidden", [])})
     if hidden:
         lines.append(f"kept out by rules or min_age ({len(hidden)}):")

@@ -207,17 +207,28 @@ def _sendfile(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:
     if not hasattr(os, "sendfile"):  # pragma: no cover - platforms without it
         return sock.sendfile(f, offset, count)
     out, fd, done = sock.fileno(), f.fileno(), 0
-    while done < count:
-        try:
-            n = os.sendfile(out, fd, offset + done, min(count - done, 1 << 30))
-        except BlockingIOError:
-            raise TimeoutError("the client read nothing within the send timeout") from None
-        except InterruptedError:
-            continue
-        if n == 0:
-            break
-        done += n
+    cork = count >= _CORK_FROM and hasattr(socket, "TCP_CORK")
+    if cork:  # full segments only while the file goes out (nginx's tcp_nopush)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    try:
+        while done < count:
+            try:
+                n = os.sendfile(out, fd, offset + done, min(count - done, 1 << 30))
+            except BlockingIOError:
+                raise TimeoutError("the client read nothing within the send timeout") from None
+            except InterruptedError:
+                continue
+            if n == 0:
+                break
+            done += n
+    finally:
+        if cork:
+            with contextlib.suppress(OSError):  # the client may be gone
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
     return done
+
+
+_CORK_FROM = 1024 * 1024  # bytes of a file reply from which its segments are sent full
 
 
 def _send_read(sock: socket.socket, f: BinaryIO, offset: int, count: int) -> int:

@@ -16,7 +16,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SCRIPTS = ("run.py", "docker_bench.py", "build_bench.py", "service_bench.py", "s3_client_bench.py")
+SCRIPTS = (
+    "run.py",
+    "docker_bench.py",
+    "build_bench.py",
+    "service_bench.py",
+    "s3_client_bench.py",
+    "shared_cache_bench.py",
+)
 
 
 def section_of(text: str, name: str) -> str:

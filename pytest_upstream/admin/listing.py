@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.inventory import EntryFile, scan_blobs, scan_entries
@@ -41,14 +42,7 @@ class Listing:
                 if e.entry is not None
             ],
             "unreadable_entries": [e.rel for e in self.unreadable],
-            "totals": {
-                "entries": len(self.entries),
-                "entry_bytes": self.entry_bytes,
-                "blobs": self.blobs,
-                "blob_bytes": self.blob_bytes,
-                "unreferenced_blobs": self.unreferenced_blobs,
-                "unreferenced_bytes": self.unreferenced_bytes,
-            },
+            "totals": totals_json(self),
         }
 
 
@@ -68,3 +62,30 @@ def list_entries(cache: Cache, key: str | None = None) -> Listing:
         unreferenced_blobs=len(unreferenced),
         unreferenced_bytes=sum(b.size for b in unreferenced),
     )
+
+
+class Totals(Protocol):
+    @property
+    def entries(self) -> Sized: ...
+    @property
+    def entry_bytes(self) -> int: ...
+    @property
+    def blobs(self) -> int: ...
+    @property
+    def blob_bytes(self) -> int: ...
+    @property
+    def unreferenced_blobs(self) -> int: ...
+    @property
+    def unreferenced_bytes(self) -> int: ...
+
+
+def totals_json(listing: Totals) -> dict[str, int]:
+    """The ``totals`` of ``cache ls --json``, for a directory's listing and a bucket's."""
+    return {
+        "entries": len(listing.entries),
+        "entry_bytes": listing.entry_bytes,
+        "blobs": listing.blobs,
+        "blob_bytes": listing.blob_bytes,
+        "unreferenced_blobs": listing.unreferenced_blobs,
+        "unreferenced_bytes": listing.unreferenced_bytes,
+    }

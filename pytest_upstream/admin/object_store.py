@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_upstream.admin.archive import ExportReport, ImportReport, export_archive, import_into
+from pytest_upstream.admin.listing import totals_json
 from pytest_upstream.admin.verify import Problem, VerifyReport
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.repro.lockfile import LockFile
@@ -108,14 +109,7 @@ class StoreListing:
                 for e in self.entries
             ],
             "unreadable_entries": [s.rel for s in self.unreadable],
-            "totals": {
-                "entries": len(self.entries),
-                "entry_bytes": self.entry_bytes,
-                "blobs": self.blobs,
-                "blob_bytes": self.blob_bytes,
-                "unreferenced_blobs": self.unreferenced_blobs,
-                "unreferenced_bytes": self.unreferenced_bytes,
-            },
+            "totals": totals_json(self),
         }
 
 

@@ -18,7 +18,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 LOG_FORMATS = ("text", "json")
-QUIET_LOGGERS = ("httpx", "httpcore", "filelock", "hpack", "h11", "botocore", "boto3", "s3transfer", "urllib3")
+QUIET_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "filelock",
+    "hpack",
+    "h11",
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 

@@ -20,6 +20,7 @@ because of the bucket.
 from __future__ import annotations
 
 import logging
+import threading
 
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.store.cache import Cache, Entry, LockTimeout
@@ -74,7 +75,20 @@ class SharedTier:
 
 
 def shared_tier(settings: Settings, cache: Cache) -> SharedTier | None:
-    """The engine's shared tier when the cache is an ``s3://`` bucket, else None."""
+    """The engine's shared tier when the cache is an ``s3://`` bucket, else None.
+
+    The bucket's client is made in a background thread at once: importing boto3 and making the
+    client takes a few hundred milliseconds, which the first miss would otherwise wait for (the
+    proxy itself starts without waiting)."""
     if settings.object_store is None:
         return None
-    return SharedTier(open_tier(settings.object_store), cache)
+    tier = open_tier(settings.object_store)
+    threading.Thread(target=_warm, args=(tier,), name="pytest-upstream-s3-warm", daemon=True).start()
+    return SharedTier(tier, cache)
+
+
+def _warm(tier: RemoteTier) -> None:
+    try:
+        tier.warm()
+    except Exception as exc:  # the first real call reports a store that cannot be reached
+        log.debug("making the client of %s failed: %s", tier.where, exc)

@@ -124,6 +124,11 @@ class RemoteTier:
         self._clock = clock
         self._sleep = sleep
 
+    def warm(self) -> None:
+        """Make the backend's client now (an S3 client: import boto3, build it), so the first
+        request does not wait for that; a backend without one has nothing to do."""
+        getattr(self.backend, "client", None)
+
     def degraded(self) -> str:
         """Why the store is being left alone now ("" when it is used): for summaries and /-/metrics."""
         return self.health.degraded()

@@ -11,10 +11,12 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_upstream.config.s3_location import S3Location
+from pytest_upstream.config.settings import ProxyDefinition, Settings
 
 from .conftest import MakeProxy, proxy_def
 from .peers import free_port
@@ -176,3 +178,50 @@ def test_x(upstream_proxy):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*object store s3://cache/ci failed during the session: *served locally*"])
     assert upstream.hits["/a.txt"] == 1  # then hits from the local tier
+
+
+def test_a_local_tier_capped_at_50_mib_serves_200_mib_from_the_bucket(
+    bucket: S3Location, tmp_path: Path
+) -> None:
+    from pytest_upstream.engine.clock import ManualClock
+    from pytest_upstream.server.proxy_server import ProxyServer
+
+    from .test_size_cap import CAP, Generated, body, sha
+    from .test_size_cap import get as raw_get
+
+    clock = ManualClock()
+    with Generated(5 * 1024 * 1024) as up:
+        definition = proxy_def(key="g", format="generic", url=up.url)
+        a = make_server(ProxyServer, definition, tmp_path / "a", bucket, clock)
+        b = make_server(ProxyServer, definition, tmp_path / "b", bucket, clock, max_size=CAP)
+        trimmer = b.engine.trimmer
+        assert trimmer is not None
+        trimmer.pause = 0.02
+        try:
+            for i in range(40):  # 200 MiB fetched by machine A, published to the bucket
+                assert sha(raw_get(a.base_url, f"/g/a{i}.bin")[1]) == sha(body(i, up.size))
+            for _ in range(2):  # machine B, capped at 50 MiB, twice through all of them
+                for i in range(40):
+                    clock.advance(10)
+                    status, got = raw_get(b.base_url, f"/g/a{i}.bin")
+                    assert (status, sha(got)) == (200, sha(body(i, up.size))), i
+                    trimmer.settle()
+            assert all(up.hits[f"/a{i}.bin"] == 1 for i in range(40))  # B never asked the upstream
+            assert sum(f.stat().st_size for f in (tmp_path / "b" / "blobs").rglob("*") if f.is_file()) <= CAP
+        finally:
+            a.stop()
+            b.stop()
+
+
+def make_server(
+    server_class: type,
+    proxy: ProxyDefinition,
+    local: Path,
+    bucket: S3Location,
+    clock: object,
+    **settings: object,
+) -> Any:
+    return server_class(
+        Settings(cache_dir=local, proxies=(proxy,), object_store=bucket, **settings),  # type: ignore[arg-type]
+        clock=clock,
+    ).start()

@@ -91,6 +91,7 @@ class Engine:
         self.shared = shared_tier(settings, self.cache)
         if self.shared is not None:
             self.metrics.object_store = self.shared.tier.health.snapshot
+            self.shared.on_pulled = self.trimmer.stored if self.trimmer is not None else None
         self.flights = Flights(
             self.cache,
             self.fetcher,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.store.cache import Cache, Entry, LockTimeout
@@ -36,6 +37,9 @@ class SharedTier:
         self.tier = tier
         self.cache = cache
         self.claim_wait = claim_wait
+        # Told the bytes of each blob pulled into the local tier: the size cap (engine/trimmer.py)
+        # counts them as it counts stored misses, so a capped local tier stays near its cap.
+        self.on_pulled: Callable[[int], None] | None = None
 
     def pull(self, key: str, path: str, variant: str) -> Entry | None:
         """A local miss: the bucket's entry, pulled into the local tier under the entry's lock.
@@ -47,13 +51,18 @@ class SharedTier:
             with self.cache.locked(key, path, variant, 0):
                 if (entry := self.cache.lookup(key, path, variant)) is not None:
                     return entry  # another thread pulled or fetched it meanwhile
-                return self.tier.pull(self.cache, key, path, variant)
+                return self._pulled(self.tier.pull(self.cache, key, path, variant))
         except LockTimeout:
             return None
 
+    def _pulled(self, entry: Entry | None) -> Entry | None:
+        if entry is not None and self.on_pulled is not None:
+            self.on_pulled(entry.size)
+        return entry
+
     def fresher(self, key: str, path: str, variant: str, local: Entry | None) -> Entry | None:
         """The bucket's copy if it was fetched after ``local`` (called under the entry's lock)."""
-        pulled = self.tier.pull(self.cache, key, path, variant)
+        pulled = self._pulled(self.tier.pull(self.cache, key, path, variant))
         if pulled is not None and (local is None or pulled.fetched_at > local.fetched_at):
             return pulled
         return None
@@ -61,7 +70,10 @@ class SharedTier:
     def acquire(self, key: str, path: str, variant: str) -> Entry | Claim:
         """Before an upstream download (under the entry's lock): the entry another machine put in
         the bucket, else the claim to fetch it here (see ``RemoteTier.acquire``)."""
-        return self.tier.acquire(self.cache, key, path, variant, wait=self.claim_wait)
+        outcome = self.tier.acquire(self.cache, key, path, variant, wait=self.claim_wait)
+        if isinstance(outcome, Entry):
+            self._pulled(outcome)
+        return outcome
 
     def publish(self, entry: Entry, claim: Claim | None = None) -> None:
         """Share what this machine stored, then let waiting machines go."""

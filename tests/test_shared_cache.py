@@ -225,3 +225,29 @@ def make_server(
         Settings(cache_dir=local, proxies=(proxy,), object_store=bucket, **settings),  # type: ignore[arg-type]
         clock=clock,
     ).start()
+
+
+def test_xdist_workers_share_an_s3_cache(
+    pytester: pytest.Pytester, upstream: Upstream, bucket: S3Location, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream.files["/big.bin"] = BIG
+    (pytester.path / "pyproject.toml").write_text(
+        "[tool.pytest-upstream]\n"
+        f'cache = "s3://{bucket.bucket}/{bucket.prefix}"\n'
+        'local_cache = "local-tier"\n'
+        f's3_endpoint_url = "{bucket.endpoint_url}"\n'
+        "[[tool.pytest-upstream.proxy]]\n"
+        f'key = "g"\nformat = "generic"\nurl = "{upstream.url}"\n'
+    )
+    test = """
+import hashlib, urllib.request
+
+def test_{n}(upstream_proxy):
+    body = urllib.request.urlopen(upstream_proxy.url("g") + "big.bin", timeout=120).read()
+    assert hashlib.sha256(body).hexdigest() == "{sha}"
+"""
+    digest = hashlib.sha256(BIG).hexdigest()
+    pytester.makepyfile(**{f"test_{n}": test.format(n=n, sha=digest) for n in ("a", "b", "c", "d")})
+    result = pytester.runpytest_subprocess("--upstream-proxy", "-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    assert upstream.hits["/big.bin"] == 1  # two workers, one local tier and one bucket: one fetch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -251,3 +252,33 @@ def test_{n}(upstream_proxy):
     result = pytester.runpytest_subprocess("--upstream-proxy", "-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     assert upstream.hits["/big.bin"] == 1  # two workers, one local tier and one bucket: one fetch
+
+
+def test_the_bucket_stopped_mid_run_leaves_the_proxy_working_locally(
+    upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from .s3_peers import require_s3_peer, started
+
+    require_s3_peer("seaweedfs")
+    isolate_aws(monkeypatch)
+    for name in ("before.txt", "after.txt"):
+        upstream.files[f"/{name}"] = name.encode()
+    with started("seaweedfs") as peer:
+        bucket = S3Location(peer.bucket, "mid-run", peer.endpoint, "us-east-1")
+        proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url), object_store=bucket)
+        assert get(proxy.url("g") + "before.txt")[:2] == (200, b"before.txt")
+        published = 'upstream_proxy_object_store_events_total{event="published"} 1'
+        deadline = time.monotonic() + 20  # the publish follows the client's last byte
+        while published not in get(proxy.base_url + "/-/metrics")[1].decode():
+            assert time.monotonic() < deadline, "never published"
+            time.sleep(0.05)
+        peer.proc.send_signal(signal.SIGKILL)  # the store goes away while the proxy serves
+        peer.proc.wait(10)
+        assert get(proxy.url("g") + "before.txt")[:2] == (200, b"before.txt")  # a local hit
+        assert get(proxy.url("g") + "after.txt")[:2] == (200, b"after.txt")  # a miss: the upstream
+        assert get(proxy.url("g") + "after.txt")[:2] == (200, b"after.txt")  # now a local hit
+    assert upstream.hits["/before.txt"] == 1 and upstream.hits["/after.txt"] == 1
+    metrics = get(proxy.base_url + "/-/metrics")[1].decode()
+    assert "upstream_proxy_object_store_degraded 1" in metrics

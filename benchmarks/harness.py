@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ __all__ = [
     "DOC",
     "ROOT",
     "ProxyProcess",
+    "Results",
+    "Row",
     "busy",
     "free_port",
     "log",
@@ -229,6 +232,50 @@ def machine() -> dict[str, str]:
 def busy(*loads: float) -> bool:
     """True when a 1-minute load average was above the core count (the figures are noisy)."""
     return max(loads) > (os.cpu_count() or 1)
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One measured line of a report: against a ``target`` (``ok``), or informational (None)."""
+
+    label: str
+    measured: str
+    target: str
+    ok: bool | None
+    reference: str = ""  # what it is compared with, measured in the same run
+    ratio: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Results:
+    """The rows and the raw-number lines of one run, logged as they come."""
+
+    rows: list[Row] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    echo_details: bool = False
+
+    def row(
+        self, label: str, measured: str, target: str, ok: bool | None, *, reference: str = "", ratio: str = ""
+    ) -> None:
+        self.rows.append(Row(label, measured, target, ok, reference, ratio))
+        against = f" (reference: {reference}; {ratio or 'no ratio'})" if reference else ""
+        verdict = " (reference)" if ok is None and not reference else ""
+        verdict = verdict if ok is None else f" (target {target}) {'PASS' if ok else 'MISS'}"
+        log(f"{label}: {measured}{against}{verdict}")
+
+    def detail(self, text: str) -> None:
+        self.details.append(text)
+        if self.echo_details:
+            log(text)
+
+    @property
+    def missed(self) -> list[str]:
+        return [row.label for row in self.rows if row.ok is False]
 
 
 # -- the report ----------------------------------------------------------------------------

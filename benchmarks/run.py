@@ -37,10 +37,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness import DOC, ProxyProcess, busy, log, machine, publish, stop, work_dir
+from harness import DOC, ProxyProcess, Results, busy, log, machine, publish, stop, work_dir
 from instruments import (
     HOST,
     Fetch,
@@ -170,32 +170,6 @@ def start_bare_server(work: Path, body: Path) -> tuple[subprocess.Popen[str], in
 
 
 # -- the benchmarks --------------------------------------------------------
-@dataclass
-class Row:
-    label: str
-    measured: str
-    target: str
-    ok: bool | None  # None: informational
-
-    @property
-    def verdict(self) -> str:
-        return "" if self.ok is None else ("PASS" if self.ok else "MISS")
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-
-    def row(self, label: str, measured: str, target: str, ok: bool | None) -> None:
-        self.rows.append(Row(label, measured, target, ok))
-        verdict = "(reference)" if ok is None else f"(target {target}) {'PASS' if ok else 'MISS'}"
-        log(f"{label}: {measured} {verdict}")
-
-    def detail(self, text: str) -> None:
-        self.details.append(text)
-
-
 def fmt_ms(values: list[float], spec: str = ".0f") -> str:
     return fmt_list([v * 1000 for v in values], spec)
 
@@ -793,7 +767,7 @@ def main() -> int:
             bench.close()
     took = time.monotonic() - started
     report = render_report(info, tools, profile, args.quick, results, took)
-    publish(output, "run.py", report, [row.label for row in results.rows if row.ok is False], took)
+    publish(output, "run.py", report, results.missed, took)
     return 0
 
 

@@ -41,10 +41,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness import DOC, ROOT, ProxyProcess, busy, log, machine, publish, raise_file_limit, work_dir
+from harness import (
+    DOC,
+    ROOT,
+    ProxyProcess,
+    Results,
+    busy,
+    log,
+    machine,
+    publish,
+    raise_file_limit,
+    work_dir,
+)
 from instruments import (
     HOST,
     Fetch,
@@ -100,39 +111,6 @@ def size_label(n: int) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
-
-
-# -- results -------------------------------------------------------------------------------
-@dataclass
-class Row:
-    label: str
-    measured: str
-    reference: str
-    ratio: str
-    target: str
-    ok: bool | None  # None: informational
-
-    @property
-    def verdict(self) -> str:
-        return "" if self.ok is None else ("PASS" if self.ok else "MISS")
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-
-    def row(
-        self, label: str, measured: str, reference: str, ratio: str, target: str, ok: bool | None
-    ) -> None:
-        self.rows.append(Row(label, measured, reference, ratio, target, ok))
-        verdict = "" if ok is None else f" (target {target}) {'PASS' if ok else 'MISS'}"
-        against = f" (reference: {reference}; {ratio or 'no ratio'})" if reference else ""
-        log(f"{label}: {measured}{against}{verdict}")
-
-    def detail(self, text: str) -> None:
-        self.details.append(text)
-        log(text)
 
 
 # -- (1) held connections ------------------------------------------------------------------
@@ -470,18 +448,13 @@ class Bench:
             self.r.row(
                 f"{what}: probe latency",
                 loaded.summary(),
-                quiet.summary() + " with none held",
-                ratio,
                 "every probe < 100 ms",
                 ok,
+                reference=quiet.summary() + " with none held",
+                ratio=ratio,
             )
             self.r.row(
-                f"{what}: serve's CPU while held",
-                f"{cpu * 100:.0f} % of a core",
-                "",
-                "",
-                "(not a target)",
-                None,
+                f"{what}: serve's CPU while held", f"{cpu * 100:.0f} % of a core", "(not a target)", None
             )
             self.r.detail(
                 f"- {what}: the client side had {connected:,} connected after {ramp:.1f} s, serve's port "
@@ -540,13 +513,13 @@ class Bench:
         self.r.row(
             f"{what}: time for the {n}",
             measured,
-            f"lone cold download {alone * 1000:.0f} ms",
-            ratio,
             "<= 1.5x",
             ok,
+            reference=f"lone cold download {alone * 1000:.0f} ms",
+            ratio=ratio,
         )
         gets = [f for f in fetches if f[0] == "GET"]
-        self.r.row(f"{what}: upstream fetches", f"{len(gets)}", "", "", "1", len(gets) == 1)
+        self.r.row(f"{what}: upstream fetches", f"{len(gets)}", "1", len(gets) == 1)
         times = sorted(o.t_total for o in done)
         self.r.detail(
             f"- {what}: lone download ms {', '.join(f'{t * 1000:.0f}' for t in lone)}; the {n}'s times ms "
@@ -590,10 +563,10 @@ class Bench:
         self.r.row(
             f"(3) VmRSS across {total:,} warm hits ({SMALL} B file, wrk keep-alive)",
             f"{after['VmRSS'] / 1024:.1f} MB after ({grow:+.1f} MB)",
-            f"{base['VmRSS'] / 1024:.1f} MB before",
-            f"{grow * 1024 * 1024 / total:+.0f} B per hit",
             "within +-5 MB",
             abs(grow) <= 5 and errors == 0,
+            reference=f"{base['VmRSS'] / 1024:.1f} MB before",
+            ratio=f"{grow * 1024 * 1024 / total:+.0f} B per hit",
         )
         self.r.detail(
             f"- (3) hits: wrk -t2 -c16 in {burst} s bursts, {errors} errors, req/s "
@@ -623,10 +596,9 @@ class Bench:
         self.r.row(
             f"(3) VmRSS added while serving a {label} artifact (cold miss, then warm hit)",
             f"+{worst:.1f} MB",
-            f"{base['VmRSS'] / 1024:.1f} MB before",
-            "",
             "< 50 MB",
             worst < 50,
+            reference=f"{base['VmRSS'] / 1024:.1f} MB before",
         )
         self.r.detail(
             f"- (3) {label}: sampled VmRSS peak during the miss +{miss_grow:.1f} MB "
@@ -662,12 +634,12 @@ class Bench:
         self.r.row(
             f"{what}: whole time",
             f"{t * 1000:.0f} ms",
-            f"direct download {d * 1000:.0f} ms",
-            f"{t / d:.2f}x",
             "<= 2x",
             t / d <= 2.0,
+            reference=f"direct download {d * 1000:.0f} ms",
+            ratio=f"{t / d:.2f}x",
         )
-        self.r.row(f"{what}: first body byte", f"{ms(fb)} ms", "", "", "<= 10 ms", fb <= 0.010)
+        self.r.row(f"{what}: first body byte", f"{ms(fb)} ms", "<= 10 ms", fb <= 0.010)
         self.r.detail(
             f"- {what}: {p.miss_reps} runs, fresh cache each, alternating; ms through the proxy "
             f"{', '.join(f'{x * 1000:.0f}' for x in through)}; "
@@ -813,7 +785,7 @@ def main() -> int:
     info = machine()
     date = info.pop("Date")
     info = {**info, "Code": code_version(), "Load average at start": load(), "Date": date}
-    results = Results()
+    results = Results(echo_details=True)
     started = time.monotonic()
     with work_dir("upstream-service-bench-", args.tmp, logs=["proxy-stderr.log", "nginx/error.log"]) as work:
         bench = Bench(work, profile, results)
@@ -833,7 +805,7 @@ def main() -> int:
             bench.close()
     took = time.monotonic() - started
     report = render(info, tools, profile, args.quick, results, took)
-    publish(output, "service_bench.py", report, [row.label for row in results.rows if row.ok is False], took)
+    publish(output, "service_bench.py", report, results.missed, took)
     return 0
 
 

@@ -126,5 +126,10 @@ def _body(reply: Reply) -> bytes:
             raise ValueError(f"a document of {reply.length} bytes is too big to merge")
         return reply.file.read_bytes()
     if reply.stream is not None:
-        return b"".join(reply.stream)
+        body = bytearray()
+        for chunk in reply.stream:
+            body += chunk
+            if len(body) > _MAX_MERGED_BYTES:
+                raise ValueError(f"a document of more than {_MAX_MERGED_BYTES} bytes is too big to merge")
+        return bytes(body)
     return reply.body

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pytest_upstream"
 LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("store", "upstream", "messages"),
-    ("formats", "capture"),
+    ("formats", "capture", "pages"),
     ("repro",),
     ("engine",),
     ("server", "clients"),

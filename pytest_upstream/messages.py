@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class ProxyRequest:
     base_url: str  # scheme://host:port of the proxy, as the client addressed it
     keyless: bool = False  # a /v2/<name>/... registry request routed to the mirror proxy (docs/docker.md)
     via: str = ""  # the group the client addressed, when a group passed this request to a member
+    # When it was read (time.monotonic()): a served record's ``duration`` counts from here to the
+    # last byte answered.  Not part of what the request *is* (not compared).
+    received: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def client_key(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -94,6 +95,7 @@ class ServedRecorder:
                 error=answer.error,
                 test=self.log.current_test,
                 hidden=hidden_lines(answer.hidden),
+                duration=max(time.monotonic() - req.received, 0.0),
             )
         )
 

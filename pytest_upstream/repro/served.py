@@ -32,7 +32,8 @@ class ServedRecord:
     error: str = ""
     test: str = ""  # the pytest node id running when it was served, if any
     hidden: tuple[str, ...] = ()  # "name version: why" of each release a policy took out (docs/rules.md)
-    time: float = field(default_factory=time.time)
+    time: float = field(default_factory=time.time)  # when the answer ended (wall clock)
+    duration: float = 0.0  # seconds from reading the request to the answer's end (0: not measured)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,23 @@ class Stats:
     def add(self, other: Stats) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
+
+    def count(self, r: ServedRecord) -> None:
+        """One more answer: a 404 is routine (Maven and npm probe), not an error."""
+        self.requests += 1
+        if r.cache == "hit":
+            self.hits += 1
+            self.bytes_cache += r.size
+        elif r.cache == "stale":
+            self.stale += 1
+            self.bytes_cache += r.size
+        elif r.cache == "miss":
+            self.misses += 1
+            self.bytes_upstream += r.size
+        if r.status == 404:
+            self.not_found += 1
+        elif r.status >= 400:
+            self.errors += 1
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -81,7 +99,7 @@ class ServedLog:
         with self._lock:
             self._records.append(record)
             self._added += 1
-            _count(self._stats, record)
+            self._stats.count(record)
 
     def upstream_fetch(self, url: str) -> None:
         with self._lock:
@@ -120,20 +138,3 @@ class ServedLog:
         with self._lock:
             s.add(self._stats)
         return s
-
-
-def _count(s: Stats, r: ServedRecord) -> None:
-    s.requests += 1
-    if r.cache == "hit":
-        s.hits += 1
-        s.bytes_cache += r.size
-    elif r.cache == "stale":
-        s.stale += 1
-        s.bytes_cache += r.size
-    elif r.cache == "miss":
-        s.misses += 1
-        s.bytes_upstream += r.size
-    if r.status == 404:
-        s.not_found += 1  # routine for Maven and npm probing, not an error
-    elif r.status >= 400:
-        s.errors += 1

@@ -25,6 +25,7 @@ from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.s3_location import is_s3_url
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings, load_settings, with_max_size
 from pytest_upstream.config.units import human_size, plural
+from pytest_upstream.repro.html_report import answer_rows
 from pytest_upstream.repro.lock_tools import WRITING_MODES, lock_data
 from pytest_upstream.repro.netguard import NetworkGuard
 from pytest_upstream.repro.report import misses_by_test, network_lines, usage
@@ -364,10 +365,11 @@ class UpstreamProxy:
         counts = shared.tier.health.snapshot()
         return {"where": shared.tier.where, **counts, "degraded": shared.tier.degraded()}
 
-    def report(self, *, detail: bool = False) -> dict[str, Any]:
+    def report(self, *, detail: bool = False, answers: bool = False) -> dict[str, Any]:
         """A plain-data summary, sent from xdist workers to the controller.
 
-        ``detail`` adds ``tests``, what each test used (``--upstream-report``).
+        ``detail`` adds ``tests``, what each test used (``--upstream-report``); ``answers``
+        adds ``answers``, every answer with its timing (``--upstream-report-html``).
         """
         records = self.served
         settings = self.server.engine.settings
@@ -396,6 +398,8 @@ class UpstreamProxy:
         }
         if detail:
             report["tests"] = usage(settings, records)
+        if answers:
+            report["answers"] = answer_rows(settings, records)
         return report
 
 

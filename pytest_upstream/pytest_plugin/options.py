@@ -89,6 +89,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write what each test used (JSON) to FILE (ini upstream_report)",
     )
     group.addoption(
+        "--upstream-report-html",
+        metavar="FILE",
+        dest="upstream_report_html",
+        help="write a page of what each test downloaded, totals, the slowest and biggest downloads "
+        "and a timeline (one self-contained HTML file) to FILE (ini upstream_report_html)",
+    )
+    group.addoption(
         "--upstream-block-network",
         action="store_true",
         default=None,
@@ -120,6 +127,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
     )
     parser.addini("upstream_report", "write what each test used (JSON) to this file", default=None)
+    parser.addini(
+        "upstream_report_html", "write a page of what each test downloaded (HTML) to this file", default=None
+    )
     parser.addini(
         "upstream_block_network",
         "block connections to hosts other than loopback (default: only in replay mode)",
@@ -204,6 +214,14 @@ def lock_option(config: pytest.Config) -> str | None:
 
 def report_path(config: pytest.Config) -> Path | None:
     value = _rooted(config, config.getoption("upstream_report", None) or config.getini("upstream_report"))
+    return Path(value) if value else None
+
+
+def report_html_path(config: pytest.Config) -> Path | None:
+    """``--upstream-report-html``, else ini ``upstream_report_html`` (relative to the rootdir)."""
+    value = _rooted(
+        config, config.getoption("upstream_report_html", None) or config.getini("upstream_report_html")
+    )
     return Path(value) if value else None
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_upstream.pytest_plugin.options import proxy_enabled, report_path
+from pytest_upstream.pytest_plugin.options import proxy_enabled, report_html_path, report_path
 from pytest_upstream.pytest_plugin.state import (
     OUTPUT_KEY,
     PROXY,
@@ -89,7 +89,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     proxy = running_proxy(config)
     if proxy is not None and hasattr(config, "workeroutput"):
-        report = proxy.report(detail=report_path(config) is not None)
+        report = proxy.report(
+            detail=report_path(config) is not None, answers=report_html_path(config) is not None
+        )
         worker = getattr(config, "workerinput", {}).get("workerid")
         config.workeroutput[OUTPUT_KEY] = {**report, "worker": worker}
     reports = all_reports(config)

@@ -7,6 +7,7 @@ Loaded with the ``upstream`` plugin (its ``pytest_plugins``):
 * ``@pytest.mark.upstream(mode=..., proxies=[...])``: a test's own mode, and
   the only keys it may use (others answer 403);
 * ``--upstream-report FILE``: what each test used, as JSON;
+* ``--upstream-report-html FILE``: the same session on one page, with timings and a timeline;
 * ``--upstream-block-network`` (on by default in replay mode; off with
   ``--upstream-allow-network``): no connections but to loopback.
 
@@ -22,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from pytest_upstream.pytest_plugin.options import MARKER, block_setting, proxy_enabled, report_path
+from pytest_upstream.pytest_plugin.options import (
+    MARKER,
+    block_setting,
+    proxy_enabled,
+    report_html_path,
+    report_path,
+)
 from pytest_upstream.pytest_plugin.state import (
     BARE_GUARD,
     LOCK_NOTE,
@@ -115,7 +122,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if hasattr(config, "workerinput"):
         return  # the controller writes, from every worker's report
-    reports = all_reports(config, detail=report_path(config) is not None)
+    html_path = report_html_path(config)
+    reports = all_reports(config, detail=report_path(config) is not None, answers=html_path is not None)
     if not reports:
         return
     lock_files = sorted({r["lock_file"] for r in reports if r.get("lock_file")})
@@ -130,6 +138,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from pytest_upstream.repro.report import combine_usage, write_report
 
         write_report(path, reports[0]["mode"], combine_usage(r.get("tests", {}) for r in reports))
+    if html_path is not None:
+        from pytest_upstream.repro.html_report import build, write_html_report
+
+        rows = [row for r in reports for row in r.get("answers", [])]
+        write_html_report(html_path, build(reports[0]["mode"], rows, workers=len(reports)))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -92,12 +92,12 @@ def _block_network_if_asked(config: pytest.Config, proxy: UpstreamProxy) -> None
         proxy.block_network()
 
 
-def all_reports(config: pytest.Config, detail: bool = False) -> list[dict[str, Any]]:
+def all_reports(config: pytest.Config, detail: bool = False, answers: bool = False) -> list[dict[str, Any]]:
     """Every worker's report on the xdist controller, else this process's proxy's (or none)."""
     if (workers := config.stash.get(WORKER_REPORTS, None)) is not None:
         return workers
     proxy = running_proxy(config)
-    return [proxy.report(detail=detail)] if proxy is not None else []
+    return [proxy.report(detail=detail, answers=answers)] if proxy is not None else []
 
 
 def start_at_configure(config: pytest.Config) -> UpstreamProxy:

@@ -25,7 +25,8 @@ OUTSIDE = "(outside a test)"
 _LISTED = 20  # tests listed in the terminal summary before "... and N more"
 
 
-def _describe(settings: Settings, record: ServedRecord) -> dict[str, str]:
+def describe(settings: Settings, record: ServedRecord) -> dict[str, str]:
+    """What the record's format says it is (name, version, ...), from its path: {} when it cannot tell."""
     proxy = settings.proxy(record.key)
     if proxy is None or record.kind not in (Kind.METADATA.value, Kind.ARTIFACT.value):
         return {}
@@ -39,7 +40,7 @@ def _item(settings: Settings, record: ServedRecord) -> dict[str, Any]:
     item: dict[str, Any] = {
         "key": record.key,
         "path": record.path,
-        **_describe(settings, record),
+        **describe(settings, record),
         "sha256": record.sha256,
         "size": record.size,
         "cache": record.cache,

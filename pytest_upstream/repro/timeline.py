@@ -1,0 +1,229 @@
+"""The HTML report's timeline: where each answer of a session goes on an inline SVG chart.
+
+Pure geometry (numbers and text), drawn by ``pages/templates/report_timeline.svg``.  Time runs
+left to right on one axis for every xdist worker (wall-clock timestamps).  Up to ``MARKS``
+answers each get their own bar, in one lane per key, from when the request was read to its
+last byte: a session of ten downloads shows ten bars.  Beyond that, bars would blur into a
+smear and the file would grow with the session, so the chart aggregates: ``BUCKETS`` intervals,
+each a stack of the bytes every key served in it.  Either way the number of shapes is bounded
+(``MARKS`` bars, or ``BUCKETS`` x (``KEYS`` + 1) stacked parts), whatever the session's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pytest_upstream.config.units import human_size, plural
+from pytest_upstream.repro.served import ServedRecord
+
+MARKS = 300  # up to this many answers, one bar each; more: stacked bytes per interval
+BUCKETS = 60
+KEYS = 8  # keys drawn in their own colour (by bytes served); the rest share "other"
+OTHER = "(other keys)"
+WIDTH = 960.0
+LEFT = 150.0  # room for the lane labels
+RIGHT = 10.0
+LANE = 22.0
+CHART = 180.0  # the stacked chart's height
+AXIS = 28.0  # below the plot: ticks and their labels
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+OTHER_COLOUR = "#7f7f7f"
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One shape: an answer (``marks``) or a key's part of an interval (``stacked``)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+    colour: str
+    key: str
+    title: str  # the tooltip (text: the template escapes it)
+    cache: str = ""  # hit | miss | stale | error | ... ("" for a stacked part)
+    faint: bool = False  # served from the cache: drawn lighter than upstream traffic
+
+
+@dataclass(frozen=True)
+class Tick:
+    x: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    style: str  # "marks", "stacked", or "empty"
+    width: float
+    height: float
+    plot_top: float
+    plot_bottom: float
+    bars: list[Bar]
+    ticks: list[Tick]
+    lanes: list[tuple[str, float]]  # label, y of its middle ("marks" only)
+    legend: list[tuple[str, str]]  # key, colour
+    caption: str
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: float
+    seconds: float
+
+    def x(self, t: float) -> float:
+        return LEFT + (t - self.start) / self.seconds * (WIDTH - LEFT - RIGHT)
+
+
+def _start(r: ServedRecord) -> float:
+    return r.time - max(r.duration, 0.0)
+
+
+def _colours(records: Sequence[ServedRecord]) -> dict[str, str]:
+    """The ``KEYS`` keys that served most bytes (then most answers) get a colour each."""
+    weight: dict[str, tuple[int, int]] = {}
+    for r in records:
+        size, count = weight.get(r.key, (0, 0))
+        weight[r.key] = (size + r.size, count + 1)
+    ranked = sorted(weight, key=lambda k: (-weight[k][0], -weight[k][1], k))
+    return {key: PALETTE[i] for i, key in enumerate(sorted(ranked[:KEYS]))}
+
+
+def _seconds(value: float) -> str:
+    if value < 60:
+        return f"{value:.3g}s" if value < 10 else f"{value:.0f}s"
+    return f"{int(value // 60)}m{int(value % 60):02d}s"
+
+
+def _ticks(span: _Span) -> list[Tick]:
+    """Round steps (1, 2 or 5 times a power of ten) with at most seven labels on the axis."""
+    raw = span.seconds / 6
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    count = int(span.seconds / step + 1e-9)
+    return [Tick(span.x(span.start + i * step), "+" + _seconds(i * step)) for i in range(count + 1)]
+
+
+def timeline(records: Sequence[ServedRecord], tests: Sequence[str]) -> Timeline:
+    """The chart of ``records``; ``tests[i]`` is the test that caused ``records[i]``."""
+    if not records:
+        return Timeline("empty", WIDTH, 40.0, 0.0, 0.0, [], [], [], [], "no answers in this session")
+    start = min(_start(r) for r in records)
+    span = _Span(start, max(max(r.time for r in records) - start, 0.001))
+    colours = _colours(records)
+    legend = sorted(colours.items())
+    if any(r.key not in colours for r in records):
+        legend.append((OTHER, OTHER_COLOUR))
+    if len(records) <= MARKS:
+        return _marks(records, tests, span, colours, legend)
+    return _stacked(records, span, colours, legend)
+
+
+def _marks(
+    records: Sequence[ServedRecord],
+    tests: Sequence[str],
+    span: _Span,
+    colours: dict[str, str],
+    legend: list[tuple[str, str]],
+) -> Timeline:
+    lanes = [key for key, _ in legend]
+    top = 4.0
+    bars = []
+    for r, test in zip(records, tests, strict=True):
+        lane = lanes.index(r.key if r.key in colours else OTHER)
+        x = span.x(_start(r))
+        title = (
+            f"{r.key} {r.path}: {r.cache} {r.status}, {human_size(r.size)} "
+            f"in {r.duration * 1000:.0f} ms ({test})" + (f": {r.error}" if r.error else "")
+        )
+        bars.append(
+            Bar(
+                x=round(x, 1),
+                y=top + lane * LANE + 3,
+                width=round(max(span.x(r.time) - x, 2.0), 1),
+                height=LANE - 6,
+                colour=colours.get(r.key, OTHER_COLOUR),
+                key=r.key,
+                title=title,
+                cache=r.cache,
+                faint=r.cache in ("hit", "stale"),
+            )
+        )
+    bottom = top + len(lanes) * LANE
+    return Timeline(
+        "marks",
+        WIDTH,
+        bottom + AXIS,
+        top,
+        bottom,
+        bars,
+        _ticks(span),
+        [(label, top + i * LANE + LANE / 2) for i, label in enumerate(lanes)],
+        legend,
+        f"{plural(len(records), 'answer')}, one bar each from request to last byte "
+        "(lighter: served from the cache)",
+    )
+
+
+def _stacked(
+    records: Sequence[ServedRecord], span: _Span, colours: dict[str, str], legend: list[tuple[str, str]]
+) -> Timeline:
+    """Bytes per interval and key; an answer's bytes are spread over the intervals it spans."""
+    width = span.seconds / BUCKETS
+    sizes = [[0.0] * BUCKETS for _ in legend]
+    counts = [[0] * BUCKETS for _ in legend]
+    row = {key: i for i, (key, _) in enumerate(legend)}
+    for r in records:
+        lane = row[r.key if r.key in colours else OTHER]
+        begin, end = _start(r), r.time
+        first = min(int((begin - span.start) / width), BUCKETS - 1)
+        last = min(int((end - span.start) / width), BUCKETS - 1)
+        counts[lane][last] += 1
+        for b in range(first, last + 1):
+            low, high = span.start + b * width, span.start + (b + 1) * width
+            share = 1.0 if end <= begin else (min(high, end) - max(low, begin)) / (end - begin)
+            sizes[lane][b] += r.size * max(share, 0.0)
+    by_bytes = any(any(s) for s in sizes)
+    values = sizes if by_bytes else [[float(c) for c in lane] for lane in counts]
+    peak = max(sum(v[b] for v in values) for b in range(BUCKETS)) or 1.0
+    top, bottom = 4.0, 4.0 + CHART
+    bars = []
+    for b in range(BUCKETS):
+        x0, x1 = span.x(span.start + b * width), span.x(span.start + (b + 1) * width)
+        y = bottom
+        for lane, (key, colour) in enumerate(legend):
+            if values[lane][b] <= 0:
+                continue
+            height = values[lane][b] / peak * CHART
+            y -= height
+            what = human_size(sizes[lane][b]) if by_bytes else "0 B"
+            title = (
+                f"{key}: {what}, {plural(counts[lane][b], 'answer')} ended "
+                f"+{_seconds(b * width)} to +{_seconds((b + 1) * width)}"
+            )
+            bars.append(
+                Bar(
+                    round(x0, 1),
+                    round(y, 1),
+                    round(max(x1 - x0 - 1, 1.0), 1),
+                    round(height, 1),
+                    colour,
+                    key,
+                    title,
+                )
+            )
+    measure = "bytes served" if by_bytes else "answers"
+    return Timeline(
+        "stacked",
+        WIDTH,
+        bottom + AXIS,
+        top,
+        bottom,
+        bars,
+        _ticks(span),
+        [],
+        legend,
+        f"{plural(len(records), 'answer')}: {measure} per {_seconds(width)} interval, stacked by key "
+        f"(peak {human_size(peak) if by_bytes else plural(int(peak), 'answer')})",
+    )

@@ -78,7 +78,10 @@ def artifact_name(described: Mapping[str, str], path: str) -> str:
 
 def answer_rows(settings: Settings, records: Iterable[ServedRecord]) -> list[dict[str, Any]]:
     """Plain data (what an xdist worker can send): each record's fields and its artifact name."""
-    return [{**r.as_dict(), "artifact": artifact_name(describe(settings, r), r.path)} for r in records]
+    return [
+        {**r.as_dict(), "hidden": list(r.hidden), "artifact": artifact_name(describe(settings, r), r.path)}
+        for r in records
+    ]
 
 
 def _answer(row: Mapping[str, Any]) -> Answer:

@@ -3,7 +3,8 @@
 Pure geometry (numbers and text), drawn by ``pages/templates/report_timeline.svg``.  Time runs
 left to right on one axis for every xdist worker (wall-clock timestamps).  Up to ``MARKS``
 answers each get their own bar, in one lane per key, from when the request was read to its
-last byte: a session of ten downloads shows ten bars.  Beyond that, bars would blur into a
+last byte (bars that overlap in time are stacked in their lane, up to ``ROWS`` high): a session
+of ten downloads shows ten bars.  Beyond that, bars would blur into a
 smear and the file would grow with the session, so the chart aggregates: ``BUCKETS`` intervals,
 each a stack of the bytes every key served in it.  Either way the number of shapes is bounded
 (``MARKS`` bars, or ``BUCKETS`` x (``KEYS`` + 1) stacked parts), whatever the session's size.
@@ -25,7 +26,8 @@ OTHER = "(other keys)"
 WIDTH = 960.0
 LEFT = 150.0  # room for the lane labels
 RIGHT = 10.0
-LANE = 22.0
+ROW = 12.0  # a bar's row within its key's lane
+ROWS = 6  # rows a lane stacks overlapping bars into (beyond: they share the earliest-free row)
 CHART = 180.0  # the stacked chart's height
 AXIS = 28.0  # below the plot: ticks and their labels
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -45,6 +47,7 @@ class Bar:
     title: str  # the tooltip (text: the template escapes it)
     cache: str = ""  # hit | miss | stale | error | ... ("" for a stacked part)
     faint: bool = False  # served from the cache: drawn lighter than upstream traffic
+    size: float = 0.0  # the bytes it stands for
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,24 @@ def timeline(records: Sequence[ServedRecord], tests: Sequence[str]) -> Timeline:
     return _stacked(records, span, colours, legend)
 
 
+def _pack(spans: list[tuple[float, float]]) -> tuple[list[int], int]:
+    """Rows within one lane so that bars overlapping in time sit one above the other: each bar
+    (``x0``, ``x1``, taken in order of ``x0``) in the first row free by then; at most ``ROWS``."""
+    ends: list[float] = []
+    rows = [0] * len(spans)
+    for i in sorted(range(len(spans)), key=lambda i: spans[i]):
+        x0, x1 = spans[i]
+        free = next((row for row, end in enumerate(ends) if end + 1 <= x0), None)
+        if free is None and len(ends) < ROWS:
+            free = len(ends)
+            ends.append(x1)
+        elif free is None:
+            free = min(range(len(ends)), key=ends.__getitem__)  # crowded: share the earliest row
+        ends[free] = max(ends[free], x1)
+        rows[i] = free
+    return rows, max(len(ends), 1)
+
+
 def _marks(
     records: Sequence[ServedRecord],
     tests: Sequence[str],
@@ -127,42 +148,51 @@ def _marks(
     colours: dict[str, str],
     legend: list[tuple[str, str]],
 ) -> Timeline:
-    lanes = [key for key, _ in legend]
-    top = 4.0
-    bars = []
-    for r, test in zip(records, tests, strict=True):
-        lane = lanes.index(r.key if r.key in colours else OTHER)
-        x = span.x(_start(r))
-        title = (
-            f"{r.key} {r.path}: {r.cache} {r.status}, {human_size(r.size)} "
-            f"in {r.duration * 1000:.0f} ms ({test})" + (f": {r.error}" if r.error else "")
-        )
-        bars.append(
-            Bar(
-                x=round(x, 1),
-                y=top + lane * LANE + 3,
-                width=round(max(span.x(r.time) - x, 2.0), 1),
-                height=LANE - 6,
-                colour=colours.get(r.key, OTHER_COLOUR),
-                key=r.key,
-                title=title,
-                cache=r.cache,
-                faint=r.cache in ("hit", "stale"),
+    keys = [key for key, _ in legend]
+    members: list[list[int]] = [[] for _ in keys]  # record indices per lane
+    for i, r in enumerate(records):
+        members[keys.index(r.key if r.key in colours else OTHER)].append(i)
+    xs = [(span.x(_start(r)), max(span.x(r.time), span.x(_start(r)) + 2.0)) for r in records]
+    bars: list[Bar] = []
+    lanes: list[tuple[str, float]] = []
+    y = 4.0
+    for key, indices in zip(keys, members, strict=True):
+        rows, count = _pack([xs[i] for i in indices])
+        for i, row in zip(indices, rows, strict=True):
+            r, (x0, x1) = records[i], xs[i]
+            title = (
+                f"{r.key} {r.path}: {r.cache} {r.status}, {human_size(r.size)} "
+                f"in {r.duration * 1000:.0f} ms ({tests[i]})" + (f": {r.error}" if r.error else "")
             )
-        )
-    bottom = top + len(lanes) * LANE
+            bars.append(
+                Bar(
+                    x=round(x0, 1),
+                    y=y + 3 + row * ROW,
+                    width=round(x1 - x0, 1),
+                    height=ROW - 2,
+                    colour=colours.get(r.key, OTHER_COLOUR),
+                    key=r.key,
+                    title=title,
+                    cache=r.cache,
+                    faint=r.cache in ("hit", "stale"),
+                    size=r.size,
+                )
+            )
+        height = count * ROW + 6
+        lanes.append((key, y + height / 2))
+        y += height
     return Timeline(
         "marks",
         WIDTH,
-        bottom + AXIS,
-        top,
-        bottom,
+        y + AXIS,
+        4.0,
+        y,
         bars,
         _ticks(span),
-        [(label, top + i * LANE + LANE / 2) for i, label in enumerate(lanes)],
+        lanes,
         legend,
-        f"{plural(len(records), 'answer')}, one bar each from request to last byte "
-        "(lighter: served from the cache)",
+        f"{plural(len(records), 'answer')}, one bar each from request to last byte, overlapping "
+        "ones stacked in their key's lane (lighter: served from the cache)",
     )
 
 
@@ -211,6 +241,7 @@ def _stacked(
                     colour,
                     key,
                     title,
+                    size=sizes[lane][b],
                 )
             )
     measure = "bytes served" if by_bytes else "answers"

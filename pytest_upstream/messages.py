@@ -104,8 +104,8 @@ class ProxyRequest:
     base_url: str  # scheme://host:port of the proxy, as the client addressed it
     keyless: bool = False  # a /v2/<name>/... registry request routed to the mirror proxy (docs/docker.md)
     via: str = ""  # the group the client addressed, when a group passed this request to a member
-    # When it was read (time.monotonic()): a served record's ``duration`` counts from here to the
-    # last byte answered.  Not part of what the request *is* (not compared).
+    # When it was read (time.monotonic()): a served record's ``duration`` counts from here, as the
+    # access log's time does.  Not part of what the request *is* (not compared).
     received: float = field(default_factory=time.monotonic, compare=False)
 
     @property

@@ -15,6 +15,7 @@ import os
 import stat
 import textwrap
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -36,6 +37,7 @@ from pytest_upstream.repro.served import ServedRecord
 from pytest_upstream.repro.timeline import BUCKETS, KEYS, LEFT, MARKS, RIGHT, WIDTH, timeline
 
 from .browser import browser, page, screenshot  # noqa: F401 (fixtures)
+from .conftest import MakeProxy, proxy_def
 from .upstreams import Fault, Upstream
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
@@ -203,8 +205,6 @@ def test_rows_from_a_worker_are_taken_field_by_field() -> None:
 def test_rows_name_the_artifact_from_the_settings() -> None:
     from pytest_upstream.config.settings import Settings
 
-    from .conftest import proxy_def
-
     settings = Settings(
         Path("unused"), proxies=(proxy_def(key="p", format="pypi", url="http://127.0.0.1:1/simple/"),)
     )
@@ -302,6 +302,23 @@ def test_written_atomically_and_readable_by_all(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert [p.name for p in target.parent.iterdir()] == ["r.html"]  # no temporary file left
+
+
+# -- a record's duration ------------------------------------------------------------------------------
+def test_a_record_s_duration_is_the_time_the_proxy_took(make_proxy: MakeProxy, upstream: Upstream) -> None:
+    upstream.files["/f/a.bin"] = b"a" * 10
+    upstream.faults["/f/a.bin"] = Fault(delay=0.3)
+    server = make_proxy(proxy_def(key="g", format="generic", url=upstream.url + "/f"))
+    durations = []
+    for _ in range(2):
+        began = time.monotonic()
+        assert urllib.request.urlopen(server.base_url + "/g/a.bin", timeout=20).read() == b"a" * 10
+        elapsed = time.monotonic() - began
+        durations.append((server.served.records[-1].cache, server.served.records[-1].duration, elapsed))
+    (miss, miss_took, miss_elapsed), (hit, hit_took, _) = durations
+    assert (miss, hit) == ("miss", "hit")
+    assert 0.3 <= miss_took <= miss_elapsed  # the upstream's delay counts, the client's own time not
+    assert 0 < hit_took < 0.3
 
 
 # -- real sessions through the plugin -------------------------------------------------------------

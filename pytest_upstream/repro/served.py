@@ -33,7 +33,10 @@ class ServedRecord:
     test: str = ""  # the pytest node id running when it was served, if any
     hidden: tuple[str, ...] = ()  # "name version: why" of each release a policy took out (docs/rules.md)
     time: float = field(default_factory=time.time)  # when the answer ended (wall clock)
-    duration: float = 0.0  # seconds from reading the request to the answer's end (0: not measured)
+    # Seconds from reading the request until the answer was had: a reply ready to send (a hit,
+    # stored metadata), or a streamed download complete (stored and verified, as the client's
+    # stream reached it; the last bytes go out just after).  0: not measured.
+    duration: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,8 +2,8 @@
 
 Pure geometry (numbers and text), drawn by ``pages/templates/report_timeline.svg``.  Time runs
 left to right on one axis for every xdist worker (wall-clock timestamps).  Up to ``MARKS``
-answers each get their own bar, in one lane per key, from when the request was read to its
-last byte (bars that overlap in time are stacked in their lane, up to ``ROWS`` high): a session
+answers each get their own bar, in one lane per key, from when the request was read to when
+the proxy had the answer (bars that overlap in time are stacked in their lane, up to ``ROWS`` high): a session
 of ten downloads shows ten bars.  Beyond that, bars would blur into a
 smear and the file would grow with the session, so the chart aggregates: ``BUCKETS`` intervals,
 each a stack of the bytes every key served in it.  Either way the number of shapes is bounded
@@ -191,7 +191,7 @@ def _marks(
         _ticks(span),
         lanes,
         legend,
-        f"{plural(len(records), 'answer')}, one bar each from request to last byte, overlapping "
+        f"{plural(len(records), 'answer')}, one bar each from request to answer, overlapping "
         "ones stacked in their key's lane (lighter: served from the cache)",
     )
 

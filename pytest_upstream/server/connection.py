@@ -132,7 +132,7 @@ class Connection:
         started = time.monotonic()
         headers = Headers(request.headers)
         self.wire.start(request.method, request.version, request.keep_alive)
-        key, reply = self._route(request.method, request.target, headers, warm_only=True)
+        key, reply = self._route(request.method, request.target, headers, started, warm_only=True)
         if reply is None:
             return Pending(request, started)
         try:
@@ -164,7 +164,7 @@ class Connection:
             return self._connect(request, headers, pending.started)
         if pending.reply is None:
             self.wire.start(request.method, request.version, request.keep_alive)
-            pending.key, routed = self._route(request.method, request.target, headers)
+            pending.key, routed = self._route(request.method, request.target, headers, pending.started)
             assert routed is not None  # only warm_only routing answers None
             reply = routed
             ok = self._send(request, headers, reply)
@@ -195,9 +195,11 @@ class Connection:
         )
 
     def _route(
-        self, method: str, target: str, headers: Headers, warm_only: bool = False
+        self, method: str, target: str, headers: Headers, started: float, warm_only: bool = False
     ) -> tuple[str, Reply | None]:
-        """(key, reply) for one request; ``warm_only``: reply None when the engine would wait."""
+        """(key, reply) for one request read at ``started`` (monotonic: a served record's duration
+        counts from it, as the access log's time does); ``warm_only``: reply None when the engine
+        would wait."""
         if method == "CONNECT":  # answered by a worker (_connect) unless refused now
             return "", self._connect_refusal(target, headers)
         raw_path, _, query = target.partition("?")
@@ -236,7 +238,13 @@ class Connection:
         key, rest = split
         host = headers.get("Host") or f"127.0.0.1:{self.site.port}"
         request = ProxyRequest(
-            method=method, key=key, path=rest, query=query, headers=headers, base_url=f"http://{host}"
+            method=method,
+            key=key,
+            path=rest,
+            query=query,
+            headers=headers,
+            base_url=f"http://{host}",
+            received=started,
         )
         try:
             if warm_only:

@@ -13,8 +13,9 @@ Content-Security-Policy lets it load nothing and run no script.
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from pytest_upstream.repro.timeline import Timeline, timeline
 from pytest_upstream.store.files import atomic_write
 
 TOP = 10  # the slowest and the biggest downloads listed
-_FIELDS = {f.name: f for f in dataclasses.fields(ServedRecord)}
+_TYPES = typing.get_type_hints(ServedRecord)  # field name -> str, int, float, tuple[str, ...]
+_REQUIRED = {"key": "", "path": "", "cache": "", "status": 0, "size": 0}  # fields with no default
 
 
 @dataclass(frozen=True)
@@ -84,26 +86,26 @@ def answer_rows(settings: Settings, records: Iterable[ServedRecord]) -> list[dic
     ]
 
 
+def _value(name: str, value: object) -> object:
+    """``value`` as field ``name`` of a record, or None when it is not one (wrong type, NaN)."""
+    hint = _TYPES.get(name)
+    if hint is str:
+        return value if isinstance(value, str) else None
+    if hint in (int, float):
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return hint(number) if number is not None and math.isfinite(number) else None
+    if name == "hidden" and isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    return None
+
+
 def _answer(row: Mapping[str, Any]) -> Answer:
-    """An ``Answer`` from a row; a field of the wrong type (a stray or old worker) is left at its default."""
-    values: dict[str, Any] = {}
+    """An ``Answer`` from a worker's row, field by field: a stray field is ignored and a field of
+    the wrong type left at its default, so an odd row cannot break the page (or its chart)."""
+    values: dict[str, Any] = dict(_REQUIRED)
     for name, value in row.items():
-        field = _FIELDS.get(name)
-        if field is None:
-            continue
-        if name == "hidden" and isinstance(value, list | tuple):
-            values[name] = tuple(str(v) for v in value)
-        elif isinstance(value, bool) or not isinstance(value, str | int | float):
-            continue
-        elif field.type == "str" and isinstance(value, str):
-            values[name] = value
-        elif field.type in ("int", "float") and not isinstance(value, str):
-            values[name] = int(value) if field.type == "int" else float(value)
-    values.setdefault("key", "")
-    values.setdefault("path", "")
-    values.setdefault("cache", "")
-    values.setdefault("status", 0)
-    values.setdefault("size", 0)
+        if (checked := _value(name, value)) is not None:
+            values[name] = checked
     record = ServedRecord(**values)
     artifact = row.get("artifact")
     return Answer(record, record.test or OUTSIDE, artifact if isinstance(artifact, str) else record.path)

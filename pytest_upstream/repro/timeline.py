@@ -6,8 +6,9 @@ answers each get their own bar, in one lane per key, from when the request was r
 the proxy had the answer (bars that overlap in time are stacked in their lane, up to ``ROWS`` high): a session
 of ten downloads shows ten bars.  Beyond that, bars would blur into a
 smear and the file would grow with the session, so the chart aggregates: ``BUCKETS`` intervals,
-each a stack of the bytes every key served in it.  Either way the number of shapes is bounded
-(``MARKS`` bars, or ``BUCKETS`` x (``KEYS`` + 1) stacked parts), whatever the session's size.
+each a stack of the bytes every key served in it (from the upstream and from the cache).  Either
+way the number of shapes is bounded (``MARKS`` bars, or ``BUCKETS`` x (``KEYS`` + 1) x 2 stacked
+parts), whatever the session's size.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Bar:
     key: str
     title: str  # the tooltip (text: the template escapes it)
     cache: str = ""  # hit | miss | stale | error | ... ("" for a stacked part)
-    faint: bool = False  # served from the cache: drawn lighter than upstream traffic
+    faint: bool = False  # served from the cache: drawn lighter than traffic from the upstream
     size: float = 0.0  # the bytes it stands for
 
 
@@ -65,7 +66,7 @@ class Timeline:
     plot_bottom: float
     bars: list[Bar]
     ticks: list[Tick]
-    lanes: list[tuple[str, float]]  # label, y of its middle ("marks" only)
+    lanes: list[tuple[str, float]]  # label and its y: a key's lane ("marks"), the scale ("stacked")
     legend: list[tuple[str, str]]  # key, colour
     caption: str
 
@@ -199,38 +200,40 @@ def _marks(
 def _stacked(
     records: Sequence[ServedRecord], span: _Span, colours: dict[str, str], legend: list[tuple[str, str]]
 ) -> Timeline:
-    """Bytes per interval and key; an answer's bytes are spread over the intervals it spans."""
+    """Bytes per interval, stacked by key and, within a key, from the upstream (solid) and from
+    the cache (lighter); an answer's bytes are spread over the intervals it spans."""
     width = span.seconds / BUCKETS
-    sizes = [[0.0] * BUCKETS for _ in legend]
-    counts = [[0] * BUCKETS for _ in legend]
-    row = {key: i for i, (key, _) in enumerate(legend)}
+    series = [(key, colour, faint) for key, colour in legend for faint in (False, True)]
+    sizes = [[0.0] * BUCKETS for _ in series]
+    counts = [[0] * BUCKETS for _ in series]
+    index = {(key, faint): i for i, (key, _, faint) in enumerate(series)}
     for r in records:
-        lane = row[r.key if r.key in colours else OTHER]
+        one = index[(r.key if r.key in colours else OTHER, r.cache in ("hit", "stale"))]
         begin, end = _start(r), r.time
         first = min(int((begin - span.start) / width), BUCKETS - 1)
         last = min(int((end - span.start) / width), BUCKETS - 1)
-        counts[lane][last] += 1
+        counts[one][last] += 1
         for b in range(first, last + 1):
             low, high = span.start + b * width, span.start + (b + 1) * width
             share = 1.0 if end <= begin else (min(high, end) - max(low, begin)) / (end - begin)
-            sizes[lane][b] += r.size * max(share, 0.0)
+            sizes[one][b] += r.size * max(share, 0.0)
     by_bytes = any(any(s) for s in sizes)
-    values = sizes if by_bytes else [[float(c) for c in lane] for lane in counts]
+    values = sizes if by_bytes else [[float(c) for c in counts_of] for counts_of in counts]
     peak = max(sum(v[b] for v in values) for b in range(BUCKETS)) or 1.0
     top, bottom = 4.0, 4.0 + CHART
     bars = []
     for b in range(BUCKETS):
         x0, x1 = span.x(span.start + b * width), span.x(span.start + (b + 1) * width)
         y = bottom
-        for lane, (key, colour) in enumerate(legend):
-            if values[lane][b] <= 0:
+        for one, (key, colour, faint) in enumerate(series):
+            if values[one][b] <= 0:
                 continue
-            height = values[lane][b] / peak * CHART
+            height = values[one][b] / peak * CHART
             y -= height
-            what = human_size(sizes[lane][b]) if by_bytes else "0 B"
+            when = f"+{_seconds(b * width)} to +{_seconds((b + 1) * width)}"
             title = (
-                f"{key}: {what}, {plural(counts[lane][b], 'answer')} ended "
-                f"+{_seconds(b * width)} to +{_seconds((b + 1) * width)}"
+                f"{key} from {'the cache' if faint else 'upstream'}: {human_size(sizes[one][b])}, "
+                f"{plural(counts[one][b], 'answer')} ended {when}"
             )
             bars.append(
                 Bar(
@@ -241,10 +244,11 @@ def _stacked(
                     colour,
                     key,
                     title,
-                    size=sizes[lane][b],
+                    faint=faint,
+                    size=sizes[one][b],
                 )
             )
-    measure = "bytes served" if by_bytes else "answers"
+    measure = f"{human_size(peak)} served" if by_bytes else plural(round(peak), "answer")
     return Timeline(
         "stacked",
         WIDTH,
@@ -253,8 +257,8 @@ def _stacked(
         bottom,
         bars,
         _ticks(span),
-        [],
+        [(measure, top), ("0", bottom)],  # the scale: the peak interval, and zero
         legend,
-        f"{plural(len(records), 'answer')}: {measure} per {_seconds(width)} interval, stacked by key "
-        f"(peak {human_size(peak) if by_bytes else plural(int(peak), 'answer')})",
+        f"{plural(len(records), 'answer')}: {'bytes served' if by_bytes else 'answers'} per "
+        f"{_seconds(width)} interval, stacked by key (lighter: served from the cache)",
     )

@@ -287,6 +287,27 @@ def test_every_outside_value_is_text_in_the_html_and_in_the_svg(tmp_path: Path) 
     )
 
 
+def test_no_credentials_reach_the_page(make_proxy: MakeProxy, upstream: Upstream, tmp_path: Path) -> None:
+    """An index may link a file as ``http://user:pass@host/...``: the page shows it without them
+    (the recorders scrub URLs and error texts before any record is made)."""
+    from pytest_upstream.engine.recorders import Answer as EngineAnswer
+    from pytest_upstream.formats.base import Kind, Resource
+    from pytest_upstream.messages import Headers, ProxyRequest
+    from pytest_upstream.pytest_plugin.harness import UpstreamProxy
+
+    secret = "tok-5ecret-value-93f1"
+    proxy = make_proxy(proxy_def(key="g", format="generic", url=upstream.url))
+    res = Resource("a.bin", f"http://bob:{secret}@127.0.0.1:9/a.bin", Kind.ARTIFACT)
+    request = ProxyRequest("GET", "g", "a.bin", "", Headers([("Authorization", secret)]), "http://127.0.0.1")
+    proxy.engine.recorders.answered(
+        EngineAnswer(request, "a.bin", res, "error", 502, error=f"at {res.upstream_url}")
+    )
+    report = UpstreamProxy(proxy).report(answers=True)
+    write_html_report(tmp_path / "r.html", build(report["mode"], report["answers"]))
+    html = (tmp_path / "r.html").read_text()
+    assert secret not in html and "http://&lt;redacted&gt;@127.0.0.1:9/a.bin" in html
+
+
 def test_written_atomically_and_readable_by_all(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "r.html"
     old = os.umask(0o077)
@@ -414,14 +435,11 @@ def realistic_session(pytester: pytest.Pytester, upstream: Upstream) -> None:
     pytester.makepyfile(test_build=INNER)
 
 
-def run(pytester: pytest.Pytester, cache: str, out: str, *args: str) -> Tree:
+def run(pytester: pytest.Pytester, cache: str, out: str, *args: str, ini: bool = False) -> Tree:
+    """The session, its page written to ``out`` (by the flag, or by the ini option)."""
+    where = f"-o upstream_report_html={out}" if ini else f"--upstream-report-html={out}"
     result = pytester.runpytest_subprocess(
-        "--upstream-proxy",
-        f"--upstream-cache={cache}",
-        f"--upstream-report-html={out}",
-        "-p",
-        "no:cacheprovider",
-        *args,
+        "--upstream-proxy", f"--upstream-cache={cache}", *where.split(" "), "-p", "no:cacheprovider", *args
     )
     result.assert_outcomes(passed=5)
     return Tree((pytester.path / out).read_text())
@@ -487,7 +505,8 @@ def test_a_session_on_one_page_with_and_without_xdist(pytester: pytest.Pytester,
     assert [m.attrs["data-cache"] for m in marks].count("hit") == 1
 
     # the same session on a fresh cache under xdist: one page from both workers
-    combined = run(pytester, "c2", "report2.html", "-n", "2")
+    # (the ini option this time, into a directory that does not exist yet)
+    combined = run(pytester, "c2", "sub/report2.html", "-n", "2", ini=True)
     assert per_test(combined) == tests
     assert "on 2 workers" in combined.root.find("p", class_="meta")[0].all_text()
     (svg,) = combined.root.find("svg")

@@ -308,6 +308,14 @@ def test_no_credentials_reach_the_page(make_proxy: MakeProxy, upstream: Upstream
     assert secret not in html and "http://&lt;redacted&gt;@127.0.0.1:9/a.bin" in html
 
 
+def test_a_session_that_fetched_nothing_says_so(tmp_path: Path) -> None:
+    write_html_report(tmp_path / "r.html", build("replay", []))
+    tree = Tree((tmp_path / "r.html").read_text())
+    (svg,) = tree.root.find("svg")
+    assert svg.attrs["data-style"] == "empty" and not svg.find("rect")
+    assert any("the session's tests fetched nothing" in p.all_text() for p in tree.root.find("p"))
+
+
 def test_written_atomically_and_readable_by_all(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "r.html"
     old = os.umask(0o077)

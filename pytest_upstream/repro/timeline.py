@@ -69,6 +69,8 @@ class Timeline:
     lanes: list[tuple[str, float]]  # label and its y: a key's lane ("marks"), the scale ("stacked")
     legend: list[tuple[str, str]]  # key, colour
     caption: str
+    plot_left: float = LEFT  # the plot's sides (lane labels end left of it)
+    plot_right: float = WIDTH - RIGHT
 
 
 @dataclass(frozen=True)

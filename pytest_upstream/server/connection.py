@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import is_loopback
-from pytest_upstream.server import access_log
+from pytest_upstream.server import access_log, ui
 from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.forward import Forwarder, target_of
 from pytest_upstream.server.limits import Limits
@@ -185,7 +185,7 @@ class Connection:
     def _log(self, request: ParsedRequest, key: str, reply: Reply, started: float) -> None:
         access_log.log_access(
             method=request.method,
-            target=request.target,
+            target=access_log.without_token(request.target),
             status=reply.status,
             cache=reply.headers.get("X-Upstream-Cache", ""),
             key=key,
@@ -218,8 +218,12 @@ class Connection:
             host_checked = True  # the URL names this proxy on a loopback address
         else:
             host_checked = False
-        if (refusal := self.site.admission.refusal(raw_path, headers, host_checked)) is not None:
+        if (refusal := self.site.admission.refusal(raw_path, headers, host_checked, query)) is not None:
             return "", refusal
+        if ui.is_ui(raw_path):  # the browser pages (server/ui.py): rendered by a worker
+            return "", None if warm_only else ui.answer(
+                self.site.engine, self.site.admission, method, raw_path, query
+            )
         if raw_path == "/":
             return "", Reply.json(200, self.site.index())
         split = self.site.paths.get(raw_path)

@@ -16,8 +16,9 @@ entry (names, size, times; bounded: no headers, no URLs).  It stays right by two
   seconds of the look is looked at again next time, since two renames within one tick of the
   file system's clock leave the same mtime ("racy" timestamps, as git handles its index).
 
-Hits count answers of this process since it started; "last served" is the later of this
-process's last answer and the entry file's use stamp (``Cache.lookup`` bumps its mtime at most
+Hits count the answers this process gave from the cache since it started (hit or stale; the
+miss that stored an entry is no hit); "last served" is the later of this process's last answer
+(a miss included) and the entry file's use stamp (``Cache.lookup`` bumps its mtime at most
 once a minute, in any process).
 """
 
@@ -42,6 +43,7 @@ log = logging.getLogger("pytest_upstream")
 
 SETTLE = 2.0  # seconds: a directory changed this recently is looked at again on the next request
 _STEM = ".json"
+_EARLY = 1024  # answers remembered until their entry's row arrives (``answered`` before ``used``)
 
 
 def describe(settings: Settings, entry: Entry) -> dict[str, str]:
@@ -70,7 +72,7 @@ class Row:
     version: str  # version, tag or digest when the format tells, else ""
     stamp: float  # the entry file's mtime when read: its last use by any process
     ino: int  # the file's inode when read (0: told by this process, not read)
-    hits: int = 0  # answers from it by this process
+    hits: int = 0  # answers from the cache by this process (hit or stale)
     served_at: float = 0.0  # this process's last answer from it
 
     @property
@@ -103,6 +105,7 @@ class ArtifactIndex:
         self._refresh = threading.Lock()  # one re-read of the directories at a time
         self._scanned = threading.Event()
         self._pid = 0
+        self._early: dict[str, float] = {}  # entry id -> when answered, before ``used`` brought its row
 
     # -- the scan ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,6 +205,7 @@ class ArtifactIndex:
                 old = state.rows.get(row.eid)
                 if old is not None:  # same entry, a new file: keep this process's counts
                     row.hits, row.served_at = old.hits, old.served_at
+                row.served_at = max(row.served_at, self._early.pop(row.eid, 0.0))
                 state.rows[row.eid] = row
             state.generation += bool(stale or rows)
 
@@ -245,24 +249,28 @@ class ArtifactIndex:
         """Rows change when entries do: ``used``."""
 
     def answered(self, answer: Answer) -> None:
-        """Count a hit (and its time) on the entry an answer came from, if the index holds it."""
+        """Note an answer on the entry it came from: its time, and a hit when it was one (a miss
+        is answered before its entry reaches ``used``: its time waits in ``_early`` until then)."""
         res = answer.resource
         if res is None or answer.status != 200:
             return
         eid = entry_id(answer.request.key, res.path, res.variant)
+        now = self.now()
         with self._lock:
             known = self._keys.get(answer.request.key)
             row = known.rows.get(eid) if known else None
-            if row is not None:
-                row.hits += 1
-                row.served_at = self.now()
+            if row is None:
+                if len(self._early) >= _EARLY:
+                    self._early.clear()  # answers whose entry never came (not stored): bounded
+                self._early[eid] = now
+                return
+            row.served_at = now
+            row.hits += answer.cache in ("hit", "stale")
 
     def used(self, key: str, resource: Resource, entry: Entry) -> None:
         """An entry an answer came from: a new or refreshed one replaces its row at once."""
         with self._lock:
-            known = self._keys.get(key)
-            if known is None:  # a key the scan has not reached: the scan reads it whole
-                return
+            known = self._keys.setdefault(key, _Key())  # a new key: its directories are read on the next look
             old = known.rows.get(entry.id)
             same = old is not None and (old.fetched_at, old.size) == (entry.fetched_at, entry.size)
             if same:
@@ -271,5 +279,6 @@ class ArtifactIndex:
         with self._lock:
             if old is not None:
                 row.hits, row.served_at, row.stamp = old.hits, old.served_at, old.stamp
+            row.served_at = max(row.served_at, self._early.pop(row.eid, 0.0))
             known.rows[row.eid] = row
             known.generation += 1

@@ -87,7 +87,12 @@ class Admission:
             reply = Reply.text(
                 401,
                 "this proxy requires a token: send 'Authorization: Bearer <token>', or the token as "
-                "the password of the index URL (http://user:<token>@host:port/...)",
+                "the password of the index URL (http://user:<token>@host:port/...)"
+                + (
+                    " or of the browser's prompt, or open /-/ui/?token=<token> once"
+                    if raw_path.startswith(UI_PREFIX)
+                    else ""
+                ),
                 {"WWW-Authenticate": 'Basic realm="pytest-upstream", charset="UTF-8"'},
             )
             reply.reason = "Token required"

@@ -1,8 +1,9 @@
 """What the cache holds, per proxy key, in memory: the rows of the ``/-/ui/`` artifact list.
 
 A page of a 100,000-entry key must render in well under a second, so a request never reads the
-entry files: the index reads each one once (a background scan when the server starts, per
-process: a ``serve --workers`` child scans for itself after the fork) and keeps a small row per
+entry files: the index reads each one once (a background scan when ``serve`` starts, per
+process: a ``serve --workers`` child scans for itself after the fork; under the pytest
+fixture, from the first ``/-/ui/`` request) and keeps a small row per
 entry (names, size, times; bounded: no headers, no URLs).  It stays right by two means:
 
 - **this process** tells it as it goes: it is one of the engine's recorders, so an entry stored
@@ -29,7 +30,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.recorders import Answer
@@ -43,6 +45,7 @@ log = logging.getLogger("pytest_upstream")
 
 SETTLE = 2.0  # seconds: a directory changed this recently is looked at again on the next request
 _STEM = ".json"
+_SORTED = 4  # sorted lists remembered (each holds a reference per row)
 _EARLY = 1024  # answers remembered until their entry's row arrives (``answered`` before ``used``)
 
 
@@ -74,6 +77,10 @@ class Row:
     ino: int  # the file's inode when read (0: told by this process, not read)
     hits: int = 0  # answers from the cache by this process (hit or stale)
     served_at: float = 0.0  # this process's last answer from it
+    search: str = field(init=False)  # name, version and path in lower case: what the filter looks in
+
+    def __post_init__(self) -> None:
+        self.search = f"{self.name}\n{self.version}\n{self.path}".lower()
 
     @property
     def last_served(self) -> float:
@@ -105,6 +112,7 @@ class ArtifactIndex:
         self._refresh = threading.Lock()  # one re-read of the directories at a time
         self._scanned = threading.Event()
         self._pid = 0
+        self._sorted: dict[tuple[str, str, bool], tuple[int, list[Row]]] = {}  # ordered()'s memo
         self._early: dict[str, float] = {}  # entry id -> when answered, before ``used`` brought its row
 
     # -- the scan ---------------------------------------------------------------------------
@@ -126,16 +134,35 @@ class ArtifactIndex:
             self._scanned.set()
 
     def wait_scanned(self, timeout: float) -> bool:
-        """Whether the start-up scan has finished (waiting up to ``timeout`` seconds)."""
-        return self._scanned.wait(timeout)
+        """Whether no start-up scan is running (waiting up to ``timeout`` seconds for it to end)."""
+        return self._pid != os.getpid() or self._scanned.wait(timeout)
 
     # -- reading ----------------------------------------------------------------------------
-    def rows(self, key: str) -> tuple[list[Row], int]:
-        """The current rows of ``key`` (re-reading what other processes changed) and their generation."""
-        self.refresh(key)
+    def rows(self, key: str, refresh: bool = True) -> tuple[list[Row], int]:
+        """The current rows of ``key`` (re-reading what other processes changed, unless
+        ``refresh`` is False: while the start-up scan runs, it does that) and their generation."""
+        if refresh:
+            self.refresh(key)
         with self._lock:
             known = self._keys.get(key)
             return (list(known.rows.values()), known.generation) if known else ([], 0)
+
+    def ordered(self, key: str, order: str, sort_key: Callable[[Row], Any], reverse: bool) -> list[Row]:
+        """``key``'s rows sorted, remembered until they change (``order`` names the sort; a sort
+        on this process's counts changes with every answer: pass ``order=""`` not to remember)."""
+        rows, generation = self.rows(key, refresh=self.wait_scanned(0))
+        memo_key = (key, order, reverse)
+        with self._lock:
+            found = self._sorted.get(memo_key)
+        if order and found is not None and found[0] == generation:
+            return found[1]
+        rows.sort(key=sort_key, reverse=reverse)
+        if order:
+            with self._lock:
+                if len(self._sorted) >= _SORTED:
+                    self._sorted.clear()
+                self._sorted[memo_key] = (generation, rows)
+        return rows
 
     def row(self, key: str, eid: str) -> Row | None:
         with self._lock:

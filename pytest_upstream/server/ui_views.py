@@ -139,18 +139,14 @@ def list_page(engine: Engine, key: str, query: ListQuery) -> ListPage:
     """One page of ``key``'s entries: filtered, sorted and cut as ``query`` says."""
     index = engine.artifacts
     scanning = not index.wait_scanned(SCAN_WAIT)
-    rows, _ = index.rows(key)
+    counts = query.sort in ("served", "hits")  # change with every answer: not remembered
+    rows = index.ordered(key, "" if counts else query.sort, _SORT_KEYS[query.sort], query.descending)
     total = len(rows)
     if query.kind:
         rows = [r for r in rows if r.kind == query.kind]
     if query.text:
         needle = query.text.lower()
-        rows = [
-            r
-            for r in rows
-            if needle in r.path.lower() or needle in r.name.lower() or needle in r.version.lower()
-        ]
-    rows.sort(key=_SORT_KEYS[query.sort], reverse=query.descending)
+        rows = [r for r in rows if needle in r.search]
     pages = max((len(rows) + query.per_page - 1) // query.per_page, 1)
     page = min(query.page, pages)
     start = (page - 1) * query.per_page

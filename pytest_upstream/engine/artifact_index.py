@@ -51,8 +51,8 @@ _EARLY = 1024  # answers remembered until their entry's row arrives (``answered`
 
 def describe(settings: Settings, entry: Entry) -> dict[str, str]:
     """What a cached object is, as the format of its key's proxy names it (``Format.describe``:
-    pypi project and version, npm package and version, maven coordinates, docker image and
-    tag or digest); ``{}`` when the format does not tell (generic: the path says it)."""
+    a name, and a version, tag or digest when the path tells); ``{}`` when the format does not
+    tell (the path then says it all).  The engine names no format: each describes its own."""
     proxy = settings.proxy(entry.key)
     fmt = get_format(proxy.format) if proxy is not None else None
     if fmt is None:

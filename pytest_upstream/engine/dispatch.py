@@ -316,7 +316,7 @@ class Engine:
             if degraded:  # hits are served, misses passed through: ready, and says why it is degraded
                 return Reply.text(200, f"ready, degraded: {degraded}")
             return Reply.text(200, "ready")
-        reply = Reply.text(404, "the proxy's own URLs are /-/metrics, /-/ready and /-/ui/")
+        reply = Reply.text(404, "the proxy's own URLs are /-/metrics and /-/ready")
         reply.reason = "No such URL"
         return reply
 

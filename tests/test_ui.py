@@ -5,6 +5,7 @@ The browser drives the same pages in tests/test_ui_browser.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ from pytest_upstream.engine.artifact_index import SETTLE, ArtifactIndex
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.server.ui_query import DEFAULT_PAGE_SIZE, MAX_FILTER, MAX_PAGE, ListQuery
-from pytest_upstream.server.ui_views import list_page
+from pytest_upstream.server.ui_views import list_page, overview, shown_url
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.entry import Entry
 
@@ -257,3 +258,37 @@ def test_ui_detail_shows_the_digest_and_the_pins(tmp_path: Path, monkeypatch: py
         assert request(proxy, "/-/ui/nokey/")[0].startswith("HTTP/1.1 404 ")
         assert request(proxy, "/-/ui/py")[1].count("Location: /-/ui/py/") == 1
         assert request(proxy, "/-/ui/-/static/ui_script.js")[1].count("text/javascript") == 1
+
+
+def test_overview_shows_health_modes_and_the_metrics_counters(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "cache")
+    offline = proxy_def(key="off", format="generic", url="http://127.0.0.1:9/", offline=True)
+    settings = Settings(cache_dir=settings.cache_dir, proxies=(*settings.proxies, offline), mode="refresh")
+    with ProxyServer(settings) as proxy:
+        engine = proxy.engine
+        for _ in range(settings.health.failures):
+            engine.health.failed("gen", "connection refused")
+        for result in ("hit", "hit", "hit", "miss", "error"):
+            engine.metrics.request("py", result, 10)
+        view = overview(engine)
+        by_key = {p.key: p for p in view.proxies}
+        assert by_key["gen"].health == "backed off" and "after" in by_key["gen"].health_note
+        assert by_key["off"].health == "offline" and by_key["npm"].health == "up"
+        assert by_key["py"].requests == 5 and by_key["py"].hit_rate == "75%"  # errors served nothing
+        assert by_key["npm"].hit_rate == "-" and {p.mode for p in view.proxies} == {"refresh"}
+        assert view.gauges["connections_total"] >= 0
+        status, _, body = request(proxy, "/-/ui/-/counters.json")
+        assert status.startswith("HTTP/1.1 200 ")
+        assert json.loads(body)["proxies"]["py"] == {
+            "requests": 5,
+            "hit_rate": "75%",
+            "hit": 3,
+            "miss": 1,
+            "error": 1,
+            "bytes_cache": 30,
+            "bytes_upstream": 10,
+        }
+        assert (
+            shown_url(engine, "http://user:s3cret@up.example:8080/simple/")
+            == "http://up.example:8080/simple/"
+        )

@@ -7,8 +7,8 @@ whole request is answered right there when the engine can answer it without wait
 (``answer_inline``: a warm hit, an error, the index, ``/-/…``), else the connection goes to a
 worker thread (``answer_in_worker``), which runs the blocking engine (misses, downloads in
 flight, sendfile of big files, streams) and hands the connection back when the reply is done.
-Routing is one function for both: the index, the forward-proxy refusal, ``/<key>/<path>`` to
-the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
+Routing is one function for both: the index, the forward-proxy refusal, the ``/-/ui/`` pages
+(``ui.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
 connection closes, so nothing after it (a body, a request hidden in one) is ever read as a
 request.  A client that goes away (reset, broken pipe, a stalled reader past ``send_timeout``,
 a kernel timeout ``SO_SNDTIMEO`` on the worker's blocking writes) is ordinary, not an error.
@@ -221,9 +221,13 @@ class Connection:
         if (refusal := self.site.admission.refusal(raw_path, headers, host_checked, query)) is not None:
             return "", refusal
         if ui.is_ui(raw_path):  # the browser pages (server/ui.py): rendered by a worker
-            return "", None if warm_only else ui.answer(
-                self.site.engine, self.site.admission, method, raw_path, query
-            )
+            if warm_only:
+                return "", None
+            try:
+                return "", ui.answer(self.site.engine, self.site.admission, method, raw_path, query)
+            except Exception as exc:  # a bug: a 500, logged without the query (it may hold the token)
+                log.exception("error rendering %s %s", method, raw_path)
+                return "", _error(500, f"Internal error in pytest-upstream ({type(exc).__name__})")
         if raw_path == "/":
             return "", Reply.json(200, self.site.index())
         split = self.site.paths.get(raw_path)

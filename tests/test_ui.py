@@ -292,3 +292,11 @@ def test_overview_shows_health_modes_and_the_metrics_counters(tmp_path: Path) ->
             shown_url(engine, "http://user:s3cret@up.example:8080/simple/")
             == "http://up.example:8080/simple/"
         )
+
+
+def test_ui_refuses_oversized_queries(server: ProxyServer) -> None:
+    many = "&".join(f"f{i}=1" for i in range(40))
+    assert request(server, f"/-/ui/gen/?{many}", headers=bearer())[0].startswith("HTTP/1.1 400 ")
+    assert request(server, f"/-/ui/gen/?{many}&token={TOKEN}")[0].startswith("HTTP/1.1 401 ")
+    assert request(server, "/-/ui/gen/?q=" + "x" * 5000, headers=bearer())[0].startswith("HTTP/1.1 414 ")
+    assert ListQuery.parse(many) == ListQuery()

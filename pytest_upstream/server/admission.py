@@ -161,7 +161,10 @@ class Admission:
             if name == UI_COOKIE and hmac.compare_digest(value.encode(), expected.encode()):
                 return True
         if "token=" in query:
-            tokens = [v for n, v in parse_qsl(query[:4096], max_num_fields=16) if n == "token"]
+            try:
+                tokens = [v for n, v in parse_qsl(query[:4096], max_num_fields=16) if n == "token"]
+            except ValueError:  # more fields than a UI page takes
+                return False
             return len(tokens) == 1 and self.token_ok(f"Bearer {tokens[0]}")
         return False
 

@@ -8,10 +8,11 @@ whole request is answered right there when the engine can answer it without wait
 worker thread (``answer_in_worker``), which runs the blocking engine (misses, downloads in
 flight, sendfile of big files, streams) and hands the connection back when the reply is done.
 Routing is one function for both: the index, the forward-proxy refusal, the ``/-/ui/`` pages
-(``ui.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
-connection closes, so nothing after it (a body, a request hidden in one) is ever read as a
-request.  A client that goes away (reset, broken pipe, a stalled reader past ``send_timeout``,
-a kernel timeout ``SO_SNDTIMEO`` on the worker's blocking writes) is ordinary, not an error.
+(``ui.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets
+its status (400, 408, 413, 414, 431, 505) and the connection closes, so nothing after it (a
+body, a request hidden in one) is ever read as a request.  A client that goes away (reset,
+broken pipe, a stalled reader past ``send_timeout``, a kernel timeout ``SO_SNDTIMEO`` on the
+worker's blocking writes) is ordinary, not an error.
 """
 
 from __future__ import annotations

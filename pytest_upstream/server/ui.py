@@ -28,7 +28,7 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import Reply
 from pytest_upstream.pages.templates import environment, render
 from pytest_upstream.server.admission import UI_COOKIE, UI_PREFIX, Admission
-from pytest_upstream.server.ui_query import MAX_QUERY, ListQuery
+from pytest_upstream.server.ui_query import MAX_FIELDS, MAX_QUERY, ListQuery
 from pytest_upstream.server.ui_views import detail, list_page, overview
 
 SECURITY_HEADERS = {
@@ -66,7 +66,10 @@ def _answer(engine: Engine, admission: Admission, method: str, raw_path: str, qu
         return _text(414, "query string too long")
     if raw_path == UI_PREFIX.rstrip("/"):
         return _redirect(UI_PREFIX)
-    params = parse_qsl(query, keep_blank_values=True, max_num_fields=16)
+    try:
+        params = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:
+        return _text(400, f"at most {MAX_FIELDS} query fields")
     if any(name == "token" for name, _ in params):  # admitted: the token is right (or none is needed)
         rest = urlencode([(n, v) for n, v in params if n != "token"])
         reply = _redirect(raw_path + (f"?{rest}" if rest else ""))

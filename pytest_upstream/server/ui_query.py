@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlencode
 
 MAX_FILTER = 200  # characters of the text filter
-MAX_QUERY = 4096  # characters of the query string read at all
+MAX_QUERY = 4096  # characters of a query string (a longer one is refused: server/ui.py)
+MAX_FIELDS = 16  # fields of a query string (more are refused)
 MAX_PAGE = 1_000_000
 PAGE_SIZES = (25, 50, 100, 200, 500)
 DEFAULT_PAGE_SIZE = 50
@@ -35,7 +36,10 @@ class ListQuery:
     @classmethod
     def parse(cls, query: str) -> ListQuery:
         """The query from a raw query string (percent-decoded here; unknown values ignored)."""
-        fields = dict(parse_qsl(query[:MAX_QUERY], keep_blank_values=True, max_num_fields=16))
+        try:
+            fields = dict(parse_qsl(query[:MAX_QUERY], keep_blank_values=True, max_num_fields=MAX_FIELDS))
+        except ValueError:  # too many fields: the defaults
+            fields = {}
         sort = fields.get("sort", "name")
         sort = sort if sort in SORTS else "name"
         kind = fields.get("kind", "")

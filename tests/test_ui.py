@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pytest_upstream.config.settings import Settings
-from pytest_upstream.engine.artifact_index import SETTLE, ArtifactIndex
+from pytest_upstream.engine.artifact_index import SETTLE, ArtifactIndex, Row
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.server.ui_query import DEFAULT_PAGE_SIZE, MAX_FILTER, MAX_PAGE, ListQuery
@@ -300,3 +300,13 @@ def test_ui_refuses_oversized_queries(server: ProxyServer) -> None:
     assert request(server, f"/-/ui/gen/?{many}&token={TOKEN}")[0].startswith("HTTP/1.1 401 ")
     assert request(server, "/-/ui/gen/?q=" + "x" * 5000, headers=bearer())[0].startswith("HTTP/1.1 414 ")
     assert ListQuery.parse(many) == ListQuery()
+
+
+def test_filter_finds_a_name_that_is_not_in_the_path_and_ignores_case() -> None:
+    maven = Row(
+        "e1", "org/example/lib/1.0/lib-1.0.jar", "", "artifact", 1, 0.0, "org.example:lib", "1.0", 0.0, 0
+    )
+    upper = Row("e2", "Docs/README.TXT", "", "artifact", 1, 0.0, "", "", 0.0, 0)
+    plain = Row("e3", "files/demo/demo-1.0.whl", "", "artifact", 1, 0.0, "demo", "1.0", 0.0, 0)
+    assert "org.example:lib" in maven.search and "readme.txt" in upper.search
+    assert plain.search is plain.path  # lower case and naming it: no second copy per row

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -80,7 +81,14 @@ class Row:
     search: str = field(init=False)  # name, version and path in lower case: what the filter looks in
 
     def __post_init__(self) -> None:
-        self.search = f"{self.name}\n{self.version}\n{self.path}".lower()
+        # The path itself when it is lower case and holds the name and version (pypi, npm, a
+        # generic file): no second copy of it per row.
+        low = self.path.lower()
+        path = self.path if low == self.path else low
+        if self.name.lower() in path and self.version.lower() in path:
+            self.search = path
+        else:
+            self.search = f"{self.name}\n{self.version}\n{self.path}".lower()
 
     @property
     def last_served(self) -> float:
@@ -255,8 +263,8 @@ class ArtifactIndex:
         return Row(
             eid=entry.id,
             path=entry.path,
-            variant=entry.variant,
-            kind=entry.kind,
+            variant=sys.intern(entry.variant),  # a few distinct values: one string each
+            kind=sys.intern(entry.kind),
             size=entry.size,
             fetched_at=entry.fetched_at,
             name=names.get("name", ""),

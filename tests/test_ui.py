@@ -272,7 +272,10 @@ def test_overview_shows_health_modes_and_the_metrics_counters(tmp_path: Path) ->
             engine.metrics.request("py", result, 10)
         view = overview(engine)
         by_key = {p.key: p for p in view.proxies}
-        assert by_key["gen"].health == "backed off" and "after" in by_key["gen"].health_note
+        assert (
+            by_key["gen"].health == "backed off"
+            and f"UTC, {settings.health.failures} failures in a row" in by_key["gen"].health_note
+        )
         assert by_key["off"].health == "offline" and by_key["npm"].health == "up"
         assert by_key["py"].requests == 5 and by_key["py"].hit_rate == "75%"  # errors served nothing
         assert by_key["npm"].hit_rate == "-" and {p.mode for p in view.proxies} == {"refresh"}

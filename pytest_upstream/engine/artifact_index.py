@@ -182,6 +182,9 @@ class ArtifactIndex:
             return sorted(self._keys)
 
     def count(self, key: str) -> int:
+        """How many rows ``key`` has (re-reading what moved, unless the start-up scan runs)."""
+        if self.wait_scanned(0):
+            self.refresh(key)
         with self._lock:
             known = self._keys.get(key)
             return len(known.rows) if known else 0

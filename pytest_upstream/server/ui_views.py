@@ -104,6 +104,7 @@ def overview(engine: Engine) -> Overview:
     settings = engine.settings
     counts = engine.metrics.per_key()
     down = engine.health.down_until()
+    engine.artifacts.wait_scanned(SCAN_WAIT)
     proxies = []
     for p in settings.proxies:
         mine = counts.get(p.key, {})
@@ -114,7 +115,7 @@ def overview(engine: Engine) -> Overview:
             health = "offline"
         elif p.key in down:
             until, failures = down[p.key]
-            health, note = "backed off", f"until {_iso(until)} after {failures} failure(s) in a row"
+            health, note = "backed off", f"until {_iso(until)[11:]}, {failures} failures in a row"
         proxies.append(
             ProxyView(
                 key=p.key,
@@ -172,7 +173,7 @@ def detail(engine: Engine, key: str, eid: str) -> Detail | None:
         return None
     row = engine.artifacts.row(key, eid)
     now = engine.clock.now()
-    name = row.name if row else ""
+    name = (row.name if row else "") or entry.path
     version = row.version if row else ""
     served = row.last_served if row else 0.0
     blob = os.path.exists(engine.cache.layout.blob(entry.sha256))

@@ -20,6 +20,7 @@ import pytest
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.artifact_index import SETTLE, ArtifactIndex, Row
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
+from pytest_upstream.server.access_log import without_token
 from pytest_upstream.server.proxy_server import ProxyServer
 from pytest_upstream.server.ui_listing import list_page
 from pytest_upstream.server.ui_overview import overview
@@ -315,3 +316,10 @@ def test_filter_finds_a_name_that_is_not_in_the_path_and_ignores_case() -> None:
     plain = Row("e3", "files/demo/demo-1.0.whl", "", "artifact", 1, 0.0, "demo", "1.0", 0.0, 0)
     assert "org.example:lib" in maven.search and "readme.txt" in upper.search
     assert plain.search is plain.path  # lower case and naming it: no second copy per row
+
+
+def test_the_access_log_never_shows_a_token_however_it_is_spelled() -> None:
+    assert without_token("/-/ui/?a=1&token=s3cret&b=2") == "/-/ui/?a=1&token=<redacted>&b=2"
+    assert without_token("/-/ui/?%74oken=s3cret") == "/-/ui/?%74oken=<redacted>"
+    assert without_token("/-/ui/?TOKEN=s3cret&token") == "/-/ui/?TOKEN=<redacted>&token=<redacted>"
+    assert without_token("/pypi/simple/x/") == "/pypi/simple/x/"

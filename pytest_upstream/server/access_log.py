@@ -11,6 +11,7 @@ cannot forge a second log line; the UI's ``?token=`` is redacted (``without_toke
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote_plus
 
 from pytest_upstream.config.units import human_size
 
@@ -49,12 +50,13 @@ def log_access(
 
 
 def without_token(target: str) -> str:
-    """``target`` with the value of a ``token=`` query parameter (the UI's, server/ui.py) redacted."""
+    """``target`` with the value of a ``token=`` query parameter (the UI's, server/ui.py) redacted,
+    however its name is spelled (``%74oken=`` is ``token=`` to a query parser)."""
     path, sep, query = target.partition("?")
-    if not sep or "token=" not in query:
+    if not sep or "=" not in query:
         return target
     parts = [
-        f"{name}=<redacted>" if name == "token" else part
+        f"{name}=<redacted>" if unquote_plus(name).strip().lower() == "token" else part
         for part in query.split("&")
         for name in [part.partition("=")[0]]
     ]

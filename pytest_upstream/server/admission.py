@@ -160,7 +160,7 @@ class Admission:
             name, _, value = part.strip().partition("=")
             if name == UI_COOKIE and hmac.compare_digest(value.encode(), expected.encode()):
                 return True
-        if "token=" in query:
+        if query:
             try:
                 tokens = [v for n, v in parse_qsl(query[:4096], max_num_fields=16) if n == "token"]
             except ValueError:  # more fields than a UI page takes

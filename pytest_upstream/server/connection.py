@@ -147,7 +147,9 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+            log.debug(
+                "client %s left during %s %s: %s", self.client, request.method, _shown(request.target), exc
+            )
             self.wire.keep_alive = False
             sent = len(data)
         if sent < len(data):
@@ -175,7 +177,13 @@ class Connection:
                 self.sock.sendall(pending.unsent)
                 ok = True
             except OSError as exc:
-                log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+                log.debug(
+                    "client %s left during %s %s: %s",
+                    self.client,
+                    request.method,
+                    _shown(request.target),
+                    exc,
+                )
                 ok = False
         else:
             reply = pending.reply
@@ -186,7 +194,7 @@ class Connection:
     def _log(self, request: ParsedRequest, key: str, reply: Reply, started: float) -> None:
         access_log.log_access(
             method=request.method,
-            target=access_log.without_token(request.target),
+            target=_shown(request.target),
             status=reply.status,
             cache=reply.headers.get("X-Upstream-Cache", ""),
             key=key,
@@ -252,7 +260,7 @@ class Connection:
                 return key, self.site.engine.answer_warm(request)
             return key, self.site.engine.handle(request)
         except Exception as exc:  # a bug: answer 500 instead of dropping the connection
-            log.exception("error handling %s %s", method, target)
+            log.exception("error handling %s %s", method, _shown(target))
             why = self.site.engine.scrub(f"{type(exc).__name__}: {exc}")
             return key, _error(500, f"Internal error in pytest-upstream ({why})")
 
@@ -296,13 +304,20 @@ class Connection:
         try:
             send_reply(self.wire, headers, reply)
         except StreamFailed as exc:
-            log.warning("aborted %s %s: %s", request.method, request.target, exc)
+            log.warning("aborted %s %s: %s", request.method, _shown(request.target), exc)
             cut(self.sock)
             return False
         except OSError as exc:
-            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+            log.debug(
+                "client %s left during %s %s: %s", self.client, request.method, _shown(request.target), exc
+            )
             return False
         return True
+
+
+def _shown(target: str) -> str:
+    """A request target as log lines show it: a UI ``?token=`` redacted (access_log.py)."""
+    return access_log.without_token(target)
 
 
 def _error(status: int, reason: str) -> Reply:

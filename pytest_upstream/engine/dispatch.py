@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pytest_upstream.config.auth import CredentialsError, scrub
 from pytest_upstream.config.settings import MODES, ProxyDefinition, Settings
+from pytest_upstream.engine.artifact_index import ArtifactIndex
 from pytest_upstream.engine.clock import Clock, SystemClock
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import ReplayMiss, UpstreamDown, UpstreamFailed, WouldBlock, reason_for
@@ -74,10 +75,13 @@ class Engine:
         self.trimmer = size_cap(
             lambda: self.settings, self.cache, self.metrics, self.clock.now, self.lock, self.recorded_lock
         )
+        # What the cache holds, per key, for the /-/ui/ pages (kept current as answers go out).
+        self.artifacts = ArtifactIndex(self.cache, lambda: self.settings)
         self.recorders = Recorders(
             ServedRecorder(self.served),
             self._lock_recorder,
             MetricsRecorder(self.metrics),
+            self.artifacts,
             *([self.trimmer] if self.trimmer is not None else []),
             scrub=self.scrub,
         )

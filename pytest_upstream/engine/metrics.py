@@ -99,6 +99,33 @@ class Metrics:
         with self._lock:
             return self._connections
 
+    def per_key(self) -> dict[str, dict[str, int]]:
+        """The counters of each key, as ``exposition`` writes them: requests by result (``hit``,
+        ``miss``...), ``bytes_cache``, ``bytes_upstream``, ``fetches``, ``failures`` (the
+        ``/-/ui/`` overview shows these: one source of truth with ``/-/metrics``)."""
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for (key, result), n in self._requests.items():
+                out.setdefault(key, {})[result] = n
+            for (key, source), n in self._bytes.items():
+                out.setdefault(key, {})[f"bytes_{source}"] = n
+            for key, n in self._fetches.items():
+                out.setdefault(key, {})["fetches"] = n
+            for key, n in self._failures.items():
+                out.setdefault(key, {})["failures"] = n
+        return out
+
+    def gauges(self) -> dict[str, int]:
+        """The process-wide series: fetches in flight, open and total connections, evictions."""
+        with self._lock:
+            return {
+                "fetches_in_flight": self._in_flight,
+                "open_connections": self._connections,
+                "connections_total": self._connections_total,
+                "evictions_total": self._evicted_entries,
+                "evicted_bytes_total": self._evicted_bytes,
+            }
+
     def exposition(self) -> str:
         """The Prometheus text exposition (format 0.0.4) of every series."""
         with self._lock:

@@ -5,12 +5,13 @@ The line is for people first (``GET /pypi/simple/x/ 200 hit 5.1 KiB 1.2ms key=py
 client=127.0.0.1``); the same fields ride on the record as ``access`` (a dict) so a JSON formatter
 (``serve --log-format json``, cli/logs.py) writes them as fields a log shipper can index.  The
 request target comes from the client: anything but printable ASCII is escaped, so a crafted path
-cannot forge a second log line.
+cannot forge a second log line; the UI's ``?token=`` is redacted (``without_token``).
 """
 
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote_plus
 
 from pytest_upstream.config.units import human_size
 
@@ -46,6 +47,20 @@ def log_access(
         fields["client"],
         extra={"access": fields},
     )
+
+
+def without_token(target: str) -> str:
+    """``target`` with the value of a ``token=`` query parameter (the UI's, server/ui.py) redacted,
+    however its name is spelled (``%74oken=`` is ``token=`` to a query parser)."""
+    path, sep, query = target.partition("?")
+    if not sep or "=" not in query:
+        return target
+    parts = [
+        f"{name}=<redacted>" if unquote_plus(name).strip().lower() == "token" else part
+        for part in query.split("&")
+        for name in [part.partition("=")[0]]
+    ]
+    return f"{path}?{'&'.join(parts)}"
 
 
 def clean(text: str, limit: int) -> str:

@@ -14,6 +14,10 @@ plugin routing a test's own HTTP calls to the engine) never comes through a sock
   or Basic with the token as the password (any user name): how pip, npm and Maven send the
   credentials of an index URL or a settings file.  Otherwise ``401`` with a ``WWW-Authenticate``
   challenge.  ``/-/ready`` stays open for readiness probes (it tells nothing but "ready").
+  The browser pages under ``/-/ui/`` (docs/ui.md) also take the token once as ``?token=``
+  (the UI then sets a cookie and redirects to the page without it) and from then on that
+  cookie: an HttpOnly, SameSite=Strict value derived from the token by HMAC, so the cookie
+  never holds the token, opens nothing but ``/-/ui/`` and stops working when the token changes.
   The token is read from the environment per request (checked at start by ``serve``) and compared
   in constant time; it is never stored or printed.
 """
@@ -22,10 +26,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pytest_upstream.config.settings import Settings
 from pytest_upstream.engine.hosts import checked_base_url
@@ -34,6 +39,9 @@ from pytest_upstream.repro.netguard import is_loopback
 
 _VERDICTS = 256  # Host values whose verdict is remembered
 OPEN_PATHS = ("/-/ready",)  # answered without the token: readiness probes carry no credentials
+UI_PREFIX = "/-/ui/"  # the browser pages: the token may come as ?token= or the UI cookie
+UI_COOKIE = "upstream_ui"
+_UI_COOKIE_MESSAGE = b"pytest-upstream /-/ui/ cookie v1"
 
 
 @dataclass(frozen=True)
@@ -53,9 +61,11 @@ class Admission:
             token_env=settings.client_token_env,
         )
 
-    def refusal(self, raw_path: str, headers: Headers, host_checked: bool = False) -> Reply | None:
+    def refusal(
+        self, raw_path: str, headers: Headers, host_checked: bool = False, query: str = ""
+    ) -> Reply | None:
         """The reply refusing this request, or None to answer it (``host_checked``: an absolute
-        URL already named this proxy on a loopback address)."""
+        URL already named this proxy on a loopback address; ``query``: the UI's ``?token=``)."""
         host = headers.get("Host") or ""
         # A Host that is no host[:port] at all is the engine's 400 (one check, dispatch.py).
         host_checked = host_checked or (bool(host) and checked_base_url(f"http://{host}") is None)
@@ -68,11 +78,21 @@ class Admission:
             )
             reply.reason = "Misdirected Request (Host not allowed)"
             return reply
-        if self.token_env and raw_path not in OPEN_PATHS and not self.token_ok(headers.get("Authorization")):
+        if (
+            self.token_env
+            and raw_path not in OPEN_PATHS
+            and not self.token_ok(headers.get("Authorization"))
+            and not (raw_path.startswith(UI_PREFIX) and self._ui_token_ok(headers, query))
+        ):
             reply = Reply.text(
                 401,
                 "this proxy requires a token: send 'Authorization: Bearer <token>', or the token as "
-                "the password of the index URL (http://user:<token>@host:port/...)",
+                "the password of the index URL (http://user:<token>@host:port/...)"
+                + (
+                    " or of the browser's prompt, or open /-/ui/?token=<token> once"
+                    if raw_path.startswith(UI_PREFIX)
+                    else ""
+                ),
                 {"WWW-Authenticate": 'Basic realm="pytest-upstream", charset="UTF-8"'},
             )
             reply.reason = "Token required"
@@ -122,6 +142,31 @@ class Admission:
         if is_loopback(name) or shown in self.allowed_hosts:
             return True
         return port is not None and f"{shown}:{port}" in self.allowed_hosts
+
+    def ui_cookie(self) -> str | None:
+        """The UI cookie's value for the current token (None without a token): an HMAC of a fixed
+        message keyed by the token, so the cookie is not the token and dies with it."""
+        expected = os.environ.get(self.token_env or "")
+        if not expected:
+            return None
+        return hmac.new(expected.encode(), _UI_COOKIE_MESSAGE, hashlib.sha256).hexdigest()
+
+    def _ui_token_ok(self, headers: Headers, query: str) -> bool:
+        """The UI's own ways to carry the token: its cookie, or ``?token=`` (once, then the cookie)."""
+        expected = self.ui_cookie()
+        if expected is None:
+            return False
+        for part in (headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == UI_COOKIE and hmac.compare_digest(value.encode(), expected.encode()):
+                return True
+        if query:
+            try:
+                tokens = [v for n, v in parse_qsl(query[:4096], max_num_fields=16) if n == "token"]
+            except ValueError:  # more fields than a UI page takes
+                return False
+            return len(tokens) == 1 and self.token_ok(f"Bearer {tokens[0]}")
+        return False
 
     def token_ok(self, authorization: str | None) -> bool:
         expected = os.environ.get(self.token_env or "")

@@ -7,11 +7,12 @@ whole request is answered right there when the engine can answer it without wait
 (``answer_inline``: a warm hit, an error, the index, ``/-/…``), else the connection goes to a
 worker thread (``answer_in_worker``), which runs the blocking engine (misses, downloads in
 flight, sendfile of big files, streams) and hands the connection back when the reply is done.
-Routing is one function for both: the index, the forward-proxy refusal, ``/<key>/<path>`` to
-the engine.  A malformed request gets its status (400, 408, 413, 414, 431, 505) and the
-connection closes, so nothing after it (a body, a request hidden in one) is ever read as a
-request.  A client that goes away (reset, broken pipe, a stalled reader past ``send_timeout``,
-a kernel timeout ``SO_SNDTIMEO`` on the worker's blocking writes) is ordinary, not an error.
+Routing is one function for both: the index, the forward-proxy refusal, the ``/-/ui/`` pages
+(``ui.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets
+its status (400, 408, 413, 414, 431, 505) and the connection closes, so nothing after it (a
+body, a request hidden in one) is ever read as a request.  A client that goes away (reset,
+broken pipe, a stalled reader past ``send_timeout``, a kernel timeout ``SO_SNDTIMEO`` on the
+worker's blocking writes) is ordinary, not an error.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import is_loopback
-from pytest_upstream.server import access_log
+from pytest_upstream.server import access_log, ui
 from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.forward import Forwarder, target_of
 from pytest_upstream.server.limits import Limits
@@ -146,7 +147,9 @@ class Connection:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+            log.debug(
+                "client %s left during %s %s: %s", self.client, request.method, _shown(request.target), exc
+            )
             self.wire.keep_alive = False
             sent = len(data)
         if sent < len(data):
@@ -174,7 +177,13 @@ class Connection:
                 self.sock.sendall(pending.unsent)
                 ok = True
             except OSError as exc:
-                log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+                log.debug(
+                    "client %s left during %s %s: %s",
+                    self.client,
+                    request.method,
+                    _shown(request.target),
+                    exc,
+                )
                 ok = False
         else:
             reply = pending.reply
@@ -185,7 +194,7 @@ class Connection:
     def _log(self, request: ParsedRequest, key: str, reply: Reply, started: float) -> None:
         access_log.log_access(
             method=request.method,
-            target=request.target,
+            target=_shown(request.target),
             status=reply.status,
             cache=reply.headers.get("X-Upstream-Cache", ""),
             key=key,
@@ -220,8 +229,16 @@ class Connection:
             host_checked = True  # the URL names this proxy on a loopback address
         else:
             host_checked = False
-        if (refusal := self.site.admission.refusal(raw_path, headers, host_checked)) is not None:
+        if (refusal := self.site.admission.refusal(raw_path, headers, host_checked, query)) is not None:
             return "", refusal
+        if ui.is_ui(raw_path):  # the browser pages (server/ui.py): rendered by a worker
+            if warm_only:
+                return "", None
+            try:
+                return "", ui.answer(self.site.engine, self.site.admission, method, raw_path, query)
+            except Exception as exc:  # a bug: a 500, logged without the query (it may hold the token)
+                log.exception("error rendering %s %s", method, raw_path)
+                return "", _error(500, f"Internal error in pytest-upstream ({type(exc).__name__})")
         if raw_path == "/":
             return "", Reply.json(200, self.site.index())
         split = self.site.paths.get(raw_path)
@@ -251,7 +268,7 @@ class Connection:
                 return key, self.site.engine.answer_warm(request)
             return key, self.site.engine.handle(request)
         except Exception as exc:  # a bug: answer 500 instead of dropping the connection
-            log.exception("error handling %s %s", method, target)
+            log.exception("error handling %s %s", method, _shown(target))
             why = self.site.engine.scrub(f"{type(exc).__name__}: {exc}")
             return key, _error(500, f"Internal error in pytest-upstream ({why})")
 
@@ -295,13 +312,20 @@ class Connection:
         try:
             send_reply(self.wire, headers, reply)
         except StreamFailed as exc:
-            log.warning("aborted %s %s: %s", request.method, request.target, exc)
+            log.warning("aborted %s %s: %s", request.method, _shown(request.target), exc)
             cut(self.sock)
             return False
         except OSError as exc:
-            log.debug("client %s left during %s %s: %s", self.client, request.method, request.target, exc)
+            log.debug(
+                "client %s left during %s %s: %s", self.client, request.method, _shown(request.target), exc
+            )
             return False
         return True
+
+
+def _shown(target: str) -> str:
+    """A request target as log lines show it: a UI ``?token=`` redacted (access_log.py)."""
+    return access_log.without_token(target)
 
 
 def _error(status: int, reason: str) -> Reply:

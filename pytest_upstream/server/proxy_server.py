@@ -112,6 +112,11 @@ class ProxyServer:
         return self
 
     def serve_forever(self) -> None:
+        """Serve in this thread (``upstream-proxy serve``, and each ``--workers`` process after
+        the fork): the artifact index of ``/-/ui/`` is read in the background from the start.
+        (``start``, the pytest fixture's way, reads it on the first ``/-/ui/`` request only: a
+        test session should not spend its CPU reading a big cache nobody looks at.)"""
+        self.engine.artifacts.start()
         self._listener.serve_forever()
 
     def stop(self) -> None:

@@ -107,6 +107,17 @@ class Health:
                 skipped = state.skipped
                 self._states[key] = _State(skipped=skipped)
 
+    def down_until(self) -> dict[str, tuple[float, int]]:
+        """``key -> (until when it is marked down, consecutive failures)`` for each upstream
+        marked down now (the ``/-/ui/`` overview; ``until`` on the engine's clock)."""
+        now = self._now()
+        with self._lock:
+            return {
+                key: (state.down_until, state.failures)
+                for key, state in self._states.items()
+                if state.down_until > now or state.probing
+            }
+
     def snapshot(self) -> dict[str, tuple[bool, int, int]]:
         """``key -> (down now, consecutive failures, requests skipped so far)`` for metrics."""
         now = self._now()

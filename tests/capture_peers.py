@@ -8,9 +8,20 @@ from pathlib import Path
 from typing import Self
 
 from pytest_upstream.capture.ca import CertificateAuthority
+from pytest_upstream.config.sources import BUILTIN_SOURCES
 from tests.upstreams import Upstream, _Handler, _Server
 
 HOST = "127.0.0.2"  # not in the plugin's NO_PROXY (127.0.0.1, localhost): clients go through the proxy
+
+
+def role_host(source: str, role: str) -> str:
+    """The public host a built-in source's table names for ``role`` (config/sources.py), so tests
+    name no public host themselves."""
+    builtin = BUILTIN_SOURCES[source]
+    hosts = [builtin.host] if role == "registry" else []
+    hosts += [host for host, r in builtin.other_hosts if r == role]
+    hosts += list(builtin.auth_hosts) if role == "token" else []
+    return hosts[0]
 
 
 class TlsUpstream(Upstream):

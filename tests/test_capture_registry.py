@@ -2,7 +2,9 @@
 index's host through HTTPS_PROXY; capture answers it with the configured ``pypi``-source proxy
 (the pypi format's logic, its key), whose url points at an HTTPS PEP 503 server on loopback:
 the documented test-only way to stand a local server in for the public host.  Installed, then
-installed again in replay mode with that server gone: the same files."""
+installed again in replay mode with that server gone: the same files.  The index's files host
+is answered by the same proxy's file route (its hash checks included); npm the same way.  The
+public host names come from the built-in source table, as capture's do."""
 
 from __future__ import annotations
 
@@ -21,32 +23,44 @@ from pytest_upstream.config.capture import CaptureSettings
 from pytest_upstream.config.settings import ProxyDefinition, Settings
 from pytest_upstream.pytest_plugin.harness import capture_env
 from pytest_upstream.server.proxy_server import ProxyServer
-from tests.capture_peers import TlsUpstream
+from tests.capture_peers import TlsUpstream, role_host
 from tests.pip_setup import installed, pip_env, pip_install
+from tests.test_capture_proxy import _split, curl
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
 
-@pytest.fixture
-def index(tmp_path: Path) -> Iterator[TlsUpstream]:
+FILES = "/packages/9a/0b/"  # where the stand-in serves its files, as the public files host does
+
+
+@pytest.fixture(params=["relative", "absolute"])
+def index(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TlsUpstream]:
+    """The demo index; its pages link to the files either relatively or, as the public index
+    does, by absolute URL on another path (its own ``/packages/...``, standing in for the files
+    host)."""
     tree = tmp_path / "tree"
     write_tree(tree)
     with TlsUpstream(tmp_path / "index-ca") as up:
         for file in tree.rglob("*"):
             if file.is_file():
                 path = "/" + file.relative_to(tree).as_posix()
+                data = file.read_bytes()
                 if path.endswith("/index.html"):
                     path = path.removesuffix("index.html")
                     up.content_types[path] = "text/html"
-                up.files[path] = file.read_bytes()
+                    if request.param == "absolute":
+                        data = data.replace(b'href="../../files/', f'href="{up.url}{FILES}'.encode())
+                elif path.startswith("/files/") and request.param == "absolute":
+                    path = FILES + path.removeprefix("/files/")
+                up.files[path] = data
         yield up
 
 
-def _pip(server: ProxyServer, target: Path) -> str:
+def _pip(server: ProxyServer, target: Path, *requirements: str) -> str:
     assert server.capture is not None
     env = pip_env()  # no index URL, no pip config: pip asks the public index's host
     env.update(capture_env(server))  # what the session exports with capture on
-    done = pip_install(target, "upstream-demo-a", env=env)
+    done = pip_install(target, *(requirements or ["upstream-demo-a"]), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -68,6 +82,39 @@ def test_pip_without_an_index_url_goes_through_the_pypi_proxy(tmp_path: Path, in
     index.stop()
     with ProxyServer(replace(settings, mode="replay")) as server:
         _pip(server, tmp_path / "again")
+    assert installed(tmp_path / "again") == installed(tmp_path / "first")
+    assert "upstream_demo_a" in {p.name for p in (tmp_path / "first").iterdir()}
+
+
+@pytest.mark.parametrize("index", ["absolute"], indirect=True)
+def test_the_files_host_is_answered_by_the_pypi_file_route(tmp_path: Path, index: TlsUpstream) -> None:
+    """pip installing a wheel by its URL on the public files host (as a lock file or a direct
+    reference names it): the pypi proxy's file route answers it, the file found on its project's
+    page and checked against the hash there; recorded under the pypi key, replayed offline."""
+    files_host = role_host("pypi", "files")
+    wheel_a, wheel_b = "upstream_demo_a-1.0-py3-none-any.whl", "upstream_demo_b-1.0-py3-none-any.whl"
+    proxy = ProxyDefinition(key="pypi", source="pypi", format="pypi", url=f"{index.url}/simple/")
+    settings = Settings(
+        cache_dir=tmp_path / "cache",
+        proxies=(proxy,),
+        capture=CaptureSettings(enabled=True, upstream_ca=index.ca_file),
+    )
+    index.files[FILES + wheel_b] += b"tampered"  # not the bytes the project page's hash names
+    requirement = f"upstream-demo-a @ https://{files_host}{FILES}{wheel_a}"
+    with ProxyServer(settings) as server:
+        _pip(server, tmp_path / "first", "--no-deps", requirement)
+        assert [(r.key, r.path) for r in server.served.records] == [
+            ("pypi", f"files/upstream-demo-a/{wheel_a}")
+        ]
+        assert index.hits["/simple/upstream-demo-a/"] == 1  # the page the file's hash comes from
+        tampered = curl(server, f"https://{files_host}{FILES}{wheel_b}")
+        assert _split(tampered.stdout)[0] == b"HTTP/1.1 502 Upstream bytes failed verification"
+        other = curl(server, f"https://{files_host}/packages/9a/0b/README.txt")
+        assert _split(other.stdout)[0] == b"HTTP/1.1 404 Not served through capture (index files host)"
+    index.stop()
+    with ProxyServer(replace(settings, mode="replay")) as server:
+        _pip(server, tmp_path / "again", "--no-deps", requirement)
+        assert {r.cache for r in server.served.records} == {"hit"}
     assert installed(tmp_path / "again") == installed(tmp_path / "first")
     assert "upstream_demo_a" in {p.name for p in (tmp_path / "first").iterdir()}
 

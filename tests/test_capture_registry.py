@@ -20,7 +20,7 @@ import pytest
 
 from fixtures.build_wheels import write_tree
 from pytest_upstream.config.capture import CaptureSettings
-from pytest_upstream.config.settings import ProxyDefinition, Settings
+from pytest_upstream.config.settings import ProxyDefinition, Settings, builtin_proxies
 from pytest_upstream.pytest_plugin.harness import capture_env
 from pytest_upstream.server.proxy_server import ProxyServer
 from tests.capture_peers import TlsUpstream, role_host
@@ -172,3 +172,27 @@ def test_npm_without_a_registry_flag_goes_through_the_npm_proxy(tmp_path: Path) 
         with ProxyServer(replace(settings, mode="replay")) as server:
             again = install(server, tmp_path / "again")
     assert again == first and "demo-base/index.js" in first
+
+
+@pytest.mark.public_registry
+def test_pip_through_capture_from_the_real_public_index(tmp_path: Path) -> None:
+    """Opt-in (--run-public): pip with no index flags, through capture, from the real public
+    index (the built-in sources, the system's roots); then again in replay mode, every answer
+    from the cache."""
+    settings = Settings(
+        cache_dir=tmp_path / "cache",
+        proxies=builtin_proxies(),
+        capture=CaptureSettings(enabled=True),
+        # a machine that reaches the public hosts through a filtering mirror on a reserved address
+        # would have the SSRF guard refuse the files host, which is no configured origin
+        allow_hosts=(role_host("pypi", "files"),),
+    )
+    with ProxyServer(settings) as server:
+        _pip(server, tmp_path / "first", "iniconfig==2.0.0")
+        records = [(r.key, r.path, r.cache) for r in server.served.records]
+    assert ("pypi", "simple/iniconfig/", "miss") in records
+    assert any(path.startswith("files/iniconfig/") and cache == "miss" for _, path, cache in records)
+    with ProxyServer(replace(settings, mode="replay")) as server:
+        _pip(server, tmp_path / "again", "iniconfig==2.0.0")
+        assert {r.cache for r in server.served.records} == {"hit"}
+    assert installed(tmp_path / "again") == installed(tmp_path / "first")

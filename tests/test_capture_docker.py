@@ -28,17 +28,18 @@ from tests.peers import require_peer
 from tests.test_capture_proxy import _split, curl
 
 
-def _pull(server: ProxyServer, image: str, out: Path, home: Path) -> subprocess.CompletedProcess[str]:
-    """``skopeo copy docker://IMAGE oci:OUT`` with capture's environment and no TLS flag."""
+def _skopeo(server: ProxyServer, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """skopeo with capture's environment only: no TLS flag, no registries.conf."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_RUNTIME_DIR": str(home)}
     env.update(capture_env(server))
     return subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", f"docker://{image}", f"oci:{out}:v1"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=180, env=env
     )
+
+
+def _pull(server: ProxyServer, image: str, out: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """``skopeo copy docker://IMAGE oci:OUT``."""
+    return _skopeo(server, home, "copy", f"docker://{image}", f"oci:{out}:v1")
 
 
 @pytest.mark.slow
@@ -68,12 +69,15 @@ def test_skopeo_pulls_a_docker_hub_name_through_the_dockerhub_proxy(tmp_path: Pa
         with ProxyServer(settings) as server:
             done = _pull(server, name, tmp_path / "first", home)
             assert done.returncode == 0, done.stderr
+            tags = _skopeo(server, home, "list-tags", f"docker://{name.rsplit(':', 1)[0]}")
+            assert tags.returncode == 0, tags.stderr
+            assert json.loads(tags.stdout)["Tags"] == ["v1"]
             records = {(r.key, r.path) for r in server.served.records}
             token = _split(curl(server, f"https://{role_host('dockerhub', 'token')}/token?scope=x").stdout)
             blob_host = role_host("dockerhub", "blobs")
             redirected = _split(curl(server, f"https://{blob_host}/registry-v2/blobs/sha256/00/data").stdout)
         assert {key for key, _ in records} == {"hub"}
-        assert ("hub", "library/demo/manifests/v1") in records
+        assert {("hub", "library/demo/manifests/v1"), ("hub", "library/demo/tags/list")} <= records
         assert {("hub", f"library/demo/blobs/{b.digest}") for b in (image.config, *image.layers)} <= records
         assert token[0] == b"HTTP/1.1 200 OK" and json.loads(token[1])["token"]
         assert redirected[0] == b"HTTP/1.1 404 Not served through capture (docker blob host)"

@@ -19,9 +19,13 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_wheels import write_tree
+from pytest_upstream.capture.hosts import RegistryRoute, registry_route
 from pytest_upstream.config.capture import CaptureSettings
 from pytest_upstream.config.settings import ProxyDefinition, Settings, builtin_proxies
+from pytest_upstream.config.sources import BUILTIN_SOURCES, CAPTURE_REGISTRY_HOSTS, CAPTURE_ROLES
+from pytest_upstream.messages import Reply
 from pytest_upstream.pytest_plugin.harness import capture_env
+from pytest_upstream.server.capture_registries import registry_target
 from pytest_upstream.server.proxy_server import ProxyServer
 from tests.capture_peers import TlsUpstream, role_host
 from tests.pip_setup import installed, pip_env, pip_install
@@ -196,3 +200,79 @@ def test_pip_through_capture_from_the_real_public_index(tmp_path: Path) -> None:
         _pip(server, tmp_path / "again", "iniconfig==2.0.0")
         assert {r.cache for r in server.served.records} == {"hit"}
     assert installed(tmp_path / "again") == installed(tmp_path / "first")
+
+
+def _route(source: str, role: str, key: str = "k") -> RegistryRoute:
+    builtin = BUILTIN_SOURCES[source]
+    proxy = ProxyDefinition(key=key, source=source, format=builtin.format, url=builtin.url)
+    host = role_host(source, role)
+    route = registry_route((proxy,), host.upper(), 443)  # host names are matched lower-cased
+    assert route is not None and (route.proxy, route.role) == (proxy, role)
+    assert registry_route((proxy,), host, 8443) is None  # HTTPS on 443 only
+    assert registry_route((), host, 443) is None  # no proxy of that source: a generic host
+    return route
+
+
+def test_every_public_host_comes_from_the_source_table() -> None:
+    for name, source in BUILTIN_SOURCES.items():
+        assert CAPTURE_REGISTRY_HOSTS[source.host] == (name, "registry")
+        assert all(CAPTURE_REGISTRY_HOSTS[h] == (name, "token") for h in source.auth_hosts)
+        assert all(CAPTURE_REGISTRY_HOSTS[h] == (name, role) for h, role in source.other_hosts)
+    assert {role for _, role in CAPTURE_REGISTRY_HOSTS.values()} == set(CAPTURE_ROLES)
+
+
+@pytest.mark.parametrize(
+    ("source", "role", "raw", "expected"),
+    [
+        ("pypi", "registry", "/simple/demo/", ("/simple/demo/", False)),
+        ("pypi", "registry", "/k/files/demo/demo-1.0.tar.gz", ("/files/demo/demo-1.0.tar.gz", False)),
+        (
+            "pypi",
+            "files",
+            "/packages/ab/cd/ef/Foo.Bar-1.0-py3-none-any.whl",
+            ("/files/foo-bar/Foo.Bar-1.0-py3-none-any.whl", False),
+        ),
+        (
+            "pypi",
+            "files",
+            "/packages/ab/foo-1.0.tar.gz.metadata",
+            ("/files/foo/foo-1.0.tar.gz.metadata", False),
+        ),
+        ("pypi", "files", "/packages/ab/README.txt", 404),
+        ("pypi", "files", "/elsewhere/foo-1.0.tar.gz", 404),
+        ("npm", "registry", "/@scope%2fdemo", ("/@scope%2fdemo", False)),
+        ("dockerhub", "registry", "/v2/", ("/", True)),
+        ("dockerhub", "registry", "/v2", ("/", True)),
+        (
+            "dockerhub",
+            "registry",
+            "/v2/library/demo/blobs/sha256:ab",
+            ("/library/demo/blobs/sha256:ab", True),
+        ),
+        ("dockerhub", "registry", "/v2x/demo", 404),
+        ("dockerhub", "token", "/token", 200),
+        ("dockerhub", "token", "/v2/token", 404),
+        ("dockerhub", "blobs", "/registry-v2/docker/registry/v2/blobs/sha256/ab/ab/data", 404),
+        (
+            "maven-central",
+            "registry",
+            "/maven2/org/demo/lib/1.0/lib-1.0.pom",
+            ("/org/demo/lib/1.0/lib-1.0.pom", False),
+        ),
+        (
+            "maven-central",
+            "registry",
+            "/k/org/demo/maven-metadata.xml",
+            ("/org/demo/maven-metadata.xml", False),
+        ),
+        ("maven-central", "registry", "/org/demo/lib/1.0/lib-1.0.pom", 404),
+    ],
+)
+def test_what_a_public_host_request_becomes(source: str, role: str, raw: str, expected: object) -> None:
+    got = registry_target(_route(source, role), raw)
+    if isinstance(expected, int):
+        assert isinstance(got, Reply) and got.status == expected
+        if expected == 404:
+            assert got.reason.startswith("Not served through capture (")
+    else:
+        assert got == expected

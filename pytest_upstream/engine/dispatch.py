@@ -186,7 +186,7 @@ class Engine:
     ) -> Reply | None:
         """A captured request (docs/capture.md): for the proxy made for its host, in no Settings,
         or for the configured proxy a public registry's host maps to, routed by capture itself
-        (a docker request keyless); None when ``warm_only`` and answering would wait.  The SSRF
+        (server/capture_registries.py); None when ``warm_only`` and answering would wait.  The SSRF
         guard trusts the proxy's origin:
         the client named it itself, as it could have connected to it itself."""
         self.addresses.add_origin(proxy.url)

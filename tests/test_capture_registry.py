@@ -238,6 +238,12 @@ def test_every_public_host_comes_from_the_source_table() -> None:
             "/packages/ab/foo-1.0.tar.gz.metadata",
             ("/files/foo/foo-1.0.tar.gz.metadata", False),
         ),
+        (
+            "pypi",
+            "files",
+            "/packages/ab/demo-1.0%2Blocal.tar.gz",
+            ("/files/demo/demo-1.0%2Blocal.tar.gz", False),
+        ),
         ("pypi", "files", "/packages/ab/README.txt", 404),
         ("pypi", "files", "/elsewhere/foo-1.0.tar.gz", 404),
         ("npm", "registry", "/@scope%2fdemo", ("/@scope%2fdemo", False)),

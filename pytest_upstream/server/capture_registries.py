@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import unquote
 
 from pytest_upstream.capture.hosts import RegistryRoute, registry_path
 from pytest_upstream.formats.pypi_pages import parse_dist_filename
@@ -70,7 +71,7 @@ def registry_target(route: RegistryRoute, raw_path: str) -> tuple[str, bool] | R
         )
     if role == "files":
         filename = raw_path.rsplit("/", 1)[-1]
-        parsed = parse_dist_filename(filename) if raw_path.startswith(FILES_ROOT) else None
+        parsed = parse_dist_filename(unquote(filename)) if raw_path.startswith(FILES_ROOT) else None
         if parsed is None:
             return _not_served(
                 "index files host", f"{raw_path}: only /packages/.../<distribution file> is served"

@@ -194,12 +194,25 @@ def test_pip_through_capture_from_the_real_public_index(tmp_path: Path) -> None:
     with ProxyServer(settings) as server:
         _pip(server, tmp_path / "first", "iniconfig==2.0.0")
         records = [(r.key, r.path, r.cache) for r in server.served.records]
+        (wheel,) = [r for r in server.served.records if r.path.endswith(".whl")]
     assert ("pypi", "simple/iniconfig/", "miss") in records
     assert any(path.startswith("files/iniconfig/") and cache == "miss" for _, path, cache in records)
+    assert wheel.upstream_url.startswith(f"https://{role_host('pypi', 'files')}/packages/")
+    with ProxyServer(replace(settings, cache_dir=tmp_path / "other-cache")) as server:
+        # by its URL on the files host, as a lock file with URLs names it: the file route (the
+        # project's page fetched for the hash) answers it, under the pypi key
+        _pip(server, tmp_path / "by-url-first", f"iniconfig @ {wheel.upstream_url}")
+        assert [(r.key, r.path, r.cache) for r in server.served.records] == [("pypi", wheel.path, "miss")]
     with ProxyServer(replace(settings, mode="replay")) as server:
         _pip(server, tmp_path / "again", "iniconfig==2.0.0")
+        _pip(server, tmp_path / "by-url", f"iniconfig @ {wheel.upstream_url}")
         assert {r.cache for r in server.served.records} == {"hit"}
+        assert [r.path for r in server.served.records].count(wheel.path) == 2
     assert installed(tmp_path / "again") == installed(tmp_path / "first")
+    code = {
+        name: digest for name, digest in installed(tmp_path / "first").items() if ".dist-info/" not in name
+    }
+    assert code.items() <= installed(tmp_path / "by-url").items()  # (pip notes a direct URL in dist-info)
 
 
 def _route(source: str, role: str, key: str = "k") -> RegistryRoute:

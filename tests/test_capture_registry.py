@@ -181,8 +181,8 @@ def test_npm_without_a_registry_flag_goes_through_the_npm_proxy(tmp_path: Path) 
 @pytest.mark.public_registry
 def test_pip_through_capture_from_the_real_public_index(tmp_path: Path) -> None:
     """Opt-in (--run-public): pip with no index flags, through capture, from the real public
-    index (the built-in sources, the system's roots); then again in replay mode, every answer
-    from the cache."""
+    index (the built-in sources, the system's roots), and a wheel by its URL on the real files
+    host; then both again in replay mode, every answer from the cache."""
     settings = Settings(
         cache_dir=tmp_path / "cache",
         proxies=builtin_proxies(),

@@ -4,7 +4,9 @@
 A captured host's ``CONNECT`` is answered ``200``, and the tunnel's TLS is terminated here with
 a leaf the cache's CA minted for that host (capture/ca.py); the requests inside are read with the
 server's own parser and answered by the engine as requests to the host's generic proxy
-(capture/hosts.py), so they are cached, recorded, replayed and reported like any key's.  All of
+(capture/hosts.py), or, for a public registry's host, to the configured proxy of its built-in
+source (server/capture_registries.py), so they are cached, recorded, replayed and reported like
+any key's.  All of
 it runs in the connection's worker thread, with blocking TLS bounded by the server's deadlines
 (``header_timeout`` for the handshake and each request head, ``idle_timeout`` between requests,
 ``send_timeout`` for each write): never on the event loop, which only hands the connection over.

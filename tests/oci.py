@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import ssl
 import subprocess
 import tarfile
 import threading
@@ -161,22 +162,36 @@ def write_layout(directory: Path, blobs: list[Blob], refs: dict[str, Blob]) -> P
 
 # -- HTTP helpers ------------------------------------------------------------------------
 def http(
-    url: str, *, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return r.status, r.read(), dict(r.headers.items())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers.items())
 
 
-def wait_listening(url: str, timeout: float = 30.0) -> None:
+def _unverified() -> ssl.SSLContext:
+    """For waiting until a test's own HTTPS server answers at all (its certificate is checked by
+    the client under test, not here)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def wait_listening(url: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
     """Until ``url`` gives any HTTP answer (a 401 counts)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            http(url)
+            http(url, context=ssl_context)
             return
         except OSError:
             if time.monotonic() > deadline:
@@ -261,8 +276,11 @@ def registry(
     htpasswd: Path | None = None,
     token: TokenServer | None = None,
     redirect_to: str | None = None,
+    tls: tuple[Path, Path] | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[Registry]:
-    """``docker-registry serve`` on loopback with filesystem storage under ``tmp``."""
+    """``docker-registry serve`` on loopback (``host``) with filesystem storage under ``tmp``;
+    over HTTPS with ``tls`` (certificate chain file, key file)."""
     port = free_port()
     storage = tmp / "storage"
     storage.mkdir(parents=True, exist_ok=True)
@@ -278,9 +296,11 @@ def registry(
         "  delete:",
         "    enabled: true",
         "http:",
-        f"  addr: 127.0.0.1:{port}",
+        f"  addr: {host}:{port}",
         "  secret: pytest-upstream-test-secret",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
     if htpasswd is not None:
         lines += ["auth:", "  htpasswd:", "    realm: test-realm", f"    path: {htpasswd}"]
     if token is not None:
@@ -304,10 +324,10 @@ def registry(
     config.write_text("\n".join(lines) + "\n")
     log = (tmp / "registry.log").open("wb")
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    reg = Registry(f"http://127.0.0.1:{port}", port, storage, proc)
+    reg = Registry(f"{'https' if tls else 'http'}://{host}:{port}", port, storage, proc)
     try:
         try:
-            wait_listening(reg.url + "/v2/")
+            wait_listening(reg.url + "/v2/", ssl_context=_unverified() if tls else None)
         except TimeoutError:
             raise RuntimeError(
                 f"docker-registry did not start: {(tmp / 'registry.log').read_text()}"

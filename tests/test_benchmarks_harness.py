@@ -23,6 +23,7 @@ SCRIPTS = (
     "service_bench.py",
     "s3_client_bench.py",
     "shared_cache_bench.py",
+    "capture_bench.py",
 )
 
 

@@ -15,20 +15,22 @@ that is: the host lower-cased; ``ip-`` before an IPv4 address and ``ip6-`` befor
 the port is HTTPS's 443.  A name the key grammar (config/keys.py) still refuses (an underscore,
 too long, ``v2``) becomes ``host-`` and 16 hex digits of its sha256.
 
-Registry-aware capture: a public registry's host (config/sources.py ``CAPTURE_REGISTRY_HOSTS``)
-is answered by the configured proxy of that built-in source instead, under its own key.
+Registry-aware capture: a public registry's host (config/sources.py ``CAPTURE_REGISTRY_HOSTS``,
+derived from the built-in source table) is answered by the configured proxy of that built-in
+source instead, under its own key, as the host's role there says (server/capture_registries.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from pytest_upstream.config.capture import CaptureSettings
 from pytest_upstream.config.keys import key_error
 from pytest_upstream.config.settings import ProxyDefinition
-from pytest_upstream.config.sources import CAPTURE_REGISTRY_HOSTS
+from pytest_upstream.config.sources import BUILTIN_SOURCES, CAPTURE_REGISTRY_HOSTS, BuiltinSource
 
 
 def host_key(host: str, port: int, scheme: str = "https") -> str:
@@ -81,11 +83,25 @@ def host_proxy(host: str, port: int, scheme: str, template: ProxyDefinition | No
     )
 
 
-def registry_proxy(proxies: tuple[ProxyDefinition, ...], host: str, port: int) -> ProxyDefinition | None:
-    """The configured proxy that answers a public registry's host (``CAPTURE_REGISTRY_HOSTS``,
-    HTTPS on 443 only): the first of that built-in source, or None (then the host is generic)."""
-    source = CAPTURE_REGISTRY_HOSTS.get(host.lower()) if port == 443 else None
-    return next((p for p in proxies if p.source == source), None) if source else None
+@dataclass(frozen=True)
+class RegistryRoute:
+    """A public registry's host as capture answers it: by ``proxy`` (configured, of ``source``),
+    in the host's ``role`` (config/sources.py ``CAPTURE_ROLES``)."""
+
+    proxy: ProxyDefinition
+    source: BuiltinSource
+    role: str
+
+
+def registry_route(proxies: tuple[ProxyDefinition, ...], host: str, port: int) -> RegistryRoute | None:
+    """How a public registry's host (``CAPTURE_REGISTRY_HOSTS``, HTTPS on 443 only) is answered:
+    by the first configured proxy of its built-in source, or None (then the host is generic)."""
+    found = CAPTURE_REGISTRY_HOSTS.get(host.lower()) if port == 443 else None
+    if found is None:
+        return None
+    name, role = found
+    proxy = next((p for p in proxies if p.source == name), None)
+    return None if proxy is None else RegistryRoute(proxy, BUILTIN_SOURCES[name], role)
 
 
 def registry_path(key: str, raw_path: str) -> str:

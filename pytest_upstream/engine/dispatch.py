@@ -188,8 +188,10 @@ class Engine:
     def handle_captured(
         self, req: ProxyRequest, proxy: ProxyDefinition, *, warm_only: bool = False
     ) -> Reply | None:
-        """A request for a proxy made for one captured host (docs/capture.md), in no Settings;
-        None when ``warm_only`` and answering would wait.  The SSRF guard trusts that origin:
+        """A captured request (docs/capture.md): for the proxy made for its host, in no Settings,
+        or for the configured proxy a public registry's host maps to, routed by capture itself
+        (server/capture_registries.py); None when ``warm_only`` and answering would wait.  The SSRF
+        guard trusts the proxy's origin:
         the client named it itself, as it could have connected to it itself."""
         self.addresses.add_origin(proxy.url)
         try:

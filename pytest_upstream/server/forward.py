@@ -4,7 +4,9 @@
 A captured host's ``CONNECT`` is answered ``200``, and the tunnel's TLS is terminated here with
 a leaf the cache's CA minted for that host (capture/ca.py); the requests inside are read with the
 server's own parser and answered by the engine as requests to the host's generic proxy
-(capture/hosts.py), so they are cached, recorded, replayed and reported like any key's.  All of
+(capture/hosts.py), or, for a public registry's host, to the configured proxy of its built-in
+source (server/capture_registries.py), so they are cached, recorded, replayed and reported like
+any key's.  All of
 it runs in the connection's worker thread, with blocking TLS bounded by the server's deadlines
 (``header_timeout`` for the handshake and each request head, ``idle_timeout`` between requests,
 ``send_timeout`` for each write): never on the event loop, which only hands the connection over.
@@ -28,12 +30,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pytest_upstream.capture.hosts import captured, host_proxy, registry_path, registry_proxy
+from pytest_upstream.capture.hosts import captured, host_proxy, registry_route
 from pytest_upstream.config.capture import CaptureSettings
-from pytest_upstream.config.settings import ProxyDefinition
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.server import access_log
+from pytest_upstream.server.capture_registries import registry_target
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
 from pytest_upstream.server.responses import StreamFailed, Wire, error_bytes, send_reply
@@ -76,20 +78,26 @@ class Forwarder:
         self, method: str, target: str, headers: Headers, scheme: str, host: str, port: int, warm_only: bool
     ) -> tuple[str, Reply | None]:
         """(key, reply) for a request to a captured origin; reply None when ``warm_only`` and the
-        engine would wait.  A public registry's host is answered by its configured proxy (links
-        it renders point back at ``https://<host>/<key>/...``, asked for through us again); any
-        other host by its own generic proxy (capture/hosts.py)."""
+        engine would wait.  A public registry's host is answered by its configured proxy, as the
+        host's role says (server/capture_registries.py; links the proxy renders point back at
+        ``https://<host>/<key>/...``, asked for through us again); any other host by its own
+        generic proxy (capture/hosts.py)."""
         raw_path, _, query = target.partition("?")
         if "://" in raw_path:
             raw_path = urlsplit(raw_path).path or "/"
-        registry = registry_proxy(self.engine.settings.proxies, host, port) if scheme == "https" else None
-        generic: ProxyDefinition | None = None
-        if registry is not None:
-            key, path, base_url = registry.key, registry_path(registry.key, raw_path), f"https://{host}"
+        route = registry_route(self.engine.settings.proxies, host, port) if scheme == "https" else None
+        keyless = False
+        if route is not None:
+            proxy = route.proxy
+            mapped = registry_target(route, raw_path)
+            if isinstance(mapped, Reply):
+                return proxy.key, mapped
+            (path, keyless), base_url = mapped, f"https://{host}"
         else:
             template = self.engine.settings.proxies[0] if self.engine.settings.proxies else None
-            generic = host_proxy(host, port, scheme, template)
-            key, path, base_url = generic.key, raw_path, generic.url.rstrip("/")
+            proxy = host_proxy(host, port, scheme, template)
+            path, base_url = raw_path, proxy.url.rstrip("/")
+        key = proxy.key
         try:
             key, rest = split_proxy_path(f"/{key}{path}")
         except (BadPath, UnicodeDecodeError) as exc:
@@ -97,12 +105,16 @@ class Forwarder:
             reply.reason = f"Bad request path ({exc})"
             return key, reply
         request = ProxyRequest(
-            method=method, key=key, path=rest, query=query, headers=headers, base_url=base_url
+            method=method,
+            key=key,
+            path=rest,
+            query=query,
+            headers=headers,
+            base_url=base_url,
+            keyless=keyless,
         )
         try:
-            if generic is not None:
-                return key, self.engine.handle_captured(request, generic, warm_only=warm_only)
-            return key, self.engine.answer_warm(request) if warm_only else self.engine.handle(request)
+            return key, self.engine.handle_captured(request, proxy, warm_only=warm_only)
         except Exception as exc:  # a bug: answer 500 instead of dropping the tunnel
             log.exception("error handling %s %s for %s", method, target, host)
             reply = Reply.text(500, "internal error")

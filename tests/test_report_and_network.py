@@ -28,7 +28,7 @@ from pytest_upstream.repro.netguard import (
 from pytest_upstream.server.proxy_server import ProxyServer
 
 from .conftest import MakeProxy, proxy_def
-from .upstreams import Upstream
+from .upstreams import Upstream, custom_proxies_toml
 
 
 # -- the socket guard, in this process ------------------------------------------------------
@@ -231,21 +231,16 @@ def test_marker_report_and_blocked_network_through_the_plugin(
     upstream.files["/pypi/simple/upstream-demo-b/"] = upstream.files[
         "/pypi/simple/upstream-demo-b/index.html"
     ]
-    proxies = "".join(
-        f"""
-        [[tool.pytest-upstream.proxy]]
-        key = "{key}"
-        source = "custom"
-        format = "{fmt}"
-        url = "{upstream.url}/{path}"
-        """
-        for key, fmt, path in [
-            ("g", "generic", "files"),
-            ("h", "generic", "files"),
-            ("p", "pypi", "pypi/simple/"),
-        ]
+    (pytester.path / "pyproject.toml").write_text(
+        custom_proxies_toml(
+            upstream.url,
+            [
+                ("g", "generic", "files"),
+                ("h", "generic", "files"),
+                ("p", "pypi", "pypi/simple/"),
+            ],
+        )
     )
-    (pytester.path / "pyproject.toml").write_text(textwrap.dedent("[tool.pytest-upstream]\n" + proxies))
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_subprocess(
         "--upstream-proxy",

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import stat
-import textwrap
 import time
 import urllib.request
 from collections import Counter
@@ -38,7 +37,7 @@ from pytest_upstream.repro.timeline import BUCKETS, KEYS, LEFT, MARKS, RIGHT, WI
 
 from .browser import browser, page, screenshot  # noqa: F401 (fixtures)
 from .conftest import MakeProxy, proxy_def
-from .upstreams import Fault, Upstream
+from .upstreams import Fault, Upstream, custom_proxies_toml
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 HOSTILE_ERROR = "upstream said </svg><script>alert(2)</script> and <b>bold</b>"
@@ -425,21 +424,16 @@ def realistic_session(pytester: pytest.Pytester, upstream: Upstream) -> None:
     upstream.faults[f"/files/{GRADLE}"] = Fault(delay=1.0)  # the slowest
     upstream.faults[f"/files/{NODE}"] = Fault(chunk_delay=0.004)  # the biggest takes a while too
     upstream.files["/files/%3Cimg%20src=x%20onerror=alert(1)%3E"] = b"odd"
-    proxies = "".join(
-        f"""
-        [[tool.pytest-upstream.proxy]]
-        key = "{key}"
-        source = "custom"
-        format = "{fmt}"
-        url = "{upstream.url}/{path}"
-        """
-        for key, fmt, path in [
-            ("pypi", "pypi", "pypi/simple/"),
-            ("npm", "npm", "npm"),
-            ("files", "generic", "files"),
-        ]
+    (pytester.path / "pyproject.toml").write_text(
+        custom_proxies_toml(
+            upstream.url,
+            [
+                ("pypi", "pypi", "pypi/simple/"),
+                ("npm", "npm", "npm"),
+                ("files", "generic", "files"),
+            ],
+        )
     )
-    (pytester.path / "pyproject.toml").write_text(textwrap.dedent("[tool.pytest-upstream]\n" + proxies))
     pytester.makepyfile(test_build=INNER)
 
 

@@ -180,6 +180,17 @@ class Upstream:
 # -- an OCI registry (pull side) -------------------------------------------------------------
 
 
+def custom_proxies_toml(base_url: str, proxies: list[tuple[str, str, str]]) -> str:
+    """A ``[tool.pytest-upstream]`` table with one custom proxy per ``(key, format, path)``, each
+    at ``base_url/path`` (the pyproject.toml of a pytester session)."""
+    blocks = "".join(
+        f'\n[[tool.pytest-upstream.proxy]]\nkey = "{key}"\nsource = "custom"\n'
+        f'format = "{fmt}"\nurl = "{base_url}/{path}"\n'
+        for key, fmt, path in proxies
+    )
+    return "[tool.pytest-upstream]\n" + blocks
+
+
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

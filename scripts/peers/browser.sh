@@ -6,23 +6,8 @@
 # Selenium itself comes from the test extra; it is pointed at these two files and never
 # downloads a browser or driver of its own.
 set -euo pipefail
-packages=(chromium chromium-driver)
-missing=()
-for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -eq 0 ]; then
-  exit 0
+. "$(dirname "$0")/lib/apt.sh"
+mapfile -t missing < <(apt_missing chromium chromium-driver)
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "browser peers" "${missing[@]}"
 fi
-if ! command -v apt-get >/dev/null; then
-  echo "browser peers: missing ${missing[*]} and no apt-get here; install them by hand" >&2
-  exit 1
-fi
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO=(sudo)
-fi
-echo "browser peers: installing ${missing[*]}" >&2
-apt=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-"${apt[@]}" update -qq
-"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -13,14 +13,5 @@ command -v openssl >/dev/null || need+=(openssl)
 if [ "${#need[@]}" -eq 0 ]; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null; then
-  echo "docker peers: missing ${need[*]} and no apt-get here; install them by hand" >&2
-  exit 1
-fi
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO=(sudo)
-fi
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+. "$(dirname "$0")/lib/apt.sh"
+apt_install "docker peers" "${need[@]}"

@@ -13,28 +13,14 @@ packages=(
 # maven itself only needs a JRE; the compiler plugin needs javac.
 command -v javac >/dev/null || packages+=(default-jdk-headless)
 
-missing=()
-for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+. "$(dirname "$0")/lib/apt.sh"
+mapfile -t missing < <(apt_missing "${packages[@]}")
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
-
-if ! command -v apt-get >/dev/null; then
-  echo "maven peers: missing ${missing[*]} and no apt-get here; install them by hand" >&2
-  exit 1
-fi
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO=(sudo)
-fi
-echo "maven peers: installing ${missing[*]}" >&2
-# (env: sudo would drop DEBIAN_FRONTEND; the lock timeout waits for another apt run)
-apt=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-"${apt[@]}" update -qq
-"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt_install "maven peers" "${missing[@]}"
 # The tests start their own nginx; the package's service is not needed.
 if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-  "${SUDO[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true
+  if [ "$(id -u)" -ne 0 ]; then sudo systemctl disable --now nginx >/dev/null 2>&1 || true
+  else systemctl disable --now nginx >/dev/null 2>&1 || true; fi
 fi

@@ -10,18 +10,8 @@ DIR=.peers/npm
 VERDACCIO="$DIR/node_modules/.bin/verdaccio"
 
 if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
-  if ! command -v apt-get >/dev/null; then
-    echo "npm peers: node/npm missing and no apt-get here; install Node.js 18+ by hand" >&2
-    exit 1
-  fi
-  SUDO=()
-  if [ "$(id -u)" -ne 0 ]; then
-    SUDO=(sudo)
-  fi
-  echo "npm peers: installing nodejs npm" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
-  "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends nodejs npm >/dev/null
+  . scripts/peers/lib/apt.sh
+  apt_install "npm peers" nodejs npm
 fi
 
 if [ -x "$VERDACCIO" ]; then

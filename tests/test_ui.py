@@ -22,10 +22,10 @@ from pytest_upstream.engine.artifact_index import SETTLE, ArtifactIndex, Row
 from pytest_upstream.repro.lockfile import LockFile, LockFileEntry
 from pytest_upstream.server.access_log import without_token
 from pytest_upstream.server.proxy_server import ProxyServer
-from pytest_upstream.server.ui_listing import list_page
-from pytest_upstream.server.ui_overview import overview
-from pytest_upstream.server.ui_query import DEFAULT_PAGE_SIZE, MAX_FILTER, MAX_PAGE, ListQuery
-from pytest_upstream.server.ui_values import shown_url
+from pytest_upstream.server.ui.listing import list_page
+from pytest_upstream.server.ui.overview import overview
+from pytest_upstream.server.ui.query import DEFAULT_PAGE_SIZE, MAX_FILTER, MAX_PAGE, ListQuery
+from pytest_upstream.server.ui.values import shown_url
 from pytest_upstream.store.cache import Cache
 from pytest_upstream.store.entry import Entry
 

@@ -50,7 +50,7 @@ def log_access(
 
 
 def without_token(target: str) -> str:
-    """``target`` with the value of a ``token=`` query parameter (the UI's, server/ui.py) redacted,
+    """``target`` with the value of a ``token=`` query parameter (the UI's, server/ui/routes.py) redacted,
     however its name is spelled (``%74oken=`` is ``token=`` to a query parser)."""
     path, sep, query = target.partition("?")
     if not sep or "=" not in query:

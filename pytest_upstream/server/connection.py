@@ -8,7 +8,7 @@ whole request is answered right there when the engine can answer it without wait
 worker thread (``answer_in_worker``), which runs the blocking engine (misses, downloads in
 flight, sendfile of big files, streams) and hands the connection back when the reply is done.
 Routing is one function for both: the index, the forward-proxy refusal, the ``/-/ui/`` pages
-(``ui.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets
+(``ui/routes.py``, always in a worker), ``/<key>/<path>`` to the engine.  A malformed request gets
 its status (400, 408, 413, 414, 431, 505) and the connection closes, so nothing after it (a
 body, a request hidden in one) is ever read as a request.  A client that goes away (reset,
 broken pipe, a stalled reader past ``send_timeout``, a kernel timeout ``SO_SNDTIMEO`` on the
@@ -30,12 +30,13 @@ from urllib.parse import urlsplit
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import BadPath, Headers, ProxyRequest, Reply, split_proxy_path
 from pytest_upstream.repro.netguard import is_loopback
-from pytest_upstream.server import access_log, ui
+from pytest_upstream.server import access_log
 from pytest_upstream.server.admission import Admission
 from pytest_upstream.server.forward import Forwarder, target_of
 from pytest_upstream.server.limits import Limits
 from pytest_upstream.server.request_reader import BadRequest, ParsedRequest, RequestReader
 from pytest_upstream.server.responses import StreamFailed, Wire, cut, error_bytes, reply_bytes, send_reply
+from pytest_upstream.server.ui import routes as ui
 
 log = logging.getLogger("pytest_upstream.server")
 # After the last reply: read what the client still sends for a moment, so that closing with
@@ -231,7 +232,7 @@ class Connection:
             host_checked = False
         if (refusal := self.site.admission.refusal(raw_path, headers, host_checked, query)) is not None:
             return "", refusal
-        if ui.is_ui(raw_path):  # the browser pages (server/ui.py): rendered by a worker
+        if ui.is_ui(raw_path):  # the browser pages (server/ui/): rendered by a worker
             if warm_only:
                 return "", None
             try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pytest_upstream.config.units import human_age, human_size
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.repro.lockfile import LockError, LockFile
-from pytest_upstream.server.ui_values import iso_time, shown_url
+from pytest_upstream.server.ui.values import iso_time, shown_url
 from pytest_upstream.store.entry import MAX_ENTRY_BYTES, Entry, parse_entry
 
 _SECRET_WORDS = ("auth", "cookie", "token", "secret", "password")

@@ -28,10 +28,10 @@ from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.messages import Reply
 from pytest_upstream.pages.templates import environment, render
 from pytest_upstream.server.admission import UI_COOKIE, UI_PREFIX, Admission
-from pytest_upstream.server.ui_detail import detail
-from pytest_upstream.server.ui_listing import list_page
-from pytest_upstream.server.ui_overview import overview
-from pytest_upstream.server.ui_query import MAX_FIELDS, MAX_QUERY, ListQuery
+from pytest_upstream.server.ui.detail import detail
+from pytest_upstream.server.ui.listing import list_page
+from pytest_upstream.server.ui.overview import overview
+from pytest_upstream.server.ui.query import MAX_FIELDS, MAX_QUERY, ListQuery
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pytest_upstream.engine.dispatch import Engine
 from pytest_upstream.engine.metrics import RESULTS
-from pytest_upstream.server.ui_values import SCAN_WAIT, iso_time, shown_url
+from pytest_upstream.server.ui.values import SCAN_WAIT, iso_time, shown_url
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The view model of a key's ``/-/ui/<key>/`` list: filtered, sorted and cut into pages as the
-query says (``ui_query.py``), from the engine's in-memory ``ArtifactIndex``: no entry file is
+query says (``ui/query.py``), from the engine's in-memory ``ArtifactIndex``: no entry file is
 read per request.  Values are never marked safe: the templates escape every one."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pytest_upstream.config.units import human_age, human_size
 from pytest_upstream.engine.artifact_index import Row
 from pytest_upstream.engine.dispatch import Engine
-from pytest_upstream.server.ui_query import ListQuery
-from pytest_upstream.server.ui_values import SCAN_WAIT, iso_time
+from pytest_upstream.server.ui.query import ListQuery
+from pytest_upstream.server.ui.values import SCAN_WAIT, iso_time
 
 
 @dataclass(frozen=True)

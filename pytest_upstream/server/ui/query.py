@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlencode
 
 MAX_FILTER = 200  # characters of the text filter
-MAX_QUERY = 4096  # characters of a query string (a longer one is refused: server/ui.py)
+MAX_QUERY = 4096  # characters of a query string (a longer one is refused: server/ui/routes.py)
 MAX_FIELDS = 16  # fields of a query string (more are refused)
 MAX_PAGE = 1_000_000
 PAGE_SIZES = (25, 50, 100, 200, 500)

@@ -33,7 +33,7 @@ from pytest_upstream.store.entry import ARTIFACT, METADATA, Entry, entry_bytes
 from pytest_upstream.store.errors import ObjectStoreError
 from pytest_upstream.store.layout import Layout
 from pytest_upstream.store.local import LocalBackend
-from pytest_upstream.store.remote_tier import Claim, RemoteTier, open_tier
+from pytest_upstream.store.remote_tier import Claim, Pull, PullRefused, RemoteTier, open_tier
 from pytest_upstream.store.s3 import S3Backend
 from pytest_upstream.store.s3_client import Timeouts
 
@@ -240,6 +240,68 @@ def test_a_bit_flipped_object_is_refused_removed_and_fetched_again(bucket: Bucke
     assert a.tier.publish(a.cache, entry)
     assert b.tier.pull(b.cache, "pypi", entry.path) == entry
     assert b.cache.blob_path(entry.sha256).read_bytes() == data
+
+
+def test_an_artifact_pull_streams_and_is_stored_only_once_committed(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    entry = store_local(a.cache, data)
+    assert a.tier.publish(a.cache, entry)
+    pull = b.tier.open_pull(b.cache, "pypi", entry.path)
+    assert isinstance(pull, Pull) and pull.entry == entry
+    writer = b.cache.writer(eid=entry.id, reserve=entry.size)
+    got = b""
+    for chunk in pull.chunks():
+        assert b.cache.lookup("pypi", entry.path) is None  # nothing is stored while it streams
+        writer.write(chunk)
+        got += chunk
+    assert got == data
+    assert pull.commit(b.cache, writer) == entry  # verified: blob and entry, A's fetch time
+    writer.discard()
+    assert b.cache.lookup("pypi", entry.path) == entry
+    assert b.cache.blob_path(entry.sha256).read_bytes() == data
+    assert b.tier.health.snapshot()["pulled"] == 1
+    b.cache.remove_entry(entry)  # the blob is here already: the entry alone, nothing to stream
+    assert b.tier.open_pull(b.cache, "pypi", entry.path) == entry
+    page = store_local(a.cache, b"<a>index</a>", path="simple/p/", kind=METADATA)
+    assert a.tier.publish(a.cache, page)
+    assert b.tier.open_pull(b.cache, "pypi", "simple/p/") == page  # metadata: pulled whole
+
+
+def test_a_longer_object_is_refused_before_any_byte_past_the_entry_size(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """A streamed pull never hands out more than the entry's size, so a client served from it
+    never gets a whole body of the wrong bytes (the extra bytes would arrive in a chunk of their
+    own here: the size is a multiple of the read size)."""
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    data = os.urandom(2 * 1024 * 1024)
+    entry = store_local(a.cache, data)
+    assert a.tier.publish(a.cache, entry)
+    bucket.corrupt(entry.sha256, data + b"tail")
+    pull = b.tier.open_pull(b.cache, "pypi", entry.path)
+    assert isinstance(pull, Pull)
+    seen = 0
+    with pytest.raises(PullRefused, match="longer than its entry says"):
+        for chunk in pull.chunks():
+            seen += len(chunk)
+    assert seen <= entry.size
+    assert bucket.make().blob_stat(entry.sha256) is None  # it does not hash to its name: removed
+    assert b.tier.health.snapshot()["corrupt"] == 1
+
+
+@pytest.mark.slow
+def test_a_claim_kept_alive_outlives_its_ttl_until_released(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    held = a.tier.claim("pypi", "pkg/long.whl", ttl=1.5)
+    assert held is not None and held.shared
+    held.keep_alive()
+    time.sleep(3.5)  # more than twice the ttl: renewed meanwhile
+    assert b.tier.claim("pypi", "pkg/long.whl", ttl=1.5) is None
+    held.release()  # stops renewing and lets go
+    taken = b.tier.claim("pypi", "pkg/long.whl", ttl=1.5)
+    assert taken is not None and taken.shared
+    taken.release()
 
 
 def test_an_entry_whose_blob_is_missing_is_a_miss(bucket: Bucket, tmp_path: Path) -> None:

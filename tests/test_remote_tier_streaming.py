@@ -227,13 +227,14 @@ def serve(work: Path, name: str, bucket: S3Location, upstream: str, ttl: str) ->
         "[[tool.pytest-upstream.proxy]]\n"
         f'key = "g"\nformat = "generic"\nurl = "{upstream}"\n'
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-    )
+    with (work / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "pytest_upstream", "--config", str(config), "serve", "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
 
 
 def store_events(base_url: str) -> dict[str, int]:
@@ -305,25 +306,32 @@ def test_the_fetching_proxy_killed_mid_download_is_taken_over_and_nothing_partia
             assert time.monotonic() < deadline, "B never published"
             time.sleep(0.05)
         assert events.get("claims_taken_over") == 1
+        assert_only_complete_objects(bucket, {sha(body): len(body)})  # B still running: released
     finally:
         for proc in (a, b):
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
-    assert_only_complete_objects(bucket, {sha(body): len(body)})
+
+
+def listing(raw: S3Backend, bucket: S3Location) -> list[str]:
+    pages = raw.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.bucket, Prefix=bucket.key(""))
+    return [str(item["Key"]) for page in pages for item in page.get("Contents") or ()]
 
 
 def assert_only_complete_objects(bucket: S3Location, blobs: dict[str, int]) -> None:
     """Every blob in the bucket hashes to its name and is one of ``blobs``; every index entry
-    names a blob there of its size; no lease is left over."""
+    names a blob there of its size; no lease is left over (B releases its claim just after
+    publishing: waited for)."""
     raw = S3Backend(bucket)
-    listed: list[str] = []
-    for page in raw.client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket.bucket, Prefix=bucket.key("")
+    deadline = time.monotonic() + 20
+    while "leases" in (
+        kinds := {key[len(bucket.key("")) :].split("/", 1)[0] for key in listing(raw, bucket)}
     ):
-        listed += [str(item["Key"]) for item in page.get("Contents") or ()]
-    kinds = {key[len(bucket.key("")) :].split("/", 1)[0] for key in listed}
-    assert kinds <= {"blobs", "index"}, listed  # no lease left behind (B released it)
+        assert time.monotonic() < deadline, "a lease was left behind"
+        time.sleep(0.05)
+    listed = listing(raw, bucket)
+    assert kinds <= {"blobs", "index"}, listed
     found = {}
     for key in listed:
         if "/blobs/" in key:

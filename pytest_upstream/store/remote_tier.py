@@ -66,6 +66,7 @@ CHUNK = 1024 * 1024
 # The tier's requests fail fast: a store that does not answer costs a build seconds, not minutes.
 TIER_TIMEOUTS = Timeouts(connect=2.0, read=10.0, attempts=2)
 POLL_FIRST, POLL_MAX = 0.1, 1.0  # a waiter's polls: first interval, doubling up to the max
+RELEASE_WAIT = 30.0  # seconds a release waits for a renewal in flight (one request's tries)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Claim:
     taken_over: bool = False
     released: bool = field(default=False, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _renewer: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def shared(self) -> bool:
@@ -101,11 +103,12 @@ class Claim:
         calls ``setup``), until it is released (or lost): a download that outlives ``ttl`` keeps
         it, whether its upstream sends fast, slowly or not at all for a while; a machine that dies
         stops renewing, and its claim expires ``ttl`` after the last renewal."""
-        if self.token is None:
+        if self.token is None or self._renewer is not None:
             return
-        threading.Thread(
+        self._renewer = threading.Thread(
             target=self._renewing, args=(setup,), name=f"pytest-upstream claim {self.name[:40]}", daemon=True
-        ).start()
+        )
+        self._renewer.start()
 
     def _renewing(self, setup: Callable[[], None]) -> None:
         setup()
@@ -117,6 +120,12 @@ class Claim:
 
     def release(self) -> None:
         self._stop.set()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            # A renewal in flight would change the lease's ETag under the release's conditional
+            # delete (the lease would stay until it expired): let it finish first (bounded by
+            # the tier's request timeouts).
+            renewer.join(RELEASE_WAIT)
         if self.token is None or self.released:
             return
         self.released = True

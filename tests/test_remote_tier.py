@@ -612,6 +612,9 @@ def test_a_holder_killed_mid_fetch_is_taken_over_after_its_claim_expires(
     finally:
         if holder.poll() is None:
             holder.kill()
+            holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
     location = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1")
     b = Machine(Cache(tmp_path / "b"), open_tier(location))
     outcome = b.tier.acquire(b.cache, "pypi", "pkg/killed.whl", ttl=30, wait=60)

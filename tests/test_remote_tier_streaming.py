@@ -312,6 +312,8 @@ def test_the_fetching_proxy_killed_mid_download_is_taken_over_and_nothing_partia
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def listing(raw: S3Backend, bucket: S3Location) -> list[str]:

@@ -9,6 +9,7 @@ nothing but the bucket.  Each test uses a prefix of its own, so the servers star
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -290,16 +291,45 @@ def test_a_longer_object_is_refused_before_any_byte_past_the_entry_size(
     assert b.tier.health.snapshot()["corrupt"] == 1
 
 
+def test_a_store_failing_before_a_pulls_first_byte_makes_it_a_local_fetch(tmp_path: Path) -> None:
+    """Nothing was sent yet: the machine fetches from the upstream (a local-only claim, the tier
+    degraded) instead of answering a body it would have to cut at once."""
+
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            raise ObjectStoreError("object store: reading s3://b/k: ReadTimeoutError", code="read-failed")
+
+    class FailingReads(LocalBackend):
+        def open_blob(self, sha256: str) -> BinaryIO:
+            super().open_blob(sha256).close()  # present
+            return io.BufferedReader(Broken())
+
+    layout = Layout(tmp_path / "store")
+    layout.tmp.mkdir(parents=True)
+    a = Machine(Cache(tmp_path / "a"), RemoteTier(LocalBackend(layout), "store"))
+    b = Machine(Cache(tmp_path / "b"), RemoteTier(FailingReads(layout), "store"))
+    entry = store_local(a.cache, os.urandom(100_000))
+    assert a.tier.publish(a.cache, entry)
+    outcome = b.tier.acquire(b.cache, "pypi", entry.path, stream=True)
+    assert isinstance(outcome, Claim) and not outcome.shared  # fetch it here
+    assert "ReadTimeoutError" in b.tier.degraded()
+    assert not list(b.cache.tmp.iterdir())
+
+
 @pytest.mark.slow
 def test_a_claim_kept_alive_outlives_its_ttl_until_released(bucket: Bucket, tmp_path: Path) -> None:
     a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
-    held = a.tier.claim("pypi", "pkg/long.whl", ttl=1.5)
+    # A ttl with room for SeaweedFS's second-long answer to a contended conditional write.
+    held = a.tier.claim("pypi", "pkg/long.whl", ttl=3)
     assert held is not None and held.shared
     held.keep_alive()
-    time.sleep(3.5)  # more than twice the ttl: renewed meanwhile
-    assert b.tier.claim("pypi", "pkg/long.whl", ttl=1.5) is None
+    time.sleep(6.5)  # more than twice the ttl: renewed meanwhile
+    assert b.tier.claim("pypi", "pkg/long.whl", ttl=3) is None
     held.release()  # stops renewing and lets go
-    taken = b.tier.claim("pypi", "pkg/long.whl", ttl=1.5)
+    taken = b.tier.claim("pypi", "pkg/long.whl", ttl=3)
     assert taken is not None and taken.shared
     taken.release()
 

@@ -257,17 +257,18 @@ def test_the_fetching_proxy_killed_mid_download_is_taken_over_and_nothing_partia
     tmp_path: Path,
 ) -> None:
     """Machine A downloads from a slow upstream; B's client asks for the same artifact and waits
-    on A's claim; A is killed -9 mid-body; once A's claim expires (s3_claim_ttl = 2s, renewed
+    on A's claim; A is killed -9 mid-body; once A's claim expires (s3_claim_ttl = 4s, renewed
     while A lived: B never took over early) B fetches it itself, and its client gets the right
     bytes.  A's client got a cut body; the bucket holds only complete, verified objects."""
     isolate_aws(monkeypatch)
     store = s3_peer(kind)
     body = BIG[: 3 * MiB]
     upstream.files["/big.bin"] = body
-    upstream.faults["/big.bin"] = Fault(chunk_delay=0.15)  # 48 chunks of 64 KiB: about 7 s for A
+    upstream.faults["/big.bin"] = Fault(chunk_delay=0.25)  # 48 chunks of 64 KiB: about 12 s for A
     bucket = location(store, f"t-{uuid.uuid4().hex[:12]}/killed")
-    a = serve(tmp_path, "a", bucket, upstream.url, "2s")
-    b = serve(tmp_path, "b", bucket, upstream.url, "2s")
+    ttl = 4.0  # room for SeaweedFS's second-long answer to a contended conditional write
+    a = serve(tmp_path, "a", bucket, upstream.url, f"{ttl:g}s")
+    b = serve(tmp_path, "b", bucket, upstream.url, f"{ttl:g}s")
     results: dict[str, Any] = {}
     try:
         a_url, b_url = serve_url(a), serve_url(b)
@@ -286,7 +287,7 @@ def test_the_fetching_proxy_killed_mid_download_is_taken_over_and_nothing_partia
             assert time.monotonic() < deadline, "B never waited"
             time.sleep(0.05)
         # Twice the ttl and more (B polls at most a second apart): A renewed its claim meanwhile.
-        time.sleep(max(0.0, claimed_at + 4.5 - time.monotonic()))
+        time.sleep(max(0.0, claimed_at + 2 * ttl + 0.5 - time.monotonic()))
         assert upstream.hits["/big.bin"] == 1 and waiter.is_alive()  # B did not take over early
         upstream.faults["/big.bin"] = Fault(chunk_delay=0.01)  # B's own fetch need not be slow
         a.send_signal(signal.SIGKILL)

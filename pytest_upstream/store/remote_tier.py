@@ -159,6 +159,7 @@ class Pull:
     tier: RemoteTier
     entry: Entry
     source: BinaryIO
+    _first: bytes | None = field(default=None, repr=False)  # read by ``prefetch``
 
     @property
     def what(self) -> str:
@@ -170,12 +171,22 @@ class Pull:
         raised before any byte past the entry's size is handed out."""
         left = self.entry.size
         with self.source:
-            while left > 0 and (chunk := self.source.read(min(CHUNK, left))):
+            while left > 0:
+                chunk, self._first = self._first or self.source.read(min(CHUNK, left)), None
+                if not chunk:
+                    break  # short: refused at ``commit``
                 left -= len(chunk)
                 yield chunk
             longer = left == 0 and bool(self.source.read(1))
         if longer:
             self._refuse("is longer than its entry says")
+
+    def prefetch(self) -> None:
+        """Read the first chunk now: a store that fails before the blob's first byte (an
+        ``ObjectStoreError`` here, inside the tier's error handling) makes the pull a miss,
+        fetched from the upstream, rather than a body cut before it began."""
+        if self.entry.size > 0:
+            self._first = self.source.read(min(CHUNK, self.entry.size))
 
     def commit(self, cache: Cache, writer: BlobWriter) -> Entry:
         """Verify what ``chunks`` gave ``writer``, store the blob and the entry locally; the
@@ -291,9 +302,14 @@ class RemoteTier:
             self.health.count("pull_misses")
             return None
         pull = Pull(self, entry, source)
-        if stream and entry.kind == ARTIFACT:
-            return pull
-        return self._copy(cache, pull)
+        if not (stream and entry.kind == ARTIFACT):
+            return self._copy(cache, pull)
+        try:
+            pull.prefetch()
+        except BaseException:
+            pull.close()
+            raise
+        return pull
 
     def _copy(self, cache: Cache, pull: Pull) -> Entry | None:
         """The whole blob into the local tier, then the entry; None if it was refused."""

@@ -71,14 +71,18 @@ class FlightBody:
         # Open readers (their offsets bound the tail); a reader dropped unclosed leaves by itself.
         self.readers: weakref.WeakSet[FlightReader] = weakref.WeakSet()
 
-    def grown(self, written: int) -> None:
+    def grown(self, written: int, verified: bool = False) -> None:
         """The download wrote the body up to ``written``: make it visible, waking the readers for
-        the first bytes at once, then every ``PUBLISH_BYTES`` or ``PUBLISH_AFTER`` seconds.
-        Waking every reader (and their threads taking the GIL) for each 256 KiB read cost as
-        much CPU as the hash.  Called by the download's thread only."""
+        the first bytes at once, then every ``PUBLISH_BYTES`` or ``PUBLISH_AFTER`` seconds
+        (``verified``: at once, the whole body is known good).  Waking every reader (and their
+        threads taking the GIL) for each 256 KiB read cost as much CPU as the hash.  Called by
+        the download's thread only."""
         now = time.monotonic()
         if written <= self.visible or (
-            self.visible and written - self.visible < PUBLISH_BYTES and now - self._published < PUBLISH_AFTER
+            not verified
+            and self.visible
+            and written - self.visible < PUBLISH_BYTES
+            and now - self._published < PUBLISH_AFTER
         ):
             return
         self._published = now

@@ -281,7 +281,8 @@ class Flight(FlightBody):
         head = _Head(self._flights.fetcher.entry_headers(ctx, res, entry), entry.size)
         try:
             writer = self._flights.cache.writer((), self.eid, entry.size)
-            return self._stream(writer, shared.chunks(pull), head, lambda w: shared.commit(pull, w))
+            verified = functools.partial(self.grown, entry.size, True)  # the last chunk may go
+            return self._stream(writer, shared.chunks(pull), head, lambda w: shared.commit(pull, w, verified))
         finally:
             pull.close()
 

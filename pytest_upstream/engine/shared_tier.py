@@ -105,9 +105,9 @@ class SharedTier:
             self.tier.health.failed(exc)
             raise
 
-    def commit(self, pull: Pull, writer: BlobWriter) -> Entry:
+    def commit(self, pull: Pull, writer: BlobWriter, verified: Callable[[], None]) -> Entry:
         """Store what was streamed (``Pull.commit``: verified, or ``PullRefused``)."""
-        entry = pull.commit(self.cache, writer)
+        entry = pull.commit(self.cache, writer, verified)
         self._pulled(entry)
         return entry
 

@@ -188,18 +188,22 @@ class Pull:
         if self.entry.size > 0:
             self._first = self.source.read(min(CHUNK, self.entry.size))
 
-    def commit(self, cache: Cache, writer: BlobWriter) -> Entry:
+    def commit(self, cache: Cache, writer: BlobWriter, verified: Callable[[], None] = lambda: None) -> Entry:
         """Verify what ``chunks`` gave ``writer``, store the blob and the entry locally; the
-        entry.  ``PullRefused`` (nothing stored) if the bytes are not the entry's."""
-        try:
-            cache.commit_blob(writer, {"sha256": self.entry.sha256}, self.what)
-        except DigestMismatch:
+        entry.  ``PullRefused`` (nothing stored) if the bytes are not the entry's.
+
+        ``verified`` is called once the bytes are known to be the entry's, before the blob is
+        made durable (fsync) and renamed: a streamed pull's clients get their last chunk then,
+        not after the local tier's commit (which, if it fails, leaves them their right bytes)."""
+        if writer.digests()["sha256"] != self.entry.sha256:
             self._refuse("did not hash to its name")
         if writer.size != self.entry.size:  # intact bytes, a wrong claim: the entry is not served
             log.warning("the shared entry of %r has a wrong size (%d)", self.entry.path, self.entry.size)
             raise PullRefused(
                 f"{self.what}: the entry says {self.entry.size} bytes, the blob has {writer.size}"
             )
+        verified()
+        cache.commit_blob(writer, {"sha256": self.entry.sha256}, self.what)  # the same digest, kept
         return self.tier._stored(cache, self.entry)
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 from harness import DOC, busy, log, machine, proxy_command, publish, stop, work_dir
 from instruments import Nginx, http_get, write_random_file
@@ -88,6 +89,16 @@ class Machine:
         assert f.status == 200 and f.size == size, (f.status, f.size)
         return f.t_total
 
+    def store_events(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.base_url}/-/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        prefix = 'upstream_proxy_object_store_events_total{event="'
+        return {
+            line[len(prefix) :].split('"', 1)[0]: int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+
     def store_calls(self) -> int:
         """The shared tier's events so far (every one is a call to the bucket, or one skipped)."""
         with urllib.request.urlopen(f"{self.base_url}/-/metrics", timeout=10) as resp:
@@ -103,27 +114,36 @@ class Machine:
         self.stderr.close()
 
 
-def direct_store_get(peer: S3Peer, key: str) -> float:
-    """A streamed GET of ``key`` with boto3, 1 MiB reads hashed with sha256; seconds.  Waits (at
-    most 60 s) for the object first: the proxy publishes after its client had the last byte."""
+def s3_client(peer: S3Peer) -> Any:
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=peer.endpoint,
         region_name="us-east-1",
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.head_object(Bucket=peer.bucket, Key=key)
-            break
-        except client.exceptions.ClientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+
+
+def wait_published(machine: Machine, peer: S3Peer, location: S3Location, count: int) -> None:
+    """Until ``machine`` published ``count`` entries (or found newer ones) and released its claims
+    (at most 60 s): it
+    publishes after its client had the last byte, and another machine asking before that would
+    wait for the claim (polling) instead of pulling, which is not what (2) measures."""
+    client, deadline = s3_client(peer), time.monotonic() + 60
+    while (
+        sum(machine.store_events().get(event, 0) for event in ("published", "publish_conflicts")) < count
+        or client.list_objects_v2(Bucket=peer.bucket, Prefix=location.key("leases/")).get("KeyCount", 0) > 0
+    ):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the object was never published")
+        time.sleep(0.02)
+
+
+def direct_store_get(peer: S3Peer, key: str) -> float:
+    """A streamed GET of ``key`` with boto3, 1 MiB reads hashed with sha256; seconds."""
+    client = s3_client(peer)
     start = time.perf_counter()
     body = client.get_object(Bucket=peer.bucket, Key=key)["Body"]
     digest = hashlib.sha256()
@@ -176,8 +196,9 @@ def measure(work: Path, peer: S3Peer, nginx: Nginx, sha: str, runs: int) -> dict
             b.get("warm.bin", 1024)  # (a proxy that runs for a while has it already)
             rows["direct"].append(http_get(nginx.port, "/big.bin", timeout=60).t_total)
             rows["cold"].append(a.get("big.bin"))
-            key = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1").key(f"blobs/{sha[:2]}/{sha}")
-            rows["s3get"].append(direct_store_get(peer, key))
+            location = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1")
+            wait_published(a, peer, location, 2)  # warm.bin and big.bin
+            rows["s3get"].append(direct_store_get(peer, location.key(f"blobs/{sha[:2]}/{sha}")))
             rows["pull"].append(b.get("big.bin"))
             for _ in range(3):  # hits, alternating with nginx
                 rows["hit"].append(b.get("big.bin"))

@@ -62,7 +62,10 @@ from pytest_upstream.store.tier_health import DEFAULT_BACKOFF, TierHealth
 log = logging.getLogger("pytest_upstream")
 _T = TypeVar("_T")
 
-CHUNK = 1024 * 1024
+# A pull reads the store 256 KiB at a time: each read is hashed and written to the part file
+# while it is still in the CPU's cache.  1 MiB reads (a fresh buffer each, past the L2 cache)
+# made writing a streamed 100 MiB pull 5-8x slower here (250 ms instead of 30-50 ms).
+CHUNK = 256 * 1024
 # The tier's requests fail fast: a store that does not answer costs a build seconds, not minutes.
 TIER_TIMEOUTS = Timeouts(connect=2.0, read=10.0, attempts=2)
 POLL_FIRST, POLL_MAX = 0.1, 1.0  # a waiter's polls: first interval, doubling up to the max

@@ -128,9 +128,8 @@ def s3_client(peer: S3Peer) -> Any:
 
 def wait_published(machine: Machine, peer: S3Peer, location: S3Location, count: int) -> None:
     """Until ``machine`` published ``count`` entries (or found newer ones) and released its claims
-    (at most 60 s): it
-    publishes after its client had the last byte, and another machine asking before that would
-    wait for the claim (polling) instead of pulling, which is not what (2) measures."""
+    (at most 60 s): it publishes after its client had the last byte, and another machine asking
+    before that would wait for the claim (polling) instead of pulling: not what (2) measures."""
     client, deadline = s3_client(peer), time.monotonic() + 60
     while (
         sum(machine.store_events().get(event, 0) for event in ("published", "publish_conflicts")) < count
@@ -269,12 +268,16 @@ def render(
         "for boto3's import and client, which the proxy now makes in the background at start. A "
         "pull streams (engine/flights.py with the bucket as its source): the client's first byte "
         "waits for the index GET and the blob's GET, then it reads the part file as it grows, the "
-        "last chunk held back until the blob hashed to its name and was fsynced. What (2) pays "
-        "beyond the reference, which only reads and hashes: the index GET, writing 100 MiB into the "
-        "local tier (about 60 ms here) in the thread that reads the store, the client's own read "
-        "(sendfile) and the final fsync, all on the same 2 cores as the store and the client; "
-        "before streaming, the whole copy came first and (2) was 0.32-0.44x. Warm hits never ask "
-        "the bucket (4) and are served from the local tier like any hit (3).",
+        "last chunk held back until the blob hashed to the entry's sha256 (not for the fsync). What "
+        "(2) pays beyond the reference, which only reads and hashes into a reused buffer, is "
+        "writing 100 MiB into the local tier: 20-50 ms when the page cache's new pages are cheap, "
+        "but on this VM about half of the pulls spend 150-250 ms in that copy alone (perf: 60% of "
+        "the proxy's samples in the kernel's copy_folio_from_iter_atomic, against 6-11% in a fast "
+        "run of the same code; most likely first touches of fresh guest memory), which the median shows; a "
+        "fast pull is 0.7-0.8x. Reading the store 256 KiB at a time instead of 1 MiB halved the "
+        "pull in-process (each read is hashed and written while in the CPU's cache). Before "
+        "streaming, the whole copy came first and (2) was 0.32-0.44x. Warm hits never ask the "
+        "bucket (4) and are served from the local tier like any hit (3).",
         "",
         "Raw (ms): "
         + "; ".join(

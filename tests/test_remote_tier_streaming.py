@@ -2,8 +2,8 @@
 (engine/flights.py with a ``Pull`` as its source; docs/object-storage.md), and the fetching
 machine killed -9 mid-download is taken over by another, through the proxy.
 
-Proxies on two "machines" (separate local tiers) share one bucket on a real SeaweedFS (and moto)
-started on loopback.  To see bytes arrive *before* the pull is stored, machine B reaches the
+Proxies on two "machines" (separate local tiers) share one bucket on a real SeaweedFS started on
+loopback (the kill -9 test also on moto's server).  To see bytes arrive *before* the pull is stored, machine B reaches the
 store through a throttling TCP relay on loopback (``SlowLink``): the bytes are the store's own.
 """
 

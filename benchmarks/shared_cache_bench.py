@@ -36,6 +36,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 from harness import DOC, busy, log, machine, proxy_command, publish, stop, work_dir
 from instruments import Nginx, http_get, write_random_file
@@ -88,6 +89,16 @@ class Machine:
         assert f.status == 200 and f.size == size, (f.status, f.size)
         return f.t_total
 
+    def store_events(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.base_url}/-/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        prefix = 'upstream_proxy_object_store_events_total{event="'
+        return {
+            line[len(prefix) :].split('"', 1)[0]: int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+
     def store_calls(self) -> int:
         """The shared tier's events so far (every one is a call to the bucket, or one skipped)."""
         with urllib.request.urlopen(f"{self.base_url}/-/metrics", timeout=10) as resp:
@@ -103,27 +114,35 @@ class Machine:
         self.stderr.close()
 
 
-def direct_store_get(peer: S3Peer, key: str) -> float:
-    """A streamed GET of ``key`` with boto3, 1 MiB reads hashed with sha256; seconds.  Waits (at
-    most 60 s) for the object first: the proxy publishes after its client had the last byte."""
+def s3_client(peer: S3Peer) -> Any:
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=peer.endpoint,
         region_name="us-east-1",
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.head_object(Bucket=peer.bucket, Key=key)
-            break
-        except client.exceptions.ClientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+
+
+def wait_published(machine: Machine, peer: S3Peer, location: S3Location, count: int) -> None:
+    """Until ``machine`` published ``count`` entries (or found newer ones) and released its claims
+    (at most 60 s): it publishes after its client had the last byte, and another machine asking
+    before that would wait for the claim (polling) instead of pulling: not what (2) measures."""
+    client, deadline = s3_client(peer), time.monotonic() + 60
+    while (
+        sum(machine.store_events().get(event, 0) for event in ("published", "publish_conflicts")) < count
+        or client.list_objects_v2(Bucket=peer.bucket, Prefix=location.key("leases/")).get("KeyCount", 0) > 0
+    ):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the object was never published")
+        time.sleep(0.02)
+
+
+def direct_store_get(peer: S3Peer, key: str) -> float:
+    """A streamed GET of ``key`` with boto3, 1 MiB reads hashed with sha256; seconds."""
+    client = s3_client(peer)
     start = time.perf_counter()
     body = client.get_object(Bucket=peer.bucket, Key=key)["Body"]
     digest = hashlib.sha256()
@@ -176,8 +195,9 @@ def measure(work: Path, peer: S3Peer, nginx: Nginx, sha: str, runs: int) -> dict
             b.get("warm.bin", 1024)  # (a proxy that runs for a while has it already)
             rows["direct"].append(http_get(nginx.port, "/big.bin", timeout=60).t_total)
             rows["cold"].append(a.get("big.bin"))
-            key = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1").key(f"blobs/{sha[:2]}/{sha}")
-            rows["s3get"].append(direct_store_get(peer, key))
+            location = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1")
+            wait_published(a, peer, location, 2)  # warm.bin and big.bin
+            rows["s3get"].append(direct_store_get(peer, location.key(f"blobs/{sha[:2]}/{sha}")))
             rows["pull"].append(b.get("big.bin"))
             for _ in range(3):  # hits, alternating with nginx
                 rows["hit"].append(b.get("big.bin"))
@@ -246,11 +266,22 @@ def render(
         "cold miss (an index look-up and a claim by conditional PUT, 1-3 ms each on SeaweedFS), so "
         "(1) is the cold miss of run.py; the first request of a new process would wait 200-400 ms "
         "for boto3's import and client, which the proxy now makes in the background at start. A "
-        "pull copies and verifies the whole blob into the local tier before its first byte is "
-        "served (store/remote_tier.py), so (2) pays the bucket read, a local write and the hit's "
-        "sendfile in a row: streaming a pull to its clients as it lands (a download whose source "
-        "is the bucket) is the next step. Warm hits never ask the bucket (4) and are served from "
-        "the local tier like any hit (3).",
+        "pull streams (engine/flights.py with the bucket as its source): the client's first byte "
+        "waits for the index GET and the blob's GET, then it reads the part file as it grows, the "
+        "last chunk held back until the blob hashed to the entry's sha256 (not for the fsync). What "
+        "(2) pays beyond the reference, which only reads and hashes into a reused buffer, is "
+        "writing 100 MiB into the local tier. On this VM pulls are bimodal: about 150 ms "
+        "(0.7-0.8x) or about 300 ms, the slow ones with 60% of the proxy's CPU samples in the "
+        "kernel's copy into the page cache (perf: copy_folio_from_iter_atomic, 6-11% in a fast "
+        "pull of the same code), whether or not the part file's length was reserved with "
+        "posix_fallocate. Most likely the VM's virtio-balloon free page reporting (enabled here): "
+        "guest pages freed earlier were handed back to the host, and the first write to each costs "
+        "a fault on the host (about 150 ms per 100 MiB); runs 1-2 of a bench are fast, the later "
+        "ones slow, and the median shows it. Reading the store 256 KiB at a "
+        "time instead of 1 MiB halved the "
+        "pull in-process (each read is hashed and written while in the CPU's cache). Before "
+        "streaming, the whole copy came first and (2) was 0.32-0.44x. Warm hits never ask the "
+        "bucket (4) and are served from the local tier like any hit (3).",
         "",
         "Raw (ms): "
         + "; ".join(

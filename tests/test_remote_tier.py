@@ -9,6 +9,7 @@ nothing but the bucket.  Each test uses a prefix of its own, so the servers star
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -33,7 +34,7 @@ from pytest_upstream.store.entry import ARTIFACT, METADATA, Entry, entry_bytes
 from pytest_upstream.store.errors import ObjectStoreError
 from pytest_upstream.store.layout import Layout
 from pytest_upstream.store.local import LocalBackend
-from pytest_upstream.store.remote_tier import Claim, RemoteTier, open_tier
+from pytest_upstream.store.remote_tier import Claim, Pull, PullRefused, RemoteTier, open_tier
 from pytest_upstream.store.s3 import S3Backend
 from pytest_upstream.store.s3_client import Timeouts
 
@@ -240,6 +241,97 @@ def test_a_bit_flipped_object_is_refused_removed_and_fetched_again(bucket: Bucke
     assert a.tier.publish(a.cache, entry)
     assert b.tier.pull(b.cache, "pypi", entry.path) == entry
     assert b.cache.blob_path(entry.sha256).read_bytes() == data
+
+
+def test_an_artifact_pull_streams_and_is_stored_only_once_committed(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    entry = store_local(a.cache, data)
+    assert a.tier.publish(a.cache, entry)
+    pull = b.tier.open_pull(b.cache, "pypi", entry.path)
+    assert isinstance(pull, Pull) and pull.entry == entry
+    writer = b.cache.writer(eid=entry.id, reserve=entry.size)
+    got = b""
+    for chunk in pull.chunks():
+        assert b.cache.lookup("pypi", entry.path) is None  # nothing is stored while it streams
+        writer.write(chunk)
+        got += chunk
+    assert got == data
+    assert pull.commit(b.cache, writer) == entry  # verified: blob and entry, A's fetch time
+    writer.discard()
+    assert b.cache.lookup("pypi", entry.path) == entry
+    assert b.cache.blob_path(entry.sha256).read_bytes() == data
+    assert b.tier.health.snapshot()["pulled"] == 1
+    b.cache.remove_entry(entry)  # the blob is here already: the entry alone, nothing to stream
+    assert b.tier.open_pull(b.cache, "pypi", entry.path) == entry
+    page = store_local(a.cache, b"<a>index</a>", path="simple/p/", kind=METADATA)
+    assert a.tier.publish(a.cache, page)
+    assert b.tier.open_pull(b.cache, "pypi", "simple/p/") == page  # metadata: pulled whole
+
+
+def test_a_longer_object_is_refused_before_any_byte_past_the_entry_size(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """A streamed pull never hands out more than the entry's size, so a client served from it
+    never gets a whole body of the wrong bytes (the extra bytes would arrive in a chunk of their
+    own here: the size is a multiple of the read size)."""
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    data = os.urandom(2 * 1024 * 1024)
+    entry = store_local(a.cache, data)
+    assert a.tier.publish(a.cache, entry)
+    bucket.corrupt(entry.sha256, data + b"tail")
+    pull = b.tier.open_pull(b.cache, "pypi", entry.path)
+    assert isinstance(pull, Pull)
+    seen = 0
+    with pytest.raises(PullRefused, match="longer than its entry says"):
+        for chunk in pull.chunks():
+            seen += len(chunk)
+    assert seen <= entry.size
+    assert bucket.make().blob_stat(entry.sha256) is None  # it does not hash to its name: removed
+    assert b.tier.health.snapshot()["corrupt"] == 1
+
+
+def test_a_store_failing_before_a_pulls_first_byte_makes_it_a_local_fetch(tmp_path: Path) -> None:
+    """Nothing was sent yet: the machine fetches from the upstream (a local-only claim, the tier
+    degraded) instead of answering a body it would have to cut at once."""
+
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            raise ObjectStoreError("object store: reading s3://b/k: ReadTimeoutError", code="read-failed")
+
+    class FailingReads(LocalBackend):
+        def open_blob(self, sha256: str) -> BinaryIO:
+            super().open_blob(sha256).close()  # present
+            return io.BufferedReader(Broken())
+
+    layout = Layout(tmp_path / "store")
+    layout.tmp.mkdir(parents=True)
+    a = Machine(Cache(tmp_path / "a"), RemoteTier(LocalBackend(layout), "store"))
+    b = Machine(Cache(tmp_path / "b"), RemoteTier(FailingReads(layout), "store"))
+    entry = store_local(a.cache, os.urandom(100_000))
+    assert a.tier.publish(a.cache, entry)
+    outcome = b.tier.acquire(b.cache, "pypi", entry.path, stream=True)
+    assert isinstance(outcome, Claim) and not outcome.shared  # fetch it here
+    assert "ReadTimeoutError" in b.tier.degraded()
+    assert not list(b.cache.tmp.iterdir())
+
+
+@pytest.mark.slow
+def test_a_claim_kept_alive_outlives_its_ttl_until_released(bucket: Bucket, tmp_path: Path) -> None:
+    a, b = machine(bucket, tmp_path / "a"), machine(bucket, tmp_path / "b")
+    # A ttl with room for SeaweedFS's second-long answer to a contended conditional write.
+    held = a.tier.claim("pypi", "pkg/long.whl", ttl=3)
+    assert held is not None and held.shared
+    held.keep_alive()
+    time.sleep(6.5)  # more than twice the ttl: renewed meanwhile
+    assert b.tier.claim("pypi", "pkg/long.whl", ttl=3) is None
+    held.release()  # stops renewing and lets go
+    taken = b.tier.claim("pypi", "pkg/long.whl", ttl=3)
+    assert taken is not None and taken.shared
+    taken.release()
 
 
 def test_an_entry_whose_blob_is_missing_is_a_miss(bucket: Bucket, tmp_path: Path) -> None:
@@ -515,8 +607,9 @@ import sys, time
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.store.remote_tier import open_tier
 tier = open_tier(S3Location(sys.argv[1], sys.argv[2], sys.argv[3], "us-east-1"))
+before = time.time()  # the lease expires no sooner than ttl after this
 claim = tier.claim("pypi", "pkg/killed.whl", ttl=float(sys.argv[4]))
-print("held" if claim is not None and claim.shared else "not held", flush=True)
+print(repr(before) if claim is not None and claim.shared else "not held", flush=True)
 time.sleep(600)  # "downloading" until killed
 """
 
@@ -541,18 +634,23 @@ def test_a_holder_killed_mid_fetch_is_taken_over_after_its_claim_expires(
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+        assert holder.stdout is not None
+        claimed = float(holder.stdout.readline())  # wall time before the claim ("not held": fails)
         holder.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         holder.wait(10)
     finally:
         if holder.poll() is None:
             holder.kill()
+            holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
     location = S3Location(peer.bucket, prefix, peer.endpoint, "us-east-1")
     b = Machine(Cache(tmp_path / "b"), open_tier(location))
     outcome = b.tier.acquire(b.cache, "pypi", "pkg/killed.whl", ttl=30, wait=60)
-    waited = time.monotonic() - killed_at
+    waited, since_claim = time.monotonic() - killed_at, time.time() - claimed
     assert isinstance(outcome, Claim) and outcome.shared and outcome.taken_over
-    assert ttl - 1.0 < waited < ttl + 10, waited
+    assert since_claim >= ttl - 0.2, since_claim  # not before it expired (a loaded machine reads late)
+    assert waited < ttl + 10, waited
     assert b.cache.lookup("pypi", "pkg/killed.whl") is None
     outcome.release()

@@ -1,6 +1,6 @@
 """Choosing the object store: ``cache = "s3://BUCKET/PREFIX"`` in the table, ``--cache``,
-``--upstream-cache`` and ``UPSTREAM_PROXY_CACHE``; ``local_cache``, ``s3_endpoint_url`` and
-``s3_region`` (config/object_store.py)."""
+``--upstream-cache`` and ``UPSTREAM_PROXY_CACHE``; ``local_cache``, ``s3_endpoint_url``,
+``s3_region`` and ``s3_claim_ttl`` (config/object_store.py)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,28 @@ def test_the_endpoint_and_region_come_from_the_aws_variables_otherwise(
     monkeypatch.setenv("AWS_REGION", "auto")
     settings = table(tmp_path, 'cache = "s3://ci-cache/p"')
     assert settings.object_store == S3Location("ci-cache", "p", "https://minio.internal:9000", "auto")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 60.0), ("5", 5.0), ('"90s"', 90.0), ('"2m"', 120.0), ("0.5", 0.5)]
+)
+def test_the_claim_ttl_is_seconds_or_an_age_and_reaches_the_engine(
+    tmp_path: Path, value: str | None, seconds: float
+) -> None:
+    from pytest_upstream.engine.shared_tier import shared_tier
+    from pytest_upstream.store.cache import Cache
+
+    body = 'cache = "s3://ci-cache/p"\ns3_endpoint_url = "http://127.0.0.1:9"'
+    settings = table(tmp_path, body + (f"\ns3_claim_ttl = {value}" if value else ""))
+    assert settings.store_options.claim_ttl == seconds
+    shared = shared_tier(settings, Cache(tmp_path / "tier"))
+    assert shared is not None and shared.claim_ttl == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"soon"', "true", '""', "inf"])
+def test_a_claim_ttl_that_is_not_a_positive_duration_is_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="s3_claim_ttl must be a positive number of seconds"):
+        table(tmp_path, f'cache = "s3://ci-cache/p"\ns3_claim_ttl = {value}')
 
 
 def test_a_directory_cache_has_no_object_store(tmp_path: Path) -> None:

@@ -21,8 +21,15 @@ from typing import Any
 
 from pytest_upstream.config.checks import ConfigError
 from pytest_upstream.config.s3_location import S3Location, S3LocationError, is_s3_url, s3_location
+from pytest_upstream.config.units import parse_age
 
-OBJECT_STORE_FIELDS = frozenset({"local_cache", "s3_endpoint_url", "s3_region"})
+_LOCATION_FIELDS = ("local_cache", "s3_endpoint_url", "s3_region")
+OBJECT_STORE_FIELDS = frozenset({*_LOCATION_FIELDS, "s3_claim_ttl"})
+# Seconds a machine's claim to fetch an entry lives unless renewed.  A live download renews it
+# every third of that (store/remote_tier.py ``Claim.keep_alive``), so it only bounds how long the
+# other machines wait after the fetching machine died (killed, lost its network) before one of
+# them fetches instead.  Shorter means a faster take-over and more renewals (two requests each).
+DEFAULT_CLAIM_TTL = 60.0
 # What boto3's chain may read that is a secret (the access key id is an identifier, scrubbed too).
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 
@@ -34,6 +41,7 @@ class StoreOptions:
     local_cache: Path | None = None  # the local tier; None: the per-user cache directory
     endpoint_url: str | None = None  # s3_endpoint_url
     region: str | None = None  # s3_region
+    claim_ttl: float = DEFAULT_CLAIM_TTL  # s3_claim_ttl: seconds ("90s", "2m", or a number)
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,10 @@ class CacheLocation:
 
 
 def parse_store_options(table: Mapping[str, Any], where: str, base_dir: Path) -> StoreOptions:
-    """``local_cache`` (relative to the config file's directory), ``s3_endpoint_url``, ``s3_region``."""
+    """``local_cache`` (relative to the config file's directory), ``s3_endpoint_url``, ``s3_region``,
+    ``s3_claim_ttl``."""
     values: dict[str, str | None] = {}
-    for name in sorted(OBJECT_STORE_FIELDS):
+    for name in _LOCATION_FIELDS:
         value = table.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{where}: {name} must be a non-empty string (got {value!r})")
@@ -55,7 +64,25 @@ def parse_store_options(table: Mapping[str, Any], where: str, base_dir: Path) ->
         local_cache=base_dir / Path(local).expanduser() if local else None,
         endpoint_url=values["s3_endpoint_url"],
         region=values["s3_region"],
+        claim_ttl=_claim_ttl(table.get("s3_claim_ttl", DEFAULT_CLAIM_TTL), where),
     )
+
+
+def _claim_ttl(value: object, where: str) -> float:
+    """A positive number of seconds, or an age (``"90s"``, ``"2m"``)."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = parse_age(value)
+        except ValueError:
+            seconds = None
+    if seconds is None or not 0 < seconds < float("inf"):
+        raise ConfigError(
+            f"{where}: s3_claim_ttl must be a positive number of seconds or an age like '90s' (got {value!r})"
+        )
+    return seconds
 
 
 def resolve_cache(

@@ -405,16 +405,17 @@ class Engine:
         self.recorders.used(ctx.proxy.key, resource, obtained.entry)
         return obtained.entry, path.read_bytes()
 
-    def _usable(self, ctx: RequestContext, res: Resource) -> tuple[Entry, Path] | None:
+    def _usable(self, ctx: RequestContext, res: Resource, *, pull: bool = True) -> tuple[Entry, Path] | None:
         """The intact cached (or locked) entry and blob, or None; raises 404 for a remembered
-        not-found answer."""
+        not-found answer.  ``pull``: a local miss is pulled whole from an ``s3://`` cache's
+        bucket first (else an artifact GET's flight streams it from there: flights.py)."""
         proxy = ctx.proxy
         if self.lock is not None and ctx.mode == "replay":
             if ctx.warm_only:
                 raise WouldBlock  # replaying a lock file verifies what it names: a worker's job
             return locked_blob(self.settings, self.lock, self.cache, self.recorders, proxy, res)
         entry = self.cache.lookup(proxy.key, res.path, res.variant)
-        if entry is None and self.shared is not None:  # what another machine put in the bucket
+        if entry is None and pull and self.shared is not None:  # what another machine put in the bucket
             if ctx.warm_only:
                 raise WouldBlock  # asking the bucket is a worker's job
             entry = self.shared.pull(proxy.key, res.path, res.variant)
@@ -462,9 +463,7 @@ class Engine:
                     obtained = self.fetcher.fetch_whole(ctx, res, entry)
                 except FormatError as exc:  # a remembered 404 is shared too (the negative cache)
                     if self.shared is not None and exc.status == 404:
-                        remembered = self.cache.lookup(proxy.key, res.path, res.variant)
-                        if remembered is not None and remembered.kind == NOT_FOUND:
-                            self.shared.publish(remembered)
+                        self.shared.publish_not_found(proxy.key, res)
                     raise
                 if self.shared is not None and obtained.cache == "miss":
                     self.shared.publish(obtained.entry)
@@ -482,10 +481,10 @@ class Engine:
         """
         if res.kind is not Kind.ARTIFACT or ctx.request.method != "GET" or ctx.mode == "replay":
             return None
-        if self._usable(ctx, res) is not None:
+        if self._usable(ctx, res, pull=False) is not None:  # a miss streams from the bucket too
             return None
         if ctx.warm_only:
             raise WouldBlock  # a download to start or join
         return self.flights.serve(
-            ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res) is not None
+            ctx, res, self.settings.lock_timeout, lambda: self._usable(ctx, res, pull=False) is not None
         )

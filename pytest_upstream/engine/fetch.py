@@ -22,7 +22,7 @@ from pytest_upstream.engine.errors import UpstreamDown, UpstreamFailed
 from pytest_upstream.engine.freshness import Freshness
 from pytest_upstream.engine.recorders import Recorders
 from pytest_upstream.formats.base import Format, FormatError, Kind, MalformedUpstream, Resource
-from pytest_upstream.store.cache import Cache, DigestMismatch, Entry, StoreFailed, entry_id
+from pytest_upstream.store.cache import BlobWriter, Cache, DigestMismatch, Entry, StoreFailed, entry_id
 from pytest_upstream.store.entry import NOT_FOUND
 from pytest_upstream.upstream.client import Pace, UpstreamClient, UpstreamError, content_coded, iter_body
 from pytest_upstream.upstream.health import Health
@@ -239,6 +239,33 @@ class Fetcher:
         return Obtained(entry, "miss")
 
     # -- streamed answers (the download itself runs in engine/flights.py) --------
+    def commit_streamed(
+        self, ctx: RequestContext, res: Resource, headers: Mapping[str, str], writer: BlobWriter
+    ) -> Entry:
+        """Verify and store a body streamed from the upstream (its answer's ``headers``).  An
+        index entry that cannot be written does not fail the download: its clients get the whole
+        verified body."""
+        sha, size = self.cache.commit_blob(writer, res.expected, res.upstream_url)
+        entry = res.index_entry(ctx.proxy.key, headers, sha, size, ctx.now())
+        try:
+            return self.cache.store_entry(entry)
+        except StoreFailed as exc:
+            store_failed(self.cache, exc, f"{res.upstream_url} served whole but not indexed")
+            return entry
+
+    def entry_headers(self, ctx: RequestContext, res: Resource, entry: Entry) -> dict[str, str]:
+        """The headers of a stored ``entry`` streamed while it is copied into the cache (from an
+        ``s3://`` cache's bucket): those of a hit on it."""
+        headers = {
+            CACHE_HEADER: "hit",
+            "Content-Type": entry.content_type or res.content_type or "application/octet-stream",
+            "ETag": f'"sha256-{entry.sha256}"',
+            **ctx.fmt.reply_headers(res, entry.headers),
+        }
+        if entry.last_modified:
+            headers["Last-Modified"] = entry.last_modified
+        return headers
+
     def stream_headers(self, ctx: RequestContext, res: Resource, resp: httpx.Response) -> dict[str, str]:
         """The headers of an answer streamed while the upstream's ``resp`` is stored."""
         return {

@@ -33,6 +33,8 @@ from pytest_upstream.store.cache import Entry
 READ_CHUNK = 1024 * 1024  # at most this much per span or chunk handed to the server
 RELAY_LIMIT = 32 * 1024 * 1024  # bytes of a relayed body held in memory for slower readers
 RELAY_STALL = 10.0  # seconds a reader may hold a full relay buffer without reading
+PUBLISH_BYTES = 1024 * 1024  # new bytes that wake the readers ...
+PUBLISH_AFTER = 0.005  # ... or seconds since they were last woken, whichever comes first
 
 # A flight's states.  STARTING ends in one of the others; STREAMING in DONE, RELAYED or FAILED.
 STARTING = "starting"  # waiting for the entry lock or the upstream's answer
@@ -65,8 +67,28 @@ class FlightBody:
         self.sha256 = ""  # relayed: the body's digest
         self._tail_bytes = 0  # relaying: the bytes in ``tail``
         self._cancel = ""  # why to stop (Flights.close)
+        self._published = 0.0  # when the readers were last woken for new bytes (the download's own)
         # Open readers (their offsets bound the tail); a reader dropped unclosed leaves by itself.
         self.readers: weakref.WeakSet[FlightReader] = weakref.WeakSet()
+
+    def grown(self, written: int, verified: bool = False) -> None:
+        """The download wrote the body up to ``written``: make it visible, waking the readers for
+        the first bytes at once, then every ``PUBLISH_BYTES`` or ``PUBLISH_AFTER`` seconds
+        (``verified``: at once, the whole body is known good).  Waking every reader (and their
+        threads taking the GIL) for each 256 KiB read cost as much CPU as the hash.  Called by
+        the download's thread only."""
+        now = time.monotonic()
+        if written <= self.visible or (
+            not verified
+            and self.visible
+            and written - self.visible < PUBLISH_BYTES
+            and now - self._published < PUBLISH_AFTER
+        ):
+            return
+        self._published = now
+        with self.cond:
+            self.visible = written
+            self.cond.notify_all()
 
     def reader_closed(self, reader: FlightReader) -> None:
         """A reader stopped (called with ``cond`` held)."""

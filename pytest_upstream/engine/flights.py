@@ -8,6 +8,11 @@ the growing part file as bytes arrive (``FlightReader`` in flight_reader.py: its
 never blocks, slows or cancels the download or another client, and never holds the entry lock.
 Other processes wait for the entry lock (store/locks.py) and then find a hit.
 
+With an ``s3://`` cache the source may be the bucket: an entry another machine fetched (a
+``Pull`` from ``SharedTier.acquire``) streams the same way, verified against the entry's sha256
+and size before its last chunk; a bit-flipped object cuts the bodies (it is removed from the
+bucket: the next request fetches from the upstream).  Its clients are answered ``hit``.
+
 The last chunk is held back until the blob is verified and indexed, so no client receives a
 whole body that failed verification.  A download that fails after the upstream's answer began
 makes every joined client's stream raise ``FlightFailed`` (the server cuts the connection); a
@@ -26,14 +31,12 @@ relays the rest to the clients already joined from memory, bounded, and stores n
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import httpx
 
 from pytest_upstream.engine.context import RequestContext
 from pytest_upstream.engine.errors import UpstreamFailed
@@ -73,9 +76,8 @@ from pytest_upstream.store.cache import (
     entry_id,
     verify_digests,
 )
-from pytest_upstream.store.entry import NOT_FOUND
-from pytest_upstream.store.remote_tier import Claim
-from pytest_upstream.upstream.client import Pace, UpstreamError, content_coded, iter_body
+from pytest_upstream.store.remote_tier import Claim, Pull
+from pytest_upstream.upstream.client import UpstreamError, content_coded, iter_body
 from pytest_upstream.upstream.decoding import EXPANSION_JUDGED_AFTER
 
 __all__ = ["FlightCancelled", "FlightFailed", "FlightReader", "Flights"]
@@ -83,8 +85,6 @@ __all__ = ["FlightCancelled", "FlightFailed", "FlightReader", "Flights"]
 log = logging.getLogger("pytest_upstream.engine.flights")
 
 _CLOSE_WAIT = 2.0  # seconds Engine.close waits for cancelled flights to clean up
-_PUBLISH_BYTES = 1024 * 1024  # new bytes that wake the readers ...
-_PUBLISH_AFTER = 0.005  # ... or seconds since they were last woken, whichever comes first
 
 
 class FlightCancelled(Exception):
@@ -124,8 +124,9 @@ class Flight(FlightBody):
         self._pending = 0  # clients that joined and have no reader yet
         self._readers = 0  # open readers
         self._left_at: float | None = None  # when the last client left
-        self._published = 0.0  # when the readers were last woken for new bytes
         self._claim: Claim | None = None  # the bucket's claim to download this entry (s3:// caches)
+        self._source = res.upstream_url  # where the bytes come from (the bucket's blob, for a pull)
+        self.from_bucket = False  # set before STREAMING: the answer is a hit of the shared cache
         self.thread = threading.Thread(
             target=self._run, name=f"pytest-upstream fetch {res.path[-60:]}", daemon=True
         )
@@ -145,10 +146,10 @@ class Flight(FlightBody):
         """What the client of ``ctx`` gets once the upstream answered: a Reply streaming from the
         part file, the whole stored entry (``Obtained``), or None when another process stored it
         (the caller serves the hit).  Raises what the download failed with."""
-        cache = "miss" if first else "hit"
         with self.cond:
             while self.state == STARTING:
                 self.cond.wait()
+            cache = "miss" if first and not self.from_bucket else "hit"
             self._pending -= 1
             if self._fd is not None:  # the answer began (it may have ended since): read the file
                 fd = os.dup(self._fd)
@@ -199,29 +200,23 @@ class Flight(FlightBody):
             if self.head is not None:
                 level = logging.INFO if isinstance(exc, FlightCancelled) else logging.WARNING
                 scrub = self._flights.recorders.scrub
-                url, why = scrub(self.res.upstream_url), scrub(str(failure))
+                url, why = scrub(self._source), scrub(str(failure))
                 log.log(level, "download of %s stopped: %s", url, why)
             self._end(FAILED, error=failure)
-            if isinstance(exc, FormatError) and exc.status == 404:  # a remembered 404 is shared too
-                self._share_not_found()
+            if isinstance(exc, FormatError) and exc.status == 404 and self._flights.shared is not None:
+                claim, self._claim = self._claim, None  # a remembered 404 is shared too
+                self._flights.shared.publish_not_found(self.ctx.proxy.key, self.res, claim)
             if not isinstance(exc, Exception):
                 raise
         else:
             if entry is not None:
                 self._end(DONE, entry=entry)
-                self._share(entry)  # after the clients have it all
+                if not self.from_bucket:
+                    self._share(entry)  # after the clients have it all
         finally:
             if self._claim is not None:  # failed, or found: let another machine go
                 self._claim.release()
             self._flights.finished()
-
-    def _share_not_found(self) -> None:
-        if self._flights.shared is None:
-            return
-        res = self.res
-        remembered = self._flights.cache.lookup(self.ctx.proxy.key, res.path, res.variant)
-        if remembered is not None and remembered.kind == NOT_FOUND:
-            self._share(remembered)
 
     def _share(self, entry: Entry) -> None:
         """Publish to the bucket what this machine stored, then release the claim."""
@@ -244,6 +239,8 @@ class Flight(FlightBody):
                 return None
             if unlockable is None and flights.shared is not None:  # or another machine did
                 outcome = flights.shared.acquire(ctx.proxy.key, res.path, res.variant)
+                if isinstance(outcome, Pull):
+                    return self._pull(outcome)
                 if not isinstance(outcome, Claim):
                     self._end(FOUND)
                     return None
@@ -264,6 +261,7 @@ class Flight(FlightBody):
                         return None
                     size = UNKNOWN if length is None else length
                     writer = flights.cache.writer(tuple(res.expected), self.eid, size)
+                    chunks, coded = iter_body(resp, pace), bool(content_coded(resp))
                 except StoreFailed as exc:
                     if resp.is_stream_consumed:  # failed mid-body: nothing was sent, refuse (503)
                         store_failed(flights.cache, exc, f"{res.upstream_url} refused (503)")
@@ -271,18 +269,40 @@ class Flight(FlightBody):
                     body = PassThrough(stack.pop_all(), resp, pace, ctx, res, flights.recorders)
                     self._end(PASSING, error=exc, relay=body.reply(flights.cache, exc, head.headers, length))
                     return None
-                return self._stream(writer, resp, pace, head)
+                commit = functools.partial(fetcher.commit_streamed, ctx, res, resp.headers)
+                return self._stream(writer, chunks, head, commit, coded=coded)
 
-    def _stream(self, writer: BlobWriter, resp: httpx.Response, pace: Pace, head: _Head) -> Entry | None:
-        """Write the body to the part file, publishing all but the last chunk as it grows.  Disk
-        full mid-body (no length was declared to reserve) relays the rest from memory
-        (``_relay_from_memory``: None then, nothing stored); an index entry that cannot be written does not
-        fail the flight either: the clients get the whole verified body."""
-        ctx, res, cache = self.ctx, self.res, self._flights.cache
+    def _pull(self, pull: Pull) -> Entry | None:
+        """Stream an entry another machine put in the bucket (called holding the entry lock), as
+        a download from the upstream is streamed; ``Pull.commit`` verifies and stores it."""
+        shared, ctx, res, entry = self._flights.shared, self.ctx, self.res, pull.entry
+        assert shared is not None
+        self._source, self.from_bucket = pull.what, True
+        head = _Head(self._flights.fetcher.entry_headers(ctx, res, entry), entry.size)
+        try:
+            writer = self._flights.cache.writer((), self.eid, entry.size)
+            verified = functools.partial(self.grown, entry.size, True)  # the last chunk may go
+            return self._stream(writer, shared.chunks(pull), head, lambda w: shared.commit(pull, w, verified))
+        finally:
+            pull.close()
+
+    def _stream(
+        self,
+        writer: BlobWriter,
+        chunks: Iterator[bytes],
+        head: _Head,
+        commit: Callable[[BlobWriter], Entry],
+        *,
+        coded: bool = False,
+    ) -> Entry | None:
+        """Write the body to the part file, publishing all but the last chunk as it grows, then
+        ``commit`` it (verify and store).  Disk full mid-body (no length was declared to reserve)
+        relays the rest from memory (``_relay_from_memory``: None then, nothing stored)."""
+        cache = self._flights.cache
         try:
             fd = writer.open_reader()
-            chunks, written = iter_body(resp, pace), 0
-            if content_coded(resp):
+            written = 0
+            if coded:
                 # Decode past the point where a decompression bomb breaks max_expansion before
                 # the first byte goes out, so that a bomb is a clean 502, not a 200 cut short.
                 for chunk in chunks:
@@ -304,37 +324,14 @@ class Flight(FlightBody):
                         raise  # the length was reserved on disk before the first byte)
                     self._relay_from_memory(writer, exc, written, chunk, chunks)
                     return None
-                if written > self.visible and self._publish_now(written):
-                    with self.cond:
-                        self.visible = written  # the chunk just written stays held back
-                        self.cond.notify_all()
+                self.grown(written)  # the chunk just written stays held back
                 written += len(chunk)
-            sha, size = cache.commit_blob(writer, res.expected, res.upstream_url)
+            return commit(writer)
         except StoreFailed as exc:
-            store_failed(cache, exc, f"download of {res.upstream_url} stopped")
+            store_failed(cache, exc, f"download of {self._source} stopped")
             raise
         finally:
             writer.discard()
-        entry = res.index_entry(ctx.proxy.key, resp.headers, sha, size, ctx.now())
-        try:
-            return cache.store_entry(entry)
-        except StoreFailed as exc:
-            store_failed(cache, exc, f"{res.upstream_url} served whole but not indexed")
-            return entry
-
-    def _publish_now(self, written: int) -> bool:
-        """Whether to wake the readers for the bytes up to ``written``: the first bytes at once,
-        then every ``_PUBLISH_BYTES`` or ``_PUBLISH_AFTER`` seconds.  Waking every reader (and
-        their threads taking the GIL) for each 256 KiB read cost as much CPU as the hash."""
-        now = time.monotonic()
-        if (
-            self.visible
-            and written - self.visible < _PUBLISH_BYTES
-            and now - self._published < _PUBLISH_AFTER
-        ):
-            return False
-        self._published = now
-        return True
 
     def _relay_from_memory(
         self, writer: BlobWriter, why: StoreFailed, in_file: int, failed: bytes, rest: Iterator[bytes]

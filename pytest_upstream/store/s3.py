@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.store.backend import BlobInfo, IndexObject
@@ -112,14 +112,13 @@ class S3Backend:
 
     def open_blob(self, sha256: str) -> BinaryIO:
         body, _etag = self._get_stream(self.blob_key(sha256))
-        return body
+        return cast(BinaryIO, body)
 
-    def _get_stream(self, key: str) -> tuple[io.BufferedReader, str]:
+    def _get_stream(self, key: str) -> tuple[_BodyReader, str]:
         got = self._call("GET", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key), (404,))
         if isinstance(got, Refused):
             raise FileNotFoundError(f"s3://{self.bucket}/{key}")
-        raw = _BodyReader(got["Body"], f"s3://{self.bucket}/{key}")
-        return io.BufferedReader(raw, buffer_size=1 * MiB), str(got["ETag"])
+        return _BodyReader(got["Body"], f"s3://{self.bucket}/{key}"), str(got["ETag"])
 
     def put_blob(self, source: Path, sha256: str) -> bool:
         key = self.blob_key(sha256)
@@ -342,7 +341,11 @@ class S3Backend:
 
 class _BodyReader(io.RawIOBase):
     """A streamed GET's body as a raw file: its read errors (a timeout, a reset) become
-    ``ObjectStoreError``, so a reader never gets a short blob without an error."""
+    ``ObjectStoreError``, so a reader never gets a short blob without an error.
+
+    ``read(n)`` hands on the library's own bytes (n of them, fewer only at the end), with no
+    buffer in between: a blob streamed in 1 MiB reads (a pull) is not copied twice more on its
+    way; ``readinto`` serves ``hashlib.file_digest``."""
 
     def __init__(self, body: Any, where: str) -> None:
         self._body = body
@@ -351,16 +354,25 @@ class _BodyReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int | None = -1) -> bytes:
+        return self._read(None if size is None or size < 0 else size)
+
+    def readall(self) -> bytes:
+        return self._read(None)
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
+        data = self._read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def _read(self, size: int | None) -> bytes:
         try:
-            data = self._body.read(len(view))
+            return bytes(self._body.read(size) or b"")
         except Exception as exc:
             raise ObjectStoreError(
                 f"object store: reading {self._where}: {type(exc).__name__}", code="read-failed"
             ) from None
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -3,8 +3,9 @@
 machine killed -9 mid-download is taken over by another, through the proxy.
 
 Proxies on two "machines" (separate local tiers) share one bucket on a real SeaweedFS started on
-loopback (the kill -9 test also on moto's server).  To see bytes arrive *before* the pull is stored, machine B reaches the
-store through a throttling TCP relay on loopback (``SlowLink``): the bytes are the store's own.
+loopback (the kill -9 test also on moto's server).  To see bytes arrive *before* the pull is
+stored, machine B reaches the store through a throttling TCP relay on loopback (``SlowLink``):
+the bytes are the store's own.
 """
 
 from __future__ import annotations

@@ -138,6 +138,11 @@ class CertificateAuthority:
         self._leaves: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self._lock = threading.Lock()
 
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The CA's certificate (public)."""
+        return self._cert
+
     # -- the CA on disk ------------------------------------------------------------------------
     def _load_or_create(self) -> bytes:
         target = self.directory / CA_FILE

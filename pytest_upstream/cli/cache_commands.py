@@ -1,4 +1,5 @@
-"""``upstream-proxy cache ls|verify|prune|export|import``: run one, print what it did.
+"""``upstream-proxy cache ls|verify|prune|export|import``: run one, print what it did
+(``export-ca|import-ca``: ca_commands.py).
 
 The work is in ``pytest_upstream/admin`` (listing, verify, prune, archive); this module only
 turns arguments into calls and reports into lines, with the counts and sizes of
@@ -18,6 +19,7 @@ from pytest_upstream.admin.listing import list_entries
 from pytest_upstream.admin.prune import DEFAULT_GRACE, prune
 from pytest_upstream.admin.scan import open_cache
 from pytest_upstream.admin.verify import VerifyReport, verify
+from pytest_upstream.cli.ca_commands import CA_COMMANDS, run_ca_cli
 from pytest_upstream.config.units import human_age, human_size, parse_age, parse_size, plural
 from pytest_upstream.repro.lockfile import LockError, LockFile
 from pytest_upstream.store.cache import Cache
@@ -26,6 +28,8 @@ from pytest_upstream.store.cache import Cache
 def run_cli(args: Any, root: Path, lock_timeout: float) -> int:
     """Run one ``cache`` subcommand; returns the exit status."""
     action: str = args.cache_command
+    if action in CA_COMMANDS:
+        return run_ca_cli(args, root)
     try:
         if action == "ls":
             return _ls(open_cache(root), args.key, args.json)

@@ -9,11 +9,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_upstream.cli.ca_commands import CA_COMMANDS, add_ca_parsers
 from pytest_upstream.cli.capture_flags import add_capture_flags, capture_lines, with_capture_flags
 from pytest_upstream.cli.client_flags import add_client_flags, warn_if_open, with_client_flags
 from pytest_upstream.cli.logs import LOG_FORMATS, serve_logging
@@ -207,7 +207,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from pytest_upstream.cli.cache_commands import run_cli
 
     settings = resolve_settings(args.config, args.cache)
-    if settings.object_store is not None:  # cli/store_commands.py: the bucket, not the local tier
+    if settings.object_store is not None and args.cache_command not in CA_COMMANDS:  # the bucket's
         from pytest_upstream.cli.store_commands import run_store_cli
 
         return run_store_cli(args, settings.object_store, settings.lock_timeout)
@@ -259,6 +259,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     imp.add_argument("file", metavar="FILE")
     for action in (ls, verify, prune, export, imp):
         action.set_defaults(func=_cmd_cache)
+    add_ca_parsers(actions, where, _cmd_cache)
     cassettes = actions.add_parser(
         "import-cassettes",
         parents=[where],
@@ -302,7 +303,7 @@ def _count(text: str) -> int:
 def _with_connection_limits(settings: Settings, args: argparse.Namespace) -> Settings:
     """The connection-limit flags of ``serve`` over the config's values."""
     given = {name: getattr(args, name) for name in CONNECTION_LIMIT_FIELDS if getattr(args, name) is not None}
-    return replace(settings, **given)
+    return dataclasses.replace(settings, **given)
 
 
 def _port(text: str) -> int:

@@ -51,17 +51,20 @@ def _hosts() -> list[str]:
     return [source.host, *(host for host, role in source.other_hosts if role == "registry")]
 
 
+def _central_settings(tmp_path: Path, url: str, ca_file: Path) -> Settings:
+    """Capture on, the one maven-central proxy at the HTTPS stand-in ``url`` (trusted by ``ca_file``)."""
+    proxy = ProxyDefinition(key="central", source="maven-central", format="maven", url=f"{url}/maven2/")
+    return Settings(
+        cache_dir=tmp_path / "cache",
+        proxies=(proxy,),
+        capture=CaptureSettings(enabled=True, upstream_ca=ca_file),
+    )
+
+
 def test_both_central_hosts_go_through_the_maven_proxy(tmp_path: Path, central: TlsUpstream) -> None:
     hosts = _hosts()
     assert len(hosts) == 2
-    proxy = ProxyDefinition(
-        key="central", source="maven-central", format="maven", url=f"{central.url}/maven2/"
-    )
-    settings = Settings(
-        cache_dir=tmp_path / "cache",
-        proxies=(proxy,),
-        capture=CaptureSettings(enabled=True, upstream_ca=central.ca_file),
-    )
+    settings = _central_settings(tmp_path, central.url, central.ca_file)
     with ProxyServer(settings) as server:
         for host in hosts:
             status, body = _split(curl(server, f"https://{host}/maven2{LIB}").stdout)
@@ -144,14 +147,7 @@ def test_mvn_with_java_proxy_properties_builds_through_capture(tmp_path: Path) -
         sources={"src/main/java/org/example/Greeter.java": GREETER},
     )
     with DebianRepository(tmp_path / "central-ca") as central:
-        proxy = ProxyDefinition(
-            key="central", source="maven-central", format="maven", url=f"{central.url}/maven2/"
-        )
-        settings = Settings(
-            cache_dir=tmp_path / "cache",
-            proxies=(proxy,),
-            capture=CaptureSettings(enabled=True, upstream_ca=central.ca_file),
-        )
+        settings = _central_settings(tmp_path, central.url, central.ca_file)
         with ProxyServer(settings) as server:
             maven_peers.assert_success(_mvn_package(server, project, tmp_path / "first"))
             records = server.served.records

@@ -62,10 +62,14 @@ from pytest_upstream.store.tier_health import DEFAULT_BACKOFF, TierHealth
 log = logging.getLogger("pytest_upstream")
 _T = TypeVar("_T")
 
-# A pull reads the store 256 KiB at a time: each read is hashed and written to the part file
-# while it is still in the CPU's cache.  1 MiB reads (a fresh buffer each, past the L2 cache)
-# made writing a streamed 100 MiB pull 5-8x slower here (250 ms instead of 30-50 ms).
-CHUNK = 256 * 1024
+# A pull reads the store, and writes its part file, 128 KiB at a time.  Linux (ext4, 6.x) gives
+# a write a page-cache folio as large as its size and alignment allow, and on a VM that hands
+# free memory back to its host (free page reporting) large folios are the first to come from
+# memory touched for the first time: 256 KiB (or 1 MiB) writes at aligned offsets then copied
+# 100 MiB in 250 ms where 128 KiB writes took 20 ms.  That only delays it: after enough new
+# page cache, every write pays (docs/benchmarks.md, "Shared cache on object storage").  Each
+# read is also hashed and written while still in the CPU's cache.
+CHUNK = 128 * 1024
 # The tier's requests fail fast: a store that does not answer costs a build seconds, not minutes.
 TIER_TIMEOUTS = Timeouts(connect=2.0, read=10.0, attempts=2)
 POLL_FIRST, POLL_MAX = 0.1, 1.0  # a waiter's polls: first interval, doubling up to the max

@@ -344,7 +344,7 @@ class _BodyReader(io.RawIOBase):
     ``ObjectStoreError``, so a reader never gets a short blob without an error.
 
     ``read(n)`` hands on the library's own bytes (n of them, fewer only at the end), with no
-    buffer in between: a blob streamed in 1 MiB reads (a pull) is not copied twice more on its
+    buffer in between: a blob streamed in 128 KiB reads (a pull) is not copied twice more on its
     way; ``readinto`` serves ``hashlib.file_digest``."""
 
     def __init__(self, body: Any, where: str) -> None:

@@ -601,7 +601,7 @@ def test_a_stopped_store_degrades_quickly_and_local_hits_go_on(
     # Bounds, not speed: a connect/read timeout of the FAST kind, then the breaker answers at once
     # (generous margins: the suite runs two workers on two cores).
     assert first < 20, first
-    assert later < 2, later
+    assert later < 8, later  # without the breaker: 40 calls of 1-2 s each
     assert b.tier.degraded() and b.tier.health.snapshot()["outages"] == 1
 
 

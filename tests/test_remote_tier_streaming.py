@@ -32,7 +32,7 @@ import pytest
 
 from pytest_upstream.config.s3_location import S3Location
 from pytest_upstream.server.proxy_server import ProxyServer
-from pytest_upstream.store.entry import parse_entry
+from pytest_upstream.store.entry import Entry, parse_entry
 from pytest_upstream.store.s3 import S3Backend
 
 from .conftest import MakeProxy, proxy_def
@@ -109,6 +109,16 @@ def published(proxy: ProxyServer, count: int = 1) -> None:
         time.sleep(0.05)
 
 
+def stored_entry(proxy: ProxyServer, path: str) -> Entry:
+    """The entry ``proxy`` stores once the pull is committed.  The last chunk reaches the clients
+    when the bytes are verified, before the local fsync and rename: a client can finish first."""
+    deadline = time.monotonic() + 30
+    while (entry := proxy.engine.cache.lookup("g", path)) is None:
+        assert time.monotonic() < deadline, "never stored"
+        time.sleep(0.05)
+    return entry
+
+
 def open_get(url: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
@@ -144,10 +154,14 @@ def test_a_local_miss_streams_from_the_bucket_before_it_is_stored(
     assert headers["X-Upstream-Cache"] == "hit"  # from the shared cache, not the upstream
     assert before_stored  # the first MiB was served while the rest was still coming from the store
     assert upstream.hits["/big.bin"] == 1
-    stored = b.engine.cache.lookup("g", "big.bin")
-    assert stored is not None and stored.sha256 == sha(BIG)  # then committed, with A's fetch time
+    stored = stored_entry(b, "big.bin")
+    assert stored.sha256 == sha(BIG)  # then committed, with A's fetch time
     assert stored.fetched_at == a.engine.cache.lookup("g", "big.bin").fetched_at  # type: ignore[union-attr]
-    assert b.engine.shared is not None and b.engine.shared.tier.health.snapshot()["pulled"] == 1
+    assert b.engine.shared is not None
+    deadline = time.monotonic() + 10  # counted just after the entry is stored
+    while b.engine.shared.tier.health.snapshot()["pulled"] != 1:
+        assert time.monotonic() < deadline, b.engine.shared.tier.health.snapshot()
+        time.sleep(0.02)
     with urllib.request.urlopen(b.url("g") + "big.bin", timeout=60) as again:  # a local hit now
         assert again.headers["X-Upstream-Cache"] == "hit" and again.read() == BIG
 
